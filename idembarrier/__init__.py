@@ -1,0 +1,61 @@
+"""idembarrier: idempotent writes that stay idempotent across retries, crashes, races and late replays.
+
+A `Barrier` hands out units of work. Each claims its key with an atomic insert in the same transaction as
+the business writes, so the writes and the key's outcome commit, or roll back, together.
+"""
+
+from __future__ import annotations
+
+from ._barrier import Barrier
+from ._codec import JSON, Codec, DataclassCodec, JSONCodec, PydanticCodec
+from ._config import DEFAULT_RETENTION, OnConflict
+from ._exceptions import (
+    ConflictError,
+    ConnectionLostError,
+    FingerprintMismatchError,
+    IdembarrierError,
+    InvalidFingerprintError,
+    InvalidKeyError,
+    KeyInProgressError,
+    RecordedFailureError,
+    ResponseEncodingError,
+    SchemaError,
+    SerializationError,
+    StorageError,
+    UnitOfWorkError,
+)
+from ._keys import MAX_KEY_LENGTH
+from ._migrate import check_schema, upgrade
+from ._record import Record, Status
+from ._uow import UnitOfWork
+
+__all__ = [
+    "DEFAULT_RETENTION",
+    "JSON",
+    "MAX_KEY_LENGTH",
+    "Barrier",
+    "Codec",
+    "ConflictError",
+    "ConnectionLostError",
+    "DataclassCodec",
+    "FingerprintMismatchError",
+    "IdembarrierError",
+    "InvalidFingerprintError",
+    "InvalidKeyError",
+    "JSONCodec",
+    "KeyInProgressError",
+    "OnConflict",
+    "PydanticCodec",
+    "Record",
+    "RecordedFailureError",
+    "ResponseEncodingError",
+    "SchemaError",
+    "SerializationError",
+    "Status",
+    "StorageError",
+    "UnitOfWork",
+    "check_schema",
+    "upgrade",
+]
+
+__version__ = "0.1.0"

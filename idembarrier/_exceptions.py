@@ -1,0 +1,161 @@
+"""The exceptions idembarrier raises.
+
+Every exception derives from one root, so ``except IdembarrierError`` catches all of ours and nothing else.
+An exception raised by your own code inside a unit of work is never wrapped: it propagates unchanged.
+
+    IdembarrierError
+    ├── InvalidKeyError              the key is empty, too long or has control characters (no SQL ran)
+    ├── InvalidFingerprintError      the fingerprint is neither bytes nor a JSON value (no SQL ran)
+    ├── ConflictError                the key's record stands in the way of running the body
+    │   ├── KeyInProgressError       a concurrent duplicate holds the key (HTTP 409)
+    │   └── FingerprintMismatchError the key was used for a different request (HTTP 422)
+    ├── RecordedFailureError         ``execute()`` met a record whose outcome is FAILED
+    ├── ResponseEncodingError        the codec cannot encode or decode a response
+    ├── UnitOfWorkError              the unit of work was used against its contract
+    ├── SchemaError                  the table is missing or not at the migrations' head
+    └── StorageError                 the database failed; classified by SQLSTATE / SQLite error code
+        ├── ConnectionLostError      the connection or its backend died (outcome of a COMMIT unknown)
+        └── SerializationError       the database aborted the transaction to keep it serializable
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._record import Record
+
+__all__ = [
+    "ConflictError",
+    "ConnectionLostError",
+    "FingerprintMismatchError",
+    "IdembarrierError",
+    "InvalidFingerprintError",
+    "InvalidKeyError",
+    "KeyInProgressError",
+    "RecordedFailureError",
+    "ResponseEncodingError",
+    "SchemaError",
+    "SerializationError",
+    "StorageError",
+    "UnitOfWorkError",
+]
+
+
+class IdembarrierError(Exception):
+    """Raised for every failure that idembarrier itself detects; the root of the hierarchy."""
+
+
+class InvalidKeyError(IdembarrierError, ValueError):
+    """Raised when a key is empty, longer than 255 characters or contains control characters.
+
+    Raised before any SQL runs, so an invalid key never reaches the database.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"invalid idempotency key {key[:40]!r}{'…' if len(key) > 40 else ''}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class InvalidFingerprintError(IdembarrierError, TypeError):
+    """Raised when a fingerprint is neither bytes nor a JSON value; raised before any SQL runs."""
+
+
+class ConflictError(IdembarrierError):
+    """Raised when the record already stored for a key prevents running the body."""
+
+    def __init__(self, message: str, *, scope: str, key: str, record: Record | None) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.key = key
+        self.record = record
+
+
+class KeyInProgressError(ConflictError):
+    """Raised when a concurrent duplicate holds the key and this call may not (or no longer) wait for it.
+
+    Retrying later is safe: the retry replays the winner's response, or runs if the winner rolled back.
+    Maps to HTTP 409 Conflict.
+    """
+
+    def __init__(self, *, scope: str, key: str, record: Record | None = None, waited: float = 0.0) -> None:
+        how = f"after waiting {waited:.3g} s" if waited else "without waiting"
+        super().__init__(
+            f"key {key!r} in scope {scope!r} is held by a concurrent request ({how}); retry later",
+            scope=scope,
+            key=key,
+            record=record,
+        )
+        self.waited = waited
+
+
+class FingerprintMismatchError(ConflictError):
+    """Raised when a key is reused with a request whose fingerprint differs from the recorded one.
+
+    Maps to HTTP 422 Unprocessable Content. ``record`` is the stored record.
+    """
+
+    def __init__(self, *, scope: str, key: str, record: Record | None) -> None:
+        super().__init__(
+            f"key {key!r} in scope {scope!r} was already used for a different request",
+            scope=scope,
+            key=key,
+            record=record,
+        )
+
+
+class RecordedFailureError(IdembarrierError):
+    """Raised by ``Barrier.execute()`` when the key's recorded outcome is FAILED.
+
+    ``response`` is the failure response recorded with ``UnitOfWork.fail()``; ``replayed`` tells whether it
+    was recorded by an earlier call.
+    """
+
+    def __init__(self, record: Record, response: object, *, replayed: bool) -> None:
+        super().__init__(f"key {record.key!r} in scope {record.scope!r} has a recorded failure")
+        self.record = record
+        self.response = response
+        self.replayed = replayed
+
+
+class ResponseEncodingError(IdembarrierError):
+    """Raised when the codec cannot encode a response (before anything commits) or decode a stored one."""
+
+
+class UnitOfWorkError(IdembarrierError):
+    """Raised when a unit of work is used against its contract, e.g. the body neither completed nor failed.
+
+    Whatever the body wrote is rolled back.
+    """
+
+
+class SchemaError(IdembarrierError):
+    """Raised when the records table is missing or not at the head of idembarrier's migrations.
+
+    The message names the command that fixes it.
+    """
+
+
+class StorageError(IdembarrierError):
+    """Raised when the database fails; chained (``from``) to the driver's exception.
+
+    ``sqlstate`` is the PostgreSQL SQLSTATE (or ``"sqlite:<code>"`` for SQLite) when the driver gave one.
+    Nothing is half-committed: the record and the business writes share one transaction.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class ConnectionLostError(StorageError):
+    """Raised when the connection or its server process died during the unit of work.
+
+    Raised from the commit itself, the outcome is unknown; retrying with the same key is safe and tells
+    (it replays if the commit happened, and runs otherwise).
+    """
+
+
+class SerializationError(StorageError):
+    """Raised when the database aborted the transaction (serialization failure, deadlock); retry safely."""

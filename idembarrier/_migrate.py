@@ -1,0 +1,71 @@
+"""Schema installation and the start-up check, on top of the Alembic scripts shipped with the package."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import column, select, table
+from sqlalchemy.exc import DBAPIError
+
+from ._exceptions import SchemaError
+from ._schema import VERSION_TABLE
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["HEAD", "check_schema", "migrations_path", "upgrade"]
+
+HEAD = "0001"
+"""The newest migration revision; a test checks it is the scripts' single head."""
+
+FIX = (
+    "run `alembic upgrade head` from the idembarrier repository with IDEMBARRIER_DATABASE_URL set, "
+    "or `await idembarrier.upgrade(engine)`"
+)
+
+
+def migrations_path() -> Path:
+    """Return the folder of the Alembic scripts: inside the installed wheel, or at a checkout's root."""
+    packaged = Path(str(files("idembarrier"))) / "_migrations"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "migrations"
+
+
+async def upgrade(
+    engine: AsyncEngine, *, revision: str = "head", table: str = "idempotency_keys", schema: str | None = None
+) -> None:
+    """Install or update idembarrier's schema on ``engine``, in one transaction.
+
+    Args:
+        engine: The application's engine; the migrations run on one of its connections.
+        revision: The revision to reach.
+        table: Name of the records table (match the `Barrier`'s ``table``).
+        schema: PostgreSQL schema to put it in (created if missing).
+    """
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade, revision, table, schema)
+
+
+def _upgrade(connection: Connection, revision: str, table_name: str, schema: str | None) -> None:
+    from alembic import command  # noqa: PLC0415 - Alembic loads only when migrating
+    from alembic.config import Config  # noqa: PLC0415
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    config.attributes.update(connection=connection, table=table_name, schema=schema)
+    command.upgrade(config, revision)
+
+
+async def check_schema(engine: AsyncEngine, *, schema: str | None = None) -> None:
+    """Raise `SchemaError` unless idembarrier's migrations are at head on ``engine``."""
+    versions = table(VERSION_TABLE, column("version_num"), schema=schema)
+    async with engine.connect() as conn:
+        try:
+            found = set((await conn.execute(select(versions.c.version_num))).scalars())
+        except DBAPIError as exc:
+            raise SchemaError(f"idembarrier's schema is not installed: {FIX}") from exc
+    if found != {HEAD}:
+        at = ", ".join(sorted(found)) or "nothing"
+        raise SchemaError(f"idembarrier's schema is at {at}, this version needs {HEAD}: {FIX}")

@@ -1,0 +1,58 @@
+"""What a record is: its status and the immutable snapshot of a row that idembarrier hands out."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+__all__ = ["Record", "Status"]
+
+
+class Status(StrEnum):
+    """The state of a record.
+
+    ``IN_PROGRESS`` only ever commits for leased work; a unit of work's claim row is IN_PROGRESS inside its
+    own transaction and becomes COMPLETED or FAILED before that transaction commits. ``UNKNOWN`` is reserved
+    for records that need reconciliation by a person.
+    """
+
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the record holds an outcome that replays (COMPLETED or FAILED)."""
+        return self is Status.COMPLETED or self is Status.FAILED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """A snapshot of one row of the records table, as read by idembarrier.
+
+    Attributes:
+        scope: The namespace of the key (a tenant, an operation, a consumer group).
+        key: The idempotency key, unique within its scope.
+        status: Where the record stands.
+        fingerprint: SHA-256 digest of the canonical request, or ``None`` when none was given.
+        response: The encoded response (COMPLETED or FAILED), or ``None``.
+        token: The claim token of the holder that wrote the record.
+        attempt: How many times the key was claimed (1 unless a lease was reclaimed).
+        created_at: When the record was claimed (database clock).
+        completed_at: When it reached COMPLETED or FAILED (database clock).
+        expires_at: From when cleanup may delete it; never consulted for deduplication.
+    """
+
+    scope: str
+    key: str
+    status: Status
+    fingerprint: bytes | None
+    response: bytes | None
+    token: uuid.UUID
+    attempt: int
+    created_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None

@@ -1,0 +1,78 @@
+"""The records table, declared once: the migrations must produce exactly this (a test checks it)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Uuid,
+    func,
+    text,
+)
+
+from ._record import Status
+
+__all__ = ["VERSION_TABLE", "records_table"]
+
+VERSION_TABLE = "idembarrier_alembic_version"
+"""idembarrier's own Alembic version table, so it never collides with the application's history."""
+
+_STATUSES = ", ".join(f"'{status.value}'" for status in Status)
+
+
+def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: str | None = None) -> Table:
+    """Declare the records table on ``metadata``.
+
+    Columns:
+        scope: namespace of the key (tenant, operation, consumer group); part of the primary key.
+        key: the idempotency key, 1-255 characters; unique within its scope.
+        fingerprint: SHA-256 of the canonical request, NULL when the caller gave none.
+        status: IN_PROGRESS, COMPLETED, FAILED or UNKNOWN.
+        response: the codec's bytes for the recorded outcome; NULL until finished.
+        token: the claim token of the current holder; completion is conditioned on it (fencing).
+        attempt: how many times the key was claimed; above 1 only after a lease was reclaimed.
+        created_at / updated_at / completed_at: database-clock timestamps.
+        expires_at: from when cleanup may delete the record; never read for deduplication.
+        locked_until: end of a lease (leased work only); a reclaim may take the key after it.
+    """
+    return Table(
+        name,
+        metadata,
+        Column("scope", String(255), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("fingerprint", LargeBinary, nullable=True),
+        Column("status", String(16), nullable=False),
+        Column("response", LargeBinary, nullable=True),
+        Column("token", Uuid, nullable=False),
+        Column("attempt", Integer, nullable=False, server_default=text("1")),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("completed_at", DateTime(timezone=True), nullable=True),
+        Column("expires_at", DateTime(timezone=True), nullable=True),
+        Column("locked_until", DateTime(timezone=True), nullable=True),
+        PrimaryKeyConstraint("scope", "key", name=f"pk_{name}"),
+        CheckConstraint(f"status IN ({_STATUSES})", name=f"ck_{name}_status"),
+        CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{name}_key_length"),
+        # Cleanup scans finished records by expiry; reclaim scans live leases by their end.
+        Index(
+            f"ix_{name}_expires_at",
+            "expires_at",
+            postgresql_where=text("status IN ('COMPLETED', 'FAILED')"),
+            sqlite_where=text("status IN ('COMPLETED', 'FAILED')"),
+        ),
+        Index(
+            f"ix_{name}_locked_until",
+            "locked_until",
+            postgresql_where=text("status = 'IN_PROGRESS'"),
+            sqlite_where=text("status = 'IN_PROGRESS'"),
+        ),
+        schema=schema,
+    )

@@ -1,0 +1,76 @@
+"""The dialect seam: the few atomic operations a unit of work needs, each one SQL statement.
+
+A `Storage` is bound to the connection of one unit of work. `open_storage` picks the implementation from
+the connection's dialect; nothing outside this seam knows which database it talks to.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ._exceptions import StorageError
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from ._record import Record, Status
+
+__all__ = ["Storage", "TableName", "open_storage"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableName:
+    """Where the records table lives."""
+
+    name: str
+    schema: str | None = None
+
+
+class Storage(Protocol):
+    """The atomic operations on the records table, bound to one connection."""
+
+    async def lookup(self, scope: str, key: str) -> Record | None:
+        """Read the record of (scope, key) in one statement; outside a transaction when none is open."""
+        ...
+
+    async def begin(self) -> None:
+        """Make sure a transaction is open on the connection, as the engine needs it for a claim."""
+        ...
+
+    async def claim(
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lock_timeout: float
+    ) -> bool:
+        """Insert an IN_PROGRESS record unless one exists; return whether this call inserted it.
+
+        Waits at most ``lock_timeout`` seconds for a concurrent, uncommitted claim of the same key; past
+        that the driver raises SQLSTATE 55P03.
+        """
+        ...
+
+    async def finish(
+        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
+    ) -> bool:
+        """Record the outcome, conditioned on ``token``; return whether the record was still ours."""
+        ...
+
+
+async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
+    """Return the storage for ``conn``'s database."""
+    dialect = conn.dialect
+    quote = dialect.identifier_preparer.quote
+    qualified = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
+    if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+        from ._postgres import PostgresStorage  # noqa: PLC0415 - one dialect module is loaded per engine
+
+        return await PostgresStorage.open(conn, qualified)
+    if dialect.name == "sqlite" and dialect.driver == "aiosqlite":
+        from ._sqlite import SqliteStorage  # noqa: PLC0415 - one dialect module is loaded per engine
+
+        return await SqliteStorage.open(conn, qualified)
+    raise StorageError(
+        f"idembarrier supports postgresql+asyncpg and sqlite+aiosqlite, not {dialect.name}+{dialect.driver}"
+    )

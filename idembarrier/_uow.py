@@ -1,0 +1,344 @@
+"""The unit of work: what a record's state means for one call, and when its transaction commits.
+
+Sequence (first request): look the key up (one autocommit read) → claim it with an IN_PROGRESS row in the
+transaction → the body writes through the same session → the outcome is recorded → one COMMIT makes the
+business rows and the finished record visible together. Any failure before that COMMIT rolls both back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
+
+import anyio
+from sqlalchemy.exc import InvalidRequestError
+
+from ._codec import decode_response, encode_response
+from ._config import OnConflict
+from ._errors import LOCK_NOT_AVAILABLE, sqlstate_of, translate
+from ._exceptions import (
+    ConnectionLostError,
+    FingerprintMismatchError,
+    IdembarrierError,
+    KeyInProgressError,
+    SerializationError,
+    StorageError,
+    UnitOfWorkError,
+)
+from ._record import Record, Status
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+    from types import TracebackType
+
+    from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+
+    from ._barrier import Barrier
+    from ._codec import Codec
+    from ._storage import Storage
+
+__all__ = ["UnitOfWork"]
+
+R = TypeVar("R")
+
+FAIL_FAST_LOCK_TIMEOUT = 0.001
+"""The lock wait of a fail-fast claim, in seconds: PostgreSQL's smallest ``lock_timeout``."""
+_CLAIM_ATTEMPTS = 3
+"""A key can change hands between a failed claim and the read after it (the holder rolled back): retry."""
+
+
+class UnitOfWork(Generic[R]):
+    """One idempotent operation: the claim of a key and the business writes, in one transaction.
+
+    Obtained from `Barrier.unit_of_work` and used as ``async with``. Inside the block, either
+    ``uow.replayed`` is true and ``uow.response`` is the recorded outcome (the body must write nothing),
+    or the body writes through ``uow.session`` and ends with `complete` or `fail`.
+
+    On a clean exit the business writes and the finished record commit together (or, with a caller's
+    session, are released into the caller's transaction for the caller to commit). If the body raises,
+    everything it wrote is rolled back, no record remains, and the exception propagates unchanged.
+    """
+
+    __slots__ = (
+        "_barrier",
+        "_codec",
+        "_entered",
+        "_fingerprint",
+        "_key",
+        "_on_conflict",
+        "_outcome",
+        "_owned",
+        "_record",
+        "_response",
+        "_retention",
+        "_savepoint",
+        "_scope",
+        "_session",
+        "_storage",
+        "_token",
+        "_wait_timeout",
+    )
+
+    def __init__(
+        self,
+        barrier: Barrier[R],
+        *,
+        key: str,
+        scope: str,
+        fingerprint: bytes | None,
+        session: AsyncSession | None,
+        on_conflict: OnConflict,
+        wait_timeout: float,
+        retention: timedelta,
+        codec: Codec[R],
+    ) -> None:
+        self._barrier = barrier
+        self._key = key
+        self._scope = scope
+        self._fingerprint = fingerprint
+        self._session = session
+        self._owned = session is None
+        self._on_conflict = on_conflict
+        self._wait_timeout = wait_timeout
+        self._retention = retention
+        self._codec = codec
+        self._token = uuid.uuid4()
+        self._entered = False
+        self._storage: Storage | None = None
+        self._savepoint: AsyncSessionTransaction | None = None
+        self._record: Record | None = None
+        self._outcome: tuple[Status, bytes] | None = None
+        self._response: R | None = None
+
+    # -- what the body sees -----------------------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        """The idempotency key."""
+        return self._key
+
+    @property
+    def scope(self) -> str:
+        """The scope of the key."""
+        return self._scope
+
+    @property
+    def session(self) -> AsyncSession:
+        """The session the business writes go through: the caller's, or one the barrier opened."""
+        if self._session is None or not self._entered:
+            raise UnitOfWorkError("the unit of work has no session before `async with` enters it")
+        return self._session
+
+    @property
+    def replayed(self) -> bool:
+        """Whether the key already had an outcome: the body must not write, ``response`` holds it."""
+        return self._record is not None
+
+    @property
+    def record(self) -> Record | None:
+        """The stored record being replayed, or ``None`` when this call executes."""
+        return self._record
+
+    @property
+    def status(self) -> Status | None:
+        """COMPLETED or FAILED once known (replayed, or set by `complete`/`fail`); else ``None``."""
+        if self._record is not None:
+            return self._record.status
+        return None if self._outcome is None else self._outcome[0]
+
+    @property
+    def response(self) -> R:
+        """The outcome's response: the replayed one, or the one given to `complete`/`fail`."""
+        if self._record is not None:
+            if self._response is None and self._record.response is not None:
+                self._response = decode_response(self._codec, self._record.response)
+            return self._response  # type: ignore[return-value]  # None is what a None response decodes to
+        if self._outcome is None:
+            raise UnitOfWorkError("the unit of work has no response yet: call complete() or fail() first")
+        return self._response  # type: ignore[return-value]
+
+    def complete(self, response: R) -> None:
+        """Record success with ``response``; it commits with the business writes when the block exits.
+
+        Raises:
+            ResponseEncodingError: The codec cannot encode ``response`` (nothing is recorded).
+        """
+        self._set_outcome(Status.COMPLETED, response)
+
+    def fail(self, response: R) -> None:
+        """Record a deterministic business failure (a declined card) that retries must replay.
+
+        Whatever the body wrote commits with it. An exception, by contrast, rolls everything back and
+        records nothing, so that a retry runs again.
+
+        Raises:
+            ResponseEncodingError: The codec cannot encode ``response`` (nothing is recorded).
+        """
+        self._set_outcome(Status.FAILED, response)
+
+    def _set_outcome(self, status: Status, response: R) -> None:
+        if not self._entered:
+            raise UnitOfWorkError("complete() and fail() are called inside `async with`")
+        if self._record is not None:
+            raise UnitOfWorkError(f"key {self._key!r} is replayed: its outcome is already recorded")
+        if self._outcome is not None:
+            raise UnitOfWorkError(f"the outcome of key {self._key!r} was already set to {self._outcome[0]}")
+        self._outcome = (status, encode_response(self._codec, response))
+        self._response = response
+
+    # -- entering: replay, or claim ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise UnitOfWorkError("a unit of work is entered once; ask the barrier for another")
+        self._entered = True
+        if self._session is None:
+            self._session = self._barrier.sessionmaker()
+        try:
+            await self._replay_or_claim(self._session)
+        except BaseException as exc:
+            await self._abandon(exc)
+            if (ours := _storage_error(exc, "claiming the key")) is not None:
+                raise ours from exc
+            raise
+        return self
+
+    async def _replay_or_claim(self, session: AsyncSession) -> None:
+        try:
+            conn = await session.connection()
+        except InvalidRequestError as exc:
+            raise UnitOfWorkError(f"the session cannot run the unit of work: {exc}") from exc
+        storage = await self._barrier.storage(conn)
+        record = await storage.lookup(self._scope, self._key)
+        if record is not None:
+            self._settle(record)
+            return
+        await storage.begin()
+        if not self._owned:
+            # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
+            # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
+            self._savepoint = await session.begin_nested()
+        waits = self._on_conflict is OnConflict.WAIT
+        timeout = self._wait_timeout if waits else FAIL_FAST_LOCK_TIMEOUT
+        for _ in range(_CLAIM_ATTEMPTS):
+            try:
+                claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, timeout)
+            except Exception as exc:
+                if sqlstate_of(exc) == LOCK_NOT_AVAILABLE:
+                    raise KeyInProgressError(
+                        scope=self._scope, key=self._key, waited=timeout if waits else 0.0
+                    ) from exc
+                raise
+            if claimed:
+                self._storage = storage
+                return
+            # The key was committed by someone else, after our lookup or while the claim waited for it.
+            record = await storage.lookup(self._scope, self._key)
+            if record is not None:
+                self._settle(record)
+                await self._release_savepoint(commit=False)
+                return
+        raise KeyInProgressError(scope=self._scope, key=self._key, waited=timeout if waits else 0.0)
+
+    def _settle(self, record: Record) -> None:
+        """Adopt an existing record as a replay, or raise why it cannot be replayed."""
+        if record.fingerprint != self._fingerprint:
+            raise FingerprintMismatchError(scope=self._scope, key=self._key, record=record)
+        if not record.status.finished:
+            raise KeyInProgressError(scope=self._scope, key=self._key, record=record)
+        self._record = record
+
+    # -- leaving: commit, or roll back ------------------------------------------------------------------
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            try:
+                if self._storage is not None and self._outcome is not None:
+                    await self.session.flush()  # the body's pending writes: their errors are the body's
+            except BaseException as err:
+                await self._abandon(err)
+                if (lost := _body_error(err)) is not None:
+                    raise lost from err
+                raise
+            try:
+                await self._finish()
+            except BaseException as err:
+                await self._abandon(err)
+                if (ours := _storage_error(err, "committing the unit of work")) is not None:
+                    raise ours from err
+                raise
+            return
+        await self._abandon(exc)
+        if (lost := _body_error(exc)) is not None:
+            raise lost from exc
+        # Anything else the body raised propagates unchanged.
+
+    async def _finish(self) -> None:
+        if self._record is not None:
+            self._check_replay_wrote_nothing()
+            await self._abandon(None)
+        elif self._outcome is None:
+            raise UnitOfWorkError(
+                f"the unit of work for key {self._key!r} ended without complete() or fail(); "
+                "its writes were rolled back"
+            )
+        else:
+            await self._commit(self._outcome)
+
+    def _check_replay_wrote_nothing(self) -> None:
+        session = self.session
+        if session.new or session.dirty or session.deleted:
+            raise UnitOfWorkError(
+                f"key {self._key!r} was replayed, yet the body added, changed or deleted objects "
+                "(check `uow.replayed` before writing)"
+            )
+
+    async def _commit(self, outcome: tuple[Status, bytes]) -> None:
+        session, storage = self.session, self._storage
+        assert storage is not None  # claimed in __aenter__
+        status, response = outcome
+        if not await storage.finish(self._scope, self._key, self._token, status, response, self._retention):
+            raise StorageError(f"the claim on key {self._key!r} in scope {self._scope!r} disappeared")
+        if self._owned:
+            await session.commit()
+            await session.close()
+        else:
+            await self._release_savepoint(commit=True)
+
+    async def _release_savepoint(self, *, commit: bool) -> None:
+        savepoint, self._savepoint = self._savepoint, None
+        if savepoint is not None:
+            await (savepoint.commit() if commit else savepoint.rollback())
+
+    async def _abandon(self, cause: BaseException | None) -> None:
+        """Roll back our part and give back an owned session; never hide the exception that got us here."""
+        session = self._session
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._savepoint is not None:
+                    await self._release_savepoint(commit=False)
+                if self._owned and session is not None:
+                    await session.close()  # rolls back whatever is open
+            except Exception as cleanup:
+                if cause is None:
+                    raise
+                cause.add_note(f"idembarrier: rolling back after it also failed: {cleanup!r}")
+
+
+def _storage_error(exc: BaseException, doing: str) -> StorageError | None:
+    """Our translation of a driver error raised by our own statements, or ``None`` to re-raise ``exc``."""
+    if isinstance(exc, IdembarrierError):
+        return None
+    return translate(exc, doing)
+
+
+def _body_error(exc: BaseException) -> StorageError | None:
+    """Our translation of a driver error raised by the body's writes, when it is the database's doing.
+
+    A lost connection or a serialization failure is translated; anything else (an IntegrityError from the
+    business tables, say) is the caller's and propagates unchanged.
+    """
+    lost = translate(exc, "running the unit of work's body")
+    return lost if isinstance(lost, ConnectionLostError | SerializationError) else None
