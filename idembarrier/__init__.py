@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._barrier import Barrier
 from ._codec import JSON, Codec, DataclassCodec, JSONCodec, PydanticCodec
 from ._config import DEFAULT_RETENTION, OnConflict
+from ._engines import create_sqlite_engine
 from ._exceptions import (
     ConflictError,
     ConnectionLostError,
@@ -55,6 +56,7 @@ __all__ = [
     "StorageError",
     "UnitOfWork",
     "check_schema",
+    "create_sqlite_engine",
     "upgrade",
 ]
 

@@ -218,6 +218,7 @@ class UnitOfWork(Generic[R]):
             # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
             # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
             self._savepoint = await session.begin_nested()
+            await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
         waits = self._on_conflict is OnConflict.WAIT
         timeout = self._wait_timeout if waits else FAIL_FAST_LOCK_TIMEOUT
         for _ in range(_CLAIM_ATTEMPTS):

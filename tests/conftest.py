@@ -1,0 +1,124 @@
+"""Fixtures: a migrated PostgreSQL template database cloned per test, and a migrated SQLite file per test.
+
+The PostgreSQL server comes from IDEMBARRIER_TEST_DATABASE_URL (default: the local server, database
+``test``). When it does not answer, the session fails at once; no test is skipped for want of it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+import idembarrier
+from tests.models import Base, Payment
+
+ADMIN_URL = make_url(
+    os.environ.get("IDEMBARRIER_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+)
+TEMPLATE = f"idembarrier_template_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # asyncpg runs on asyncio only
+
+
+async def _admin(sql: str) -> None:
+    engine = create_async_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql(sql)
+    finally:
+        await engine.dispose()
+
+
+async def prepare(engine: AsyncEngine) -> None:
+    """Install idembarrier's schema and the business tables on ``engine``."""
+    await idembarrier.upgrade(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+
+
+@pytest.fixture(scope="session")
+async def pg_template() -> AsyncIterator[str]:
+    """A database migrated once per session, to be cloned by each test."""
+    try:
+        await _admin(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+    except OSError as exc:  # pragma: no cover - the server is part of the test environment
+        pytest.fail(f"PostgreSQL at {ADMIN_URL.render_as_string()} does not answer: {exc}", pytrace=False)
+    await _admin(f'CREATE DATABASE "{TEMPLATE}"')
+    engine = create_async_engine(ADMIN_URL.set(database=TEMPLATE))
+    try:
+        await prepare(engine)
+    finally:
+        await engine.dispose()
+    yield TEMPLATE
+    await _admin(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+
+
+@dataclass
+class Database:
+    """A database for one test: its URL, engine and sessionmaker."""
+
+    url: str
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def payments(self, key: str | None = None) -> int:
+        """Count the business rows, all of them or those written for ``key``."""
+        query = select(func.count()).select_from(Payment)
+        if key is not None:
+            query = query.where(Payment.key == key)
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query)).scalar_one()
+
+    async def records(self, key: str | None = None) -> list[tuple[str, str, str]]:
+        """Return (scope, key, status) of the records, all of them or those of ``key``."""
+        sql = "SELECT scope, key, status FROM idempotency_keys"
+        async with self.engine.connect() as conn:
+            rows = (await conn.exec_driver_sql(sql)).all()
+        return sorted((r[0], r[1], r[2]) for r in rows if key is None or r[1] == key)
+
+
+@pytest.fixture
+async def pg_db(pg_template: str) -> AsyncIterator[Database]:
+    name = f"idembarrier_t_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    url = ADMIN_URL.set(database=name)
+    engine = create_async_engine(url, pool_size=20, max_overflow=220)
+    try:
+        yield Database(url.render_as_string(hide_password=False), engine, async_sessionmaker(engine))
+    finally:
+        await engine.dispose()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def sqlite_db(tmp_path: Path) -> AsyncIterator[Database]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    engine = idembarrier.create_sqlite_engine(url)
+    await prepare(engine)
+    try:
+        yield Database(url, engine, async_sessionmaker(engine))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db(request: pytest.FixtureRequest) -> Database:
+    """Each behavioural test runs on both engines."""
+    fixture = "pg_db" if request.param == "postgresql" else "sqlite_db"
+    database: Database = request.getfixturevalue(fixture)
+    return database

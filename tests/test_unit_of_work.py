@@ -1,0 +1,427 @@
+"""What a unit of work does for one caller at a time, on PostgreSQL and on SQLite."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import timedelta
+
+import pytest
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from idembarrier import (
+    JSON,
+    Barrier,
+    DataclassCodec,
+    FingerprintMismatchError,
+    InvalidFingerprintError,
+    InvalidKeyError,
+    PydanticCodec,
+    RecordedFailureError,
+    ResponseEncodingError,
+    Status,
+    UnitOfWorkError,
+)
+from tests.conftest import Database
+from tests.models import Payment
+
+
+class Boom(Exception):
+    """The body's own failure."""
+
+
+def new_key() -> str:
+    return f"order-{uuid.uuid4()}"
+
+
+async def pay(barrier: Barrier, key: str, *, amount: int = 100, fingerprint: object = None) -> JSON:
+    """The quickstart's body: one payment row, its id as the response."""
+    async with barrier.unit_of_work(key, scope="payments", fingerprint=fingerprint) as uow:
+        if uow.replayed:
+            return uow.response
+        payment = Payment(key=key, amount=amount)
+        uow.session.add(payment)
+        await uow.session.flush()
+        uow.complete({"payment_id": payment.id, "amount": amount})
+    return uow.response
+
+
+async def test_first_call_commits_business_row_and_completed_record(db: Database) -> None:
+    """A first call runs the body; the business row and the COMPLETED record commit together."""
+    key = new_key()
+    response = await pay(Barrier(db.sessionmaker), key)
+    assert response == {"payment_id": 1, "amount": 100}
+    assert await db.payments(key) == 1
+    assert await db.records(key) == [("payments", key, "COMPLETED")]
+
+
+async def test_replay_returns_stored_response_without_running_body(db: Database) -> None:
+    """A second call with the same key replays the first response and writes nothing."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    first = await pay(barrier, key, amount=100)
+    async with barrier.unit_of_work(key, scope="payments") as uow:
+        assert uow.replayed
+        assert uow.status is Status.COMPLETED
+        assert uow.record is not None and uow.record.key == key
+        replayed = uow.response
+    assert replayed == first
+    assert await db.payments(key) == 1
+
+
+async def test_same_key_in_two_scopes_is_two_records(db: Database) -> None:
+    """Scopes partition keys: the same key runs once in each scope."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    for scope in ("tenant-a", "tenant-b"):
+        async with barrier.unit_of_work(key, scope=scope) as uow:
+            assert not uow.replayed
+            uow.session.add(Payment(key=key, amount=1))
+            uow.complete(scope)
+    assert await db.payments(key) == 2
+    assert await db.records(key) == [("tenant-a", key, "COMPLETED"), ("tenant-b", key, "COMPLETED")]
+
+
+async def test_body_exception_rolls_back_everything_and_propagates_unchanged(db: Database) -> None:
+    """An exception from the body leaves neither business rows nor a record, and a retry runs."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    boom = Boom("card service said no")
+    with pytest.raises(Boom) as caught:
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=100))
+            await uow.session.flush()
+            raise boom
+    assert caught.value is boom
+    assert await db.payments(key) == 0
+    assert await db.records(key) == []
+    retried = await pay(barrier, key)
+    assert isinstance(retried, dict) and retried["amount"] == 100
+    assert await db.payments(key) == 1
+
+
+async def test_fail_records_failed_with_the_body_writes_and_replays_as_failed(db: Database) -> None:
+    """fail() commits FAILED atomically with the body's writes; its replay says FAILED, not COMPLETED."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    async with barrier.unit_of_work(key, scope="payments") as uow:
+        uow.session.add(Payment(key=key, amount=0))
+        uow.fail({"error": "card_declined"})
+        assert uow.status is Status.FAILED
+    assert await db.records(key) == [("payments", key, "FAILED")]
+    assert await db.payments(key) == 1
+    async with barrier.unit_of_work(key, scope="payments") as again:
+        assert again.replayed
+        assert again.status is Status.FAILED
+        assert again.response == {"error": "card_declined"}
+
+
+async def test_execute_runs_handler_once_and_replays(db: Database) -> None:
+    """execute() calls the handler on the first call only and returns the same response each time."""
+    barrier, key, calls = Barrier(db.sessionmaker), new_key(), []
+
+    async def handler(session: AsyncSession) -> JSON:
+        calls.append(key)
+        session.add(Payment(key=key, amount=5))
+        return {"ok": True}
+
+    assert await barrier.execute(key, handler, scope="payments") == {"ok": True}
+    assert await barrier.execute(key, handler, scope="payments") == {"ok": True}
+    assert calls == [key]
+    assert await db.payments(key) == 1
+
+
+async def test_execute_raises_recorded_failure_for_a_failed_record(db: Database) -> None:
+    """execute() tells a replayed FAILED outcome apart by raising RecordedFailureError with its response."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    async with barrier.unit_of_work(key, scope="payments") as uow:
+        uow.fail({"error": "insufficient_funds"})
+
+    async def handler(session: AsyncSession) -> JSON:
+        raise AssertionError("a replay must not run the handler")
+
+    with pytest.raises(RecordedFailureError) as caught:
+        await barrier.execute(key, handler, scope="payments")
+    assert caught.value.response == {"error": "insufficient_funds"}
+    assert caught.value.record.status is Status.FAILED
+
+
+async def test_fingerprint_mismatch_on_replay(db: Database) -> None:
+    """The same key with a different request raises FingerprintMismatchError and writes nothing."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    await pay(barrier, key, fingerprint={"amount": 100, "currency": "EUR"})
+    with pytest.raises(FingerprintMismatchError) as caught:
+        await pay(barrier, key, fingerprint={"amount": 999, "currency": "EUR"})
+    assert caught.value.key == key
+    assert caught.value.record is not None and caught.value.record.status is Status.COMPLETED
+    assert await db.payments(key) == 1
+
+
+async def test_fingerprint_is_canonical_json(db: Database) -> None:
+    """Key order and whitespace do not change a JSON fingerprint, so the retry replays."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    first = await pay(barrier, key, fingerprint={"amount": 100, "currency": "EUR"})
+    assert await pay(barrier, key, fingerprint={"currency": "EUR", "amount": 100}) == first
+    assert await db.payments(key) == 1
+
+
+async def test_fingerprint_bytes_and_missing_fingerprint_differ(db: Database) -> None:
+    """A record made without a fingerprint does not replay for a call that gives one (and vice versa)."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    await pay(barrier, key, fingerprint=b"raw body")
+    assert await pay(barrier, key, fingerprint=bytearray(b"raw body")) is not None
+    with pytest.raises(FingerprintMismatchError):
+        await pay(barrier, key)
+
+
+async def test_body_without_outcome_is_rolled_back_with_an_error(db: Database) -> None:
+    """Leaving the block without complete() or fail() raises UnitOfWorkError and commits nothing."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    with pytest.raises(UnitOfWorkError, match="without complete"):
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=1))
+    assert await db.payments(key) == 0
+    assert await db.records(key) == []
+
+
+async def test_outcome_is_set_once(db: Database) -> None:
+    """A second complete() or fail() raises, and nothing commits."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    with pytest.raises(UnitOfWorkError, match="already set"):
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.complete(1)
+            uow.fail(2)
+    assert await db.records(key) == []
+
+
+async def test_replayed_unit_of_work_refuses_an_outcome_and_writes(db: Database) -> None:
+    """In a replay, complete() raises, and objects added to the session raise at exit instead of committing."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    await pay(barrier, key)
+    async with barrier.unit_of_work(key, scope="payments") as uow:
+        with pytest.raises(UnitOfWorkError, match="replayed"):
+            uow.complete({"again": True})
+    with pytest.raises(UnitOfWorkError, match="replayed"):
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=1))
+    assert await db.payments(key) == 1
+
+
+async def test_unit_of_work_is_entered_once(db: Database) -> None:
+    """Entering the same unit of work twice raises UnitOfWorkError."""
+    barrier = Barrier(db.sessionmaker)
+    uow = barrier.unit_of_work(new_key(), scope="payments")
+    async with uow:
+        uow.complete(None)
+    with pytest.raises(UnitOfWorkError, match="entered once"):
+        async with uow:
+            pass
+
+
+async def test_session_and_outcome_need_the_block(db: Database) -> None:
+    """session, complete() and response are refused outside `async with`."""
+    uow = Barrier(db.sessionmaker).unit_of_work(new_key(), scope="payments")
+    with pytest.raises(UnitOfWorkError):
+        _ = uow.session
+    with pytest.raises(UnitOfWorkError):
+        uow.complete(None)
+    with pytest.raises(UnitOfWorkError, match="no response yet"):
+        _ = uow.response
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("", "empty"),
+        ("k" * 256, "256 characters"),
+        ("k" * 10_000, "10000 characters"),
+        ("line\nbreak", "control character"),
+        ("nul\x00", "control character"),
+        ("del\x7f", "control character"),
+    ],
+)
+async def test_invalid_keys_are_refused_before_any_sql(db: Database, key: str, reason: str) -> None:
+    """Empty, over-long and control-character keys raise InvalidKeyError; no record is written."""
+    with pytest.raises(InvalidKeyError, match=reason):
+        Barrier(db.sessionmaker).unit_of_work(key, scope="payments")
+    assert await db.records() == []
+
+
+async def test_longest_and_unicode_keys_are_accepted(db: Database) -> None:
+    """A 255-character key and a non-ASCII key are valid keys."""
+    barrier = Barrier(db.sessionmaker)
+    for key in ("k" * 255, "commande-été-🧾"):
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.complete(key)
+    assert len(await db.records()) == 2
+
+
+async def test_invalid_scope_and_fingerprint_are_refused(db: Database) -> None:
+    """An empty scope raises InvalidKeyError; a fingerprint that is not JSON raises InvalidFingerprintError."""
+    barrier = Barrier(db.sessionmaker)
+    with pytest.raises(InvalidKeyError, match="scope is empty"):
+        barrier.unit_of_work(new_key(), scope="")
+    with pytest.raises(InvalidFingerprintError):
+        barrier.unit_of_work(new_key(), scope="payments", fingerprint={"when": object()})
+    with pytest.raises(InvalidFingerprintError):
+        barrier.unit_of_work(new_key(), scope="payments", fingerprint=float("nan"))
+
+
+async def test_response_the_codec_cannot_encode_raises_before_commit(db: Database) -> None:
+    """A non-JSON response raises ResponseEncodingError inside the body; nothing is recorded or written."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    with pytest.raises(ResponseEncodingError):
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=1))
+            uow.complete({"at": object()})  # type: ignore[dict-item]
+    assert await db.payments(key) == 0
+    assert await db.records(key) == []
+
+
+@dataclasses.dataclass
+class Receipt:
+    payment_id: int
+    currency: str
+
+
+class ReceiptModel(BaseModel):
+    payment_id: int
+    tags: list[str]
+
+
+async def test_dataclass_and_pydantic_responses_round_trip(db: Database) -> None:
+    """DataclassCodec and PydanticCodec replay an equal object of the same type."""
+    dc_barrier = Barrier(db.sessionmaker, codec=DataclassCodec(Receipt))
+    pd_barrier = Barrier(db.sessionmaker, codec=PydanticCodec(ReceiptModel))
+    dc_key, pd_key = new_key(), new_key()
+    async with dc_barrier.unit_of_work(dc_key, scope="payments") as uow:
+        uow.complete(Receipt(7, "EUR"))
+    async with pd_barrier.unit_of_work(pd_key, scope="payments") as uow:
+        uow.complete(ReceiptModel(payment_id=8, tags=["a"]))
+    async with dc_barrier.unit_of_work(dc_key, scope="payments") as uow:
+        assert uow.response == Receipt(7, "EUR")
+    async with pd_barrier.unit_of_work(pd_key, scope="payments") as uow:
+        assert uow.response == ReceiptModel(payment_id=8, tags=["a"])
+
+
+async def test_stored_response_that_does_not_decode_raises(db: Database) -> None:
+    """A replay whose stored bytes the codec rejects raises ResponseEncodingError, not the codec's error."""
+    key = new_key()
+    async with Barrier(db.sessionmaker).unit_of_work(key, scope="payments") as uow:
+        uow.complete({"payment_id": "not-an-int"})
+    async with Barrier(db.sessionmaker, codec=PydanticCodec(ReceiptModel)).unit_of_work(
+        key, scope="payments"
+    ) as uow:
+        with pytest.raises(ResponseEncodingError):
+            _ = uow.response
+
+
+async def test_business_integrity_error_propagates_unchanged(db: Database) -> None:
+    """A constraint violation in the business tables is the caller's IntegrityError, and nothing commits."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    await pay(barrier, key)
+    other = new_key()
+    with pytest.raises(IntegrityError):
+        async with barrier.unit_of_work(other, scope="payments") as uow:
+            uow.session.add(Payment(id=1, key=other, amount=1))  # id 1 is taken
+            uow.complete(None)
+    assert await db.records(other) == []
+
+
+async def test_retention_sets_expires_at_after_completion(db: Database) -> None:
+    """expires_at is the completion time plus the retention, per barrier and per call."""
+    barrier, key, short = Barrier(db.sessionmaker), new_key(), new_key()
+    await pay(barrier, key)
+    async with barrier.unit_of_work(short, scope="payments", retention=timedelta(hours=1)) as uow:
+        uow.complete(None)
+    async with db.engine.connect() as conn:
+        rows = dict(
+            (await conn.exec_driver_sql("SELECT key, expires_at - completed_at FROM idempotency_keys")).all()
+            if db.dialect == "postgresql"
+            else (
+                await conn.exec_driver_sql(
+                    "SELECT key, (julianday(expires_at) - julianday(completed_at)) * 86400 FROM idempotency_keys"
+                )
+            ).all()
+        )
+    as_seconds = {k: v.total_seconds() if isinstance(v, timedelta) else round(v) for k, v in rows.items()}
+    assert as_seconds == {key: 7 * 86400, short: 3600}
+
+
+async def test_caller_session_commit_is_the_callers(db: Database) -> None:
+    """With session=, the barrier never commits: the caller's commit makes the record and rows durable."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    async with db.sessionmaker() as session:
+        session.add(Payment(key="before", amount=1))
+        async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
+            uow.session.add(Payment(key=key, amount=2))
+            uow.complete({"ok": 1})
+        assert uow.session is session
+        assert await db.records(key) == []  # not committed yet
+        await session.commit()
+    assert await db.payments(key) == 1
+    assert await db.payments("before") == 1
+    assert await db.records(key) == [("payments", key, "COMPLETED")]
+
+
+async def test_caller_session_rollback_undoes_record_and_rows(db: Database) -> None:
+    """With session=, the caller's rollback removes the record with the rows, so a retry runs again."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    async with db.sessionmaker() as session:
+        async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
+            uow.session.add(Payment(key=key, amount=2))
+            uow.complete({"ok": 1})
+        await session.rollback()
+    assert await db.records(key) == []
+    assert await pay(barrier, key) is not None
+    assert await db.payments(key) == 1
+
+
+async def test_caller_session_survives_a_failing_body(db: Database) -> None:
+    """A body exception undoes only the unit of work's part; the caller's earlier writes still commit."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    async with db.sessionmaker() as session:
+        session.add(Payment(key="caller", amount=1))
+        await session.flush()
+        with pytest.raises(Boom):
+            async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
+                uow.session.add(Payment(key=key, amount=2))
+                await uow.session.flush()
+                raise Boom
+        await session.commit()
+    assert await db.payments("caller") == 1
+    assert await db.payments(key) == 0
+    assert await db.records(key) == []
+
+
+async def test_caller_session_replay(db: Database) -> None:
+    """With session=, a finished key replays inside the caller's transaction."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    first = await pay(barrier, key)
+    async with db.sessionmaker() as session, session.begin():
+        async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
+            assert uow.replayed
+            assert uow.response == first
+
+
+async def test_session_in_failed_state_is_refused(db: Database) -> None:
+    """A caller session whose transaction failed raises UnitOfWorkError, not SQLAlchemy's error."""
+    barrier = Barrier(db.sessionmaker)
+    async with db.sessionmaker() as session:
+        session.add(Payment(id=5, key="a", amount=1))
+        session.add(Payment(id=5, key="b", amount=1))
+        with pytest.raises(IntegrityError):
+            await session.flush()
+        with pytest.raises(UnitOfWorkError, match="session cannot run"):
+            async with barrier.unit_of_work(new_key(), scope="payments", session=session):
+                pass
+
+
+async def test_lock_timeout_of_the_body_is_the_callers(pg_db: Database) -> None:
+    """The claim's bounded wait does not leak: the body's statements run with the caller's lock_timeout."""
+    barrier = Barrier(pg_db.sessionmaker, wait_timeout=3)
+    async with barrier.unit_of_work(new_key(), scope="payments") as uow:
+        seen = (await uow.session.execute(text("SHOW lock_timeout"))).scalar_one()
+        uow.complete(None)
+    async with pg_db.sessionmaker() as session:
+        default = (await session.execute(text("SHOW lock_timeout"))).scalar_one()
+    assert seen == default == "0"
