@@ -46,7 +46,7 @@ class PostgresStorage:
             ), claimed AS (
                 INSERT INTO {table} (scope, key, fingerprint, status, token)
                 SELECT $1, $2, $3, 'IN_PROGRESS', $4::uuid FROM applied
-                ON CONFLICT (scope, key) DO NOTHING
+                ON CONFLICT (scope, key) DO UPDATE SET token = EXCLUDED.token
                 RETURNING token
             )
             SELECT claimed.token, set_config('lock_timeout', saved.lock_timeout, true)

@@ -38,7 +38,7 @@ class SqliteStorage:
         self._claim = f"""
             INSERT INTO {table} (scope, key, fingerprint, status, token)
             VALUES (?, ?, ?, 'IN_PROGRESS', ?)
-            ON CONFLICT (scope, key) DO NOTHING
+            ON CONFLICT (scope, key) DO UPDATE SET token = EXCLUDED.token
             RETURNING token"""
         # Fenced completion, under the same write lock as the claim.
         self._finish = f"""

@@ -15,8 +15,12 @@ down_revision = ${repr(down_revision)}
 branch_labels = ${repr(branch_labels)}
 depends_on = ${repr(depends_on)}
 
-TABLE: str = context.config.attributes["table"]
-SCHEMA: str | None = context.config.attributes["schema"]
+
+
+def _placement() -> tuple[str, str | None]:
+    """The records table's name and schema, as env.py resolved them (read at run time, not import time)."""
+    attributes = context.config.attributes
+    return attributes["table"], attributes["schema"]
 
 
 def upgrade() -> None:

@@ -17,14 +17,19 @@ down_revision: str | None = None
 branch_labels: str | None = None
 depends_on: str | None = None
 
-TABLE: str = context.config.attributes["table"]
-SCHEMA: str | None = context.config.attributes["schema"]
+
+
+def _placement() -> tuple[str, str | None]:
+    """The records table's name and schema, as env.py resolved them (read at run time, not import time)."""
+    attributes = context.config.attributes
+    return attributes["table"], attributes["schema"]
 
 FINISHED = sa.text("status IN ('COMPLETED', 'FAILED')")
 LEASED = sa.text("status = 'IN_PROGRESS'")
 
 
 def upgrade() -> None:
+    TABLE, SCHEMA = _placement()  # noqa: N806 - read like the module constants they would otherwise be
     op.create_table(
         TABLE,
         sa.Column("scope", sa.String(255), nullable=False),
@@ -57,4 +62,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table(TABLE, schema=SCHEMA)
+    table, schema = _placement()
+    op.drop_table(table, schema=schema)

@@ -1,0 +1,228 @@
+"""What a unit of work leaves behind when its process, its backend or its database goes away.
+
+PostgreSQL rolls back the transaction of a backend whose client vanished or that was terminated, so the
+claim and the business rows disappear together and a retry runs the body again, exactly once.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import asyncpg
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from idembarrier import (
+    JSON,
+    Barrier,
+    ConnectionLostError,
+    IdembarrierError,
+    KeyInProgressError,
+    OnConflict,
+)
+from tests.models import Payment
+
+if TYPE_CHECKING:
+    from tests.conftest import Database
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER_ERRORS = (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What a lost connection looks like before idembarrier translates it: SQLAlchemy's or asyncpg's own."""
+
+# The child claims the key, flushes a payment, reports its backend and then blocks until it is killed. If
+# the parent goes away instead, stdin reaches its end and the child leaves by an exception: nothing commits.
+CHILD = """
+import asyncio, sys
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from idembarrier import Barrier
+from tests.models import Payment
+
+async def main(url, key):
+    barrier = Barrier(async_sessionmaker(create_async_engine(url)))
+    async with barrier.unit_of_work(key, scope="payments") as uow:
+        uow.session.add(Payment(key=key, amount=100))
+        await uow.session.flush()
+        pid = (await uow.session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        print("flushed", pid, flush=True)
+        sys.stdin.readline()
+        raise SystemExit("the parent went away")
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def new_key() -> str:
+    return f"order-{uuid.uuid4()}"
+
+
+async def pay(barrier: Barrier, key: str, *, on_conflict: OnConflict | None = None) -> JSON:
+    """One payment row, its id as the response; a replay returns the recorded response."""
+    async with barrier.unit_of_work(key, scope="payments", on_conflict=on_conflict) as uow:
+        if uow.replayed:
+            return uow.response
+        payment = Payment(key=key, amount=100)
+        uow.session.add(payment)
+        await uow.session.flush()
+        uow.complete({"payment_id": payment.id})
+    return uow.response
+
+
+async def backend_pid(session: AsyncSession) -> int:
+    """The PostgreSQL backend serving ``session``'s connection."""
+    pid: int = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    return pid
+
+
+async def terminate(db: Database, pid: int) -> None:
+    """Terminate backend ``pid`` and wait (up to 10 s) until its process has exited."""
+    async with db.engine.connect() as conn:
+        done = (await conn.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})).scalar()
+    assert done, f"backend {pid} did not exit"
+
+
+GONE = text("SELECT 1 FROM pg_stat_activity WHERE pid = :pid")
+
+
+async def wait_until_gone(db: Database, pid: int) -> None:
+    """Poll pg_stat_activity until backend ``pid`` has ended, for at most 10 s."""
+    with anyio.fail_after(10):
+        while True:
+            async with db.engine.connect() as conn:
+                found = (await conn.execute(GONE, {"pid": pid})).first()
+            if found is None:
+                return
+            await anyio.sleep(0.01)
+
+
+async def wait_for_lock_waiter(db: Database) -> int:
+    """Poll pg_stat_activity until a backend of ``db`` waits on a lock, for at most 10 s; return its pid."""
+    sql = text(
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    )
+    with anyio.fail_after(10):
+        while True:
+            async with db.engine.connect() as conn:
+                pid: int | None = (await conn.execute(sql)).scalar()
+            if pid is not None:
+                return pid
+            await anyio.sleep(0.01)
+
+
+async def enter(barrier: Barrier, key: str, *, on_conflict: OnConflict = OnConflict.WAIT) -> None:
+    """Enter a unit of work for ``key`` that must be refused: reaching its body fails the test."""
+    async with barrier.unit_of_work(key, scope="payments", on_conflict=on_conflict, wait_timeout=60):
+        pytest.fail(f"a unit of work for {key!r} entered where it must be refused")
+
+
+async def assert_retry_runs_once_and_replays(db: Database, barrier: Barrier, key: str) -> None:
+    assert await db.payments(key) == 0
+    assert await db.records(key) == []
+    first = await pay(barrier, key, on_conflict=OnConflict.FAIL)  # the claim is free: no waiting
+    assert await db.payments(key) == 1
+    assert await db.records(key) == [("payments", key, "COMPLETED")]
+    assert await pay(barrier, key) == first
+    assert await db.payments(key) == 1
+
+
+async def test_sigkilled_process_leaves_no_claim_and_the_retry_runs_once(pg_db: Database) -> None:
+    """A process killed mid-transaction leaves no row and no record; the retry runs once, then replays."""
+    barrier, key = Barrier(pg_db.sessionmaker), new_key()
+    command = [sys.executable, "-c", CHILD, pg_db.url, key]
+    async with await anyio.open_process(command, cwd=ROOT, stdin=subprocess.PIPE, stderr=None) as child:
+        assert child.stdout is not None
+        with anyio.fail_after(30):
+            line = await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 1024)
+        word, pid = line.decode().split()
+        assert word == "flushed"
+        with pytest.raises(KeyInProgressError):
+            await enter(barrier, key, on_conflict=OnConflict.FAIL)
+        child.kill()
+        assert await child.wait() == -signal.SIGKILL
+    await wait_until_gone(pg_db, int(pid))
+    await assert_retry_runs_once_and_replays(pg_db, barrier, key)
+
+
+async def test_terminated_backend_surfaces_as_connection_lost_on_the_bodys_next_statement(
+    pg_db: Database,
+) -> None:
+    """A body statement after its backend was terminated raises ConnectionLostError from the driver error."""
+    barrier, key = Barrier(pg_db.sessionmaker), new_key()
+
+    async def body_runs_on() -> None:
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=100))
+            await uow.session.flush()
+            await terminate(pg_db, await backend_pid(uow.session))
+            await uow.session.execute(text("SELECT 1"))
+
+    with pytest.raises(ConnectionLostError) as caught:
+        await body_runs_on()
+    assert isinstance(caught.value.__cause__, DRIVER_ERRORS)
+    await assert_retry_runs_once_and_replays(pg_db, barrier, key)
+
+
+async def test_terminated_backend_surfaces_as_connection_lost_from_the_barriers_commit(
+    pg_db: Database,
+) -> None:
+    """A backend terminated before the outcome is recorded makes the exit raise ConnectionLostError."""
+    barrier, key = Barrier(pg_db.sessionmaker), new_key()
+
+    async def body_completes() -> None:
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=100))
+            await uow.session.flush()
+            await terminate(pg_db, await backend_pid(uow.session))
+            uow.complete({"payment_id": 1})
+
+    with pytest.raises(ConnectionLostError) as caught:
+        await body_completes()
+    assert isinstance(caught.value.__cause__, DRIVER_ERRORS)
+    await assert_retry_runs_once_and_replays(pg_db, barrier, key)
+
+
+async def test_waiting_duplicate_whose_backend_is_terminated_gets_connection_lost(pg_db: Database) -> None:
+    """A duplicate terminated while it waits on the claim raises ConnectionLostError; the holder commits."""
+    barrier, key = Barrier(pg_db.sessionmaker), new_key()
+    lost: list[ConnectionLostError] = []
+
+    async def duplicate() -> None:
+        with pytest.raises(ConnectionLostError) as caught:
+            await enter(barrier, key, on_conflict=OnConflict.WAIT)
+        lost.append(caught.value)
+
+    async with barrier.unit_of_work(key, scope="payments") as uow:
+        payment = Payment(key=key, amount=100)
+        uow.session.add(payment)
+        await uow.session.flush()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(duplicate)
+            await terminate(pg_db, await wait_for_lock_waiter(pg_db))
+        uow.complete({"payment_id": payment.id})
+    assert len(lost) == 1
+    assert isinstance(lost[0].__cause__, DRIVER_ERRORS)
+    assert await pg_db.payments(key) == 1
+    assert await pg_db.records(key) == [("payments", key, "COMPLETED")]
+    assert await pay(barrier, key) == uow.response
+
+
+async def test_unreachable_database_raises_connection_lost_chained_to_the_os_error() -> None:
+    """Entering a unit of work on a database that refuses connections raises ConnectionLostError."""
+    engine = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/idembarrier")
+    try:
+        with pytest.raises(ConnectionLostError) as caught:
+            await enter(Barrier(async_sessionmaker(engine)), new_key())
+    finally:
+        await engine.dispose()
+    assert isinstance(caught.value, IdembarrierError)
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)

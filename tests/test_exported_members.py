@@ -1,0 +1,119 @@
+"""The public namespace: exactly the pinned names, each importable and documented."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import itertools
+from pathlib import Path
+
+import pytest
+
+import idembarrier
+
+EXPECTED = [
+    "Barrier",
+    "Codec",
+    "ConflictError",
+    "ConnectionLostError",
+    "DEFAULT_RETENTION",
+    "DataclassCodec",
+    "FingerprintMismatchError",
+    "IdembarrierError",
+    "InvalidFingerprintError",
+    "InvalidKeyError",
+    "JSON",
+    "JSONCodec",
+    "KeyInProgressError",
+    "MAX_KEY_LENGTH",
+    "OnConflict",
+    "PydanticCodec",
+    "Record",
+    "RecordedFailureError",
+    "ResponseEncodingError",
+    "SchemaError",
+    "SerializationError",
+    "Status",
+    "StorageError",
+    "UnitOfWork",
+    "check_schema",
+    "create_sqlite_engine",
+    "upgrade",
+]
+
+PACKAGE = Path(idembarrier.__file__).parent
+
+
+def defining_modules() -> dict[str, str]:
+    """Map each name that ``__init__.py`` re-exports to the private module it comes from."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    return {
+        alias.asname or alias.name: f"idembarrier.{node.module}"
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is not None
+        for alias in node.names
+    }
+
+
+def attribute_docstrings(module: str) -> dict[str, str]:
+    """Return the docstrings written under module-level assignments, by the name assigned."""
+    source = inspect.getsource(importlib.import_module(module))
+    body = ast.parse(source).body
+    found: dict[str, str] = {}
+    for statement, following in itertools.pairwise(body):
+        targets = statement.targets if isinstance(statement, ast.Assign) else []
+        if isinstance(statement, ast.AnnAssign):
+            targets = [statement.target]
+        docstring = ast.get_docstring(ast.Module(body=[following], type_ignores=[]), clean=True)
+        for target in targets:
+            if isinstance(target, ast.Name) and docstring:
+                found[target.id] = docstring
+    return found
+
+
+def is_documentable(member: object) -> bool:
+    return inspect.isclass(member) or inspect.isfunction(member)
+
+
+def test_all_is_pinned() -> None:
+    """`idembarrier.__all__` holds exactly the expected names, each once."""
+    assert sorted(idembarrier.__all__) == EXPECTED
+    assert len(set(idembarrier.__all__)) == len(idembarrier.__all__)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_name_is_importable(name: str) -> None:
+    """Each exported name imports from the package itself."""
+    namespace: dict[str, object] = {}
+    exec(f"from idembarrier import {name}", namespace)
+    assert namespace[name] is getattr(idembarrier, name)
+
+
+@pytest.mark.parametrize("name", [n for n in EXPECTED if is_documentable(getattr(idembarrier, n))])
+def test_class_or_function_has_docstring(name: str) -> None:
+    """Each exported class and function carries its own docstring."""
+    member = getattr(idembarrier, name)
+    assert member.__doc__ is not None
+    assert member.__doc__.strip()
+
+
+@pytest.mark.parametrize("name", [n for n in EXPECTED if not is_documentable(getattr(idembarrier, n))])
+def test_constant_has_attribute_docstring(name: str) -> None:
+    """Each exported constant or type alias is followed by a docstring where it is defined."""
+    module = defining_modules()[name]
+    assert attribute_docstrings(module).get(name), f"{name} in {module} has no docstring"
+
+
+@pytest.mark.parametrize("name", [n for n in EXPECTED if inspect.isclass(getattr(idembarrier, n))])
+def test_public_methods_have_docstrings(name: str) -> None:
+    """Each public method and property defined on an exported class carries a docstring."""
+    undocumented = []
+    for attribute, value in vars(getattr(idembarrier, name)).items():
+        if attribute.startswith("_"):
+            continue
+        function = value.fget if isinstance(value, property) else value
+        function = getattr(function, "__func__", function)  # classmethod and staticmethod
+        if inspect.isfunction(function) and not (function.__doc__ or "").strip():
+            undocumented.append(attribute)
+    assert undocumented == []
