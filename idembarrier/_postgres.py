@@ -45,8 +45,8 @@ class PostgresStorage:
                 SELECT set_config('lock_timeout', $5, true) AS lock_timeout FROM saved
             ), claimed AS (
                 INSERT INTO {table} (scope, key, fingerprint, status, token)
-                SELECT $1, $2, $3, 'IN_PROGRESS', $4::uuid FROM applied
-                ON CONFLICT (scope, key) DO UPDATE SET token = EXCLUDED.token
+                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid FROM applied
+                ON CONFLICT (scope, key) DO NOTHING
                 RETURNING token
             )
             SELECT claimed.token, set_config('lock_timeout', saved.lock_timeout, true)
