@@ -55,6 +55,7 @@ __all__ = [
     "Status",
     "StorageError",
     "UnitOfWork",
+    "UnitOfWorkError",
     "check_schema",
     "create_sqlite_engine",
     "upgrade",

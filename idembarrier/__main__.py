@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--duplicates", type=int, default=8, help="concurrent copies of each order (default 8)")
     args = parser.parse_args(argv)
 
-    from ._demo import format_report, run_demo  # noqa: PLC0415 - keep `--help` fast
+    from ._demo import format_report, run_demo
 
     report = anyio.run(lambda: run_demo(args.database_url, orders=args.orders, duplicates=args.duplicates))
     print(format_report(report))

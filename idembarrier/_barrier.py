@@ -10,7 +10,7 @@ from ._codec import JSON, Codec, JSONCodec
 from ._config import DEFAULT_RETENTION, OnConflict, Options, check_retention, check_wait_timeout
 from ._exceptions import RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
-from ._migrate import check_schema
+from ._migrate import check_schema_on
 from ._record import Status
 from ._storage import Storage, TableName, open_storage
 from ._uow import UnitOfWork
@@ -145,6 +145,6 @@ class Barrier(Generic[R]):
     async def storage(self, conn: AsyncConnection) -> Storage:
         """Return the records table's storage on ``conn``, checking the schema on first use."""
         if not self._schema_checked:
-            await check_schema(conn.engine, schema=self._table.schema)
+            await check_schema_on(conn, schema=self._table.schema)
             self._schema_checked = True
         return await open_storage(conn, self._table)

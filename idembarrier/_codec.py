@@ -76,7 +76,7 @@ class PydanticCodec(Generic[T]):
     """A codec for any type Pydantic validates: models, dataclasses, lists of them… (needs ``pydantic``)."""
 
     def __init__(self, tp: type[T]) -> None:
-        from pydantic import TypeAdapter  # noqa: PLC0415 - pydantic is optional; import only when asked for
+        from pydantic import TypeAdapter
 
         self._adapter: TypeAdapter[T] = TypeAdapter(tp)
 

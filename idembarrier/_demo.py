@@ -123,6 +123,8 @@ def format_report(report: DemoReport) -> str:
         "(bursts of concurrent duplicates, late retries, one altered request each)",
     ]
     lines += [f"  {name:<36}{count:>6}" for name, count in sorted(report.outcomes.items())]
-    lines.append(f"payments written: {report.payments} for {report.orders} orders; paid twice: {report.orders_paid_twice}")
+    lines.append(
+        f"payments written: {report.payments} for {report.orders} orders; paid twice: {report.orders_paid_twice}"
+    )
     lines.append("OK: every order was paid exactly once" if report.ok else "FAILED: phantom writes")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 try:  # asyncpg is the PostgreSQL driver; it is optional, and only its raw exceptions need naming here.
     from asyncpg.exceptions import InterfaceError as _AsyncpgInterfaceError
 except ImportError:  # pragma: no cover - asyncpg is installed wherever PostgreSQL is used
-    _AsyncpgInterfaceError = ()  # type: ignore[assignment,misc]
+    _AsyncpgInterfaceError = ()
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

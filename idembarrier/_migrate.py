@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import column, select, table
-from sqlalchemy.exc import DBAPIError
 
-from ._exceptions import SchemaError
+from ._errors import translate
+from ._exceptions import ConnectionLostError, SchemaError, SerializationError
 from ._schema import VERSION_TABLE
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = ["HEAD", "check_schema", "migrations_path", "upgrade"]
 
@@ -49,8 +49,8 @@ async def upgrade(
 
 
 def _upgrade(connection: Connection, revision: str, table_name: str, schema: str | None) -> None:
-    from alembic import command  # noqa: PLC0415 - Alembic loads only when migrating
-    from alembic.config import Config  # noqa: PLC0415
+    from alembic import command
+    from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(migrations_path()))
@@ -60,12 +60,33 @@ def _upgrade(connection: Connection, revision: str, table_name: str, schema: str
 
 async def check_schema(engine: AsyncEngine, *, schema: str | None = None) -> None:
     """Raise `SchemaError` unless idembarrier's migrations are at head on ``engine``."""
+    try:
+        async with engine.connect() as conn:
+            await check_schema_on(conn, schema=schema)
+    except SchemaError:
+        raise
+    except Exception as exc:
+        if (error := translate(exc, "checking idembarrier's schema")) is None:
+            raise
+        raise error from exc
+
+
+async def check_schema_on(conn: AsyncConnection, *, schema: str | None = None) -> None:
+    """Raise `SchemaError` unless idembarrier's migrations are at head, reading through ``conn``.
+
+    Runs on the caller's connection, so a unit of work never needs a second one from the pool.
+    """
     versions = table(VERSION_TABLE, column("version_num"), schema=schema)
-    async with engine.connect() as conn:
-        try:
-            found = set((await conn.execute(select(versions.c.version_num))).scalars())
-        except DBAPIError as exc:
-            raise SchemaError(f"idembarrier's schema is not installed: {FIX}") from exc
+    try:
+        found = set((await conn.execute(select(versions.c.version_num))).scalars())
+    except Exception as exc:
+        error = translate(exc, "checking idembarrier's schema")
+        if error is None:
+            raise
+        if isinstance(error, ConnectionLostError | SerializationError):
+            raise error from exc
+        # Any other database error here means the version table cannot be read: not installed.
+        raise SchemaError(f"idembarrier's schema is not installed: {FIX}") from exc
     if found != {HEAD}:
         at = ", ".join(sorted(found)) or "nothing"
         raise SchemaError(f"idembarrier's schema is at {at}, this version needs {HEAD}: {FIX}")

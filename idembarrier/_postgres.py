@@ -99,5 +99,7 @@ class PostgresStorage:
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
     ) -> bool:
         """Record the outcome; see `Storage.finish`."""
-        # The claim opened the transaction; this runs in it on the same connection.
-        return await self._driver.fetchval(self._finish, scope, key, token, status.value, response, retention) == 1
+        updated: object = await self._driver.fetchval(
+            self._finish, scope, key, token, status.value, response, retention
+        )
+        return updated == 1

@@ -38,7 +38,7 @@ class SqliteStorage:
         self._claim = f"""
             INSERT INTO {table} (scope, key, fingerprint, status, token)
             VALUES (?, ?, ?, 'IN_PROGRESS', ?)
-            ON CONFLICT (scope, key) DO UPDATE SET token = EXCLUDED.token
+            ON CONFLICT (scope, key) DO NOTHING
             RETURNING token"""
         # Fenced completion, under the same write lock as the claim.
         self._finish = f"""
@@ -56,7 +56,7 @@ class SqliteStorage:
 
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key); see `Storage.lookup`."""
-        row = (await self._conn.exec_driver_sql(self._lookup, (scope, key))).first()
+        row: Any = (await self._conn.exec_driver_sql(self._lookup, (scope, key))).first()
         if row is None:
             return None
         return Record(

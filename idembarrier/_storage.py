@@ -6,13 +6,13 @@ the connection's dialect; nothing outside this seam knows which database it talk
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ._exceptions import StorageError
 
 if TYPE_CHECKING:
+    import uuid
     from datetime import timedelta
 
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -64,11 +64,11 @@ async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
     quote = dialect.identifier_preparer.quote
     qualified = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
     if dialect.name == "postgresql" and dialect.driver == "asyncpg":
-        from ._postgres import PostgresStorage  # noqa: PLC0415 - one dialect module is loaded per engine
+        from ._postgres import PostgresStorage
 
         return await PostgresStorage.open(conn, qualified)
     if dialect.name == "sqlite" and dialect.driver == "aiosqlite":
-        from ._sqlite import SqliteStorage  # noqa: PLC0415 - one dialect module is loaded per engine
+        from ._sqlite import SqliteStorage
 
         return await SqliteStorage.open(conn, qualified)
     raise StorageError(

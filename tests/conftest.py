@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import func, select
@@ -19,6 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import idembarrier
 from tests.models import Base, Payment
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+from typing import Any
 
 ADMIN_URL = make_url(
     os.environ.get("IDEMBARRIER_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -88,8 +92,8 @@ class Database:
         """Return (scope, key, status) of the records, all of them or those of ``key``."""
         sql = "SELECT scope, key, status FROM idempotency_keys"
         async with self.engine.connect() as conn:
-            rows = (await conn.exec_driver_sql(sql)).all()
-        return sorted((r[0], r[1], r[2]) for r in rows if key is None or r[1] == key)
+            rows: list[Any] = list((await conn.exec_driver_sql(sql)).all())
+        return sorted((str(r[0]), str(r[1]), str(r[2])) for r in rows if key is None or r[1] == key)
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ EXPECTED = [
     "Status",
     "StorageError",
     "UnitOfWork",
+    "UnitOfWorkError",
     "check_schema",
     "create_sqlite_engine",
     "upgrade",

@@ -119,9 +119,7 @@ async def versions(engine: AsyncEngine, table: str = VERSION_TABLE, schema: str 
         return list((await conn.exec_driver_sql(f"SELECT version_num FROM {qualified}")).scalars())
 
 
-async def schema_diff(
-    engine: AsyncEngine, table: str = "idempotency_keys", schema: str | None = None
-) -> list[object]:
+async def schema_diff(engine: AsyncEngine, table: str = "idempotency_keys", schema: str | None = None) -> list[object]:
     """Return what autogenerate finds between the migrated database and `records_table`."""
     metadata = MetaData()
     records_table(metadata, table, schema)
@@ -148,8 +146,7 @@ async def reflect(engine: AsyncEngine, table: str = "idempotency_keys") -> dict[
         inspector = inspect(connection)
         return {
             "columns": [
-                (c["name"], str(c["type"]), c["nullable"], c.get("default"))
-                for c in inspector.get_columns(table)
+                (c["name"], str(c["type"]), c["nullable"], c.get("default")) for c in inspector.get_columns(table)
             ],
             "primary_key": inspector.get_pk_constraint(table),
             "checks": sorted((c["name"] or "", c["sqltext"]) for c in inspector.get_check_constraints(table)),
@@ -244,9 +241,7 @@ async def test_custom_table_and_schema_match_declared_metadata(empty_pg: Empty) 
 async def test_barrier_runs_on_custom_table_and_schema(empty_pg: Empty) -> None:
     """A barrier configured with the custom table and schema completes a unit of work and replays it."""
     await idembarrier.upgrade(empty_pg.engine, table=CUSTOM_TABLE, schema=CUSTOM_SCHEMA)
-    barrier = idembarrier.Barrier(
-        async_sessionmaker(empty_pg.engine), table=CUSTOM_TABLE, schema=CUSTOM_SCHEMA
-    )
+    barrier = idembarrier.Barrier(async_sessionmaker(empty_pg.engine), table=CUSTOM_TABLE, schema=CUSTOM_SCHEMA)
     calls = 0
 
     async def handler(session: AsyncSession) -> idembarrier.JSON:

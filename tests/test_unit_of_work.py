@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from idembarrier import (
     JSON,
@@ -25,8 +25,12 @@ from idembarrier import (
     Status,
     UnitOfWorkError,
 )
-from tests.conftest import Database
 from tests.models import Payment
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from tests.conftest import Database
 
 
 class Boom(Exception):
@@ -65,7 +69,8 @@ async def test_replay_returns_stored_response_without_running_body(db: Database)
     async with barrier.unit_of_work(key, scope="payments") as uow:
         assert uow.replayed
         assert uow.status is Status.COMPLETED
-        assert uow.record is not None and uow.record.key == key
+        assert uow.record is not None
+        assert uow.record.key == key
         replayed = uow.response
     assert replayed == first
     assert await db.payments(key) == 1
@@ -96,7 +101,8 @@ async def test_body_exception_rolls_back_everything_and_propagates_unchanged(db:
     assert await db.payments(key) == 0
     assert await db.records(key) == []
     retried = await pay(barrier, key)
-    assert isinstance(retried, dict) and retried["amount"] == 100
+    assert isinstance(retried, dict)
+    assert retried["amount"] == 100
     assert await db.payments(key) == 1
 
 
@@ -152,7 +158,8 @@ async def test_fingerprint_mismatch_on_replay(db: Database) -> None:
     with pytest.raises(FingerprintMismatchError) as caught:
         await pay(barrier, key, fingerprint={"amount": 999, "currency": "EUR"})
     assert caught.value.key == key
-    assert caught.value.record is not None and caught.value.record.status is Status.COMPLETED
+    assert caught.value.record is not None
+    assert caught.value.record.status is Status.COMPLETED
     assert await db.payments(key) == 1
 
 
@@ -308,9 +315,7 @@ async def test_stored_response_that_does_not_decode_raises(db: Database) -> None
     key = new_key()
     async with Barrier(db.sessionmaker).unit_of_work(key, scope="payments") as uow:
         uow.complete({"payment_id": "not-an-int"})
-    async with Barrier(db.sessionmaker, codec=PydanticCodec(ReceiptModel)).unit_of_work(
-        key, scope="payments"
-    ) as uow:
+    async with Barrier(db.sessionmaker, codec=PydanticCodec(ReceiptModel)).unit_of_work(key, scope="payments") as uow:
         with pytest.raises(ResponseEncodingError):
             _ = uow.response
 
@@ -334,15 +339,13 @@ async def test_retention_sets_expires_at_after_completion(db: Database) -> None:
     async with barrier.unit_of_work(short, scope="payments", retention=timedelta(hours=1)) as uow:
         uow.complete(None)
     async with db.engine.connect() as conn:
-        rows = dict(
-            (await conn.exec_driver_sql("SELECT key, expires_at - completed_at FROM idempotency_keys")).all()
+        sql = (
+            "SELECT key, expires_at - completed_at FROM idempotency_keys"
             if db.dialect == "postgresql"
-            else (
-                await conn.exec_driver_sql(
-                    "SELECT key, (julianday(expires_at) - julianday(completed_at)) * 86400 FROM idempotency_keys"
-                )
-            ).all()
+            else "SELECT key, (julianday(expires_at) - julianday(completed_at)) * 86400 FROM idempotency_keys"
         )
+        result: list[Any] = list(await conn.exec_driver_sql(sql))
+        rows: dict[str, Any] = {str(row[0]): row[1] for row in result}
     as_seconds = {k: v.total_seconds() if isinstance(v, timedelta) else round(v) for k, v in rows.items()}
     assert as_seconds == {key: 7 * 86400, short: 3600}
 
@@ -397,10 +400,13 @@ async def test_caller_session_replay(db: Database) -> None:
     """With session=, a finished key replays inside the caller's transaction."""
     barrier, key = Barrier(db.sessionmaker), new_key()
     first = await pay(barrier, key)
-    async with db.sessionmaker() as session, session.begin():
-        async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
-            assert uow.replayed
-            assert uow.response == first
+    async with (
+        db.sessionmaker() as session,
+        session.begin(),
+        barrier.unit_of_work(key, scope="payments", session=session) as uow,
+    ):
+        assert uow.replayed
+        assert uow.response == first
 
 
 async def test_session_in_failed_state_is_refused(db: Database) -> None:

@@ -18,18 +18,18 @@ branch_labels: str | None = None
 depends_on: str | None = None
 
 
-
 def _placement() -> tuple[str, str | None]:
     """The records table's name and schema, as env.py resolved them (read at run time, not import time)."""
     attributes = context.config.attributes
     return attributes["table"], attributes["schema"]
+
 
 FINISHED = sa.text("status IN ('COMPLETED', 'FAILED')")
 LEASED = sa.text("status = 'IN_PROGRESS'")
 
 
 def upgrade() -> None:
-    TABLE, SCHEMA = _placement()  # noqa: N806 - read like the module constants they would otherwise be
+    TABLE, SCHEMA = _placement()
     op.create_table(
         TABLE,
         sa.Column("scope", sa.String(255), nullable=False),
@@ -45,19 +45,25 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("scope", "key", name=f"pk_{TABLE}"),
-        sa.CheckConstraint(
-            "status IN ('IN_PROGRESS', 'COMPLETED', 'FAILED', 'UNKNOWN')", name=f"ck_{TABLE}_status"
-        ),
+        sa.CheckConstraint("status IN ('IN_PROGRESS', 'COMPLETED', 'FAILED', 'UNKNOWN')", name=f"ck_{TABLE}_status"),
         sa.CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{TABLE}_key_length"),
         schema=SCHEMA,
     )
     op.create_index(
-        f"ix_{TABLE}_expires_at", TABLE, ["expires_at"], schema=SCHEMA,
-        postgresql_where=FINISHED, sqlite_where=FINISHED,
+        f"ix_{TABLE}_expires_at",
+        TABLE,
+        ["expires_at"],
+        schema=SCHEMA,
+        postgresql_where=FINISHED,
+        sqlite_where=FINISHED,
     )
     op.create_index(
-        f"ix_{TABLE}_locked_until", TABLE, ["locked_until"], schema=SCHEMA,
-        postgresql_where=LEASED, sqlite_where=LEASED,
+        f"ix_{TABLE}_locked_until",
+        TABLE,
+        ["locked_until"],
+        schema=SCHEMA,
+        postgresql_where=LEASED,
+        sqlite_where=LEASED,
     )
 
 
