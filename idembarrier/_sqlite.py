@@ -30,6 +30,9 @@ def _timestamp(value: str | None) -> datetime | None:
 class SqliteStorage:
     """`Storage` for sqlite+aiosqlite."""
 
+    lookup_first = True
+    """Replays read the record before the transaction takes the database-wide write lock."""
+
     def __init__(self, conn: AsyncConnection, driver: Any, table: str) -> None:
         self._conn = conn
         self._driver = driver  # the aiosqlite.Connection under `conn`

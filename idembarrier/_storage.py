@@ -33,12 +33,15 @@ class TableName:
 class Storage(Protocol):
     """The atomic operations on the records table, bound to one connection."""
 
+    lookup_first: bool
+    """Whether a unit of work looks the key up before it opens its transaction to claim it."""
+
     async def lookup(self, scope: str, key: str) -> Record | None:
-        """Read the record of (scope, key) in one statement; outside a transaction when none is open."""
+        """Read the record of (scope, key) in one statement."""
         ...
 
     async def begin(self) -> None:
-        """Make sure a transaction is open on the connection, as the engine needs it for a claim."""
+        """Make sure the connection's transaction is open, in the form the engine needs for a claim."""
         ...
 
     async def claim(

@@ -1,8 +1,9 @@
 """The unit of work: what a record's state means for one call, and when its transaction commits.
 
-Sequence (first request): look the key up (one autocommit read) → claim it with an IN_PROGRESS row in the
-transaction → the body writes through the same session → the outcome is recorded → one COMMIT makes the
-business rows and the finished record visible together. Any failure before that COMMIT rolls both back.
+Sequence (first request): open the transaction → claim the key with an IN_PROGRESS row → the body writes
+through the same session → the outcome is recorded → one COMMIT makes the business rows and the finished
+record visible together. Any failure before that COMMIT rolls both back. A claim that finds a finished
+record replays it and rolls back its (empty) transaction.
 """
 
 from __future__ import annotations
@@ -209,8 +210,7 @@ class UnitOfWork(Generic[R]):
         except InvalidRequestError as exc:
             raise UnitOfWorkError(f"the session cannot run the unit of work: {exc}") from exc
         storage = await self._barrier.storage(conn)
-        record = await storage.lookup(self._scope, self._key)
-        if record is not None:
+        if storage.lookup_first and (record := await storage.lookup(self._scope, self._key)) is not None:
             self._settle(record)
             return
         await storage.begin()

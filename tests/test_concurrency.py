@@ -146,6 +146,10 @@ async def write_payment(session: AsyncSession, key: str, by: str) -> JSON:
     return {"payment_id": payment.id, "by": by}
 
 
+async def write_never(session: AsyncSession) -> JSON:
+    raise AssertionError("a duplicate must not run the body")
+
+
 async def test_hundreds_of_duplicates_run_once_and_get_one_response(db: Database) -> None:
     """Concurrent duplicates of one key run the body once, and every caller gets the winner's response."""
     callers = 200
@@ -214,10 +218,6 @@ async def test_fail_fast_duplicates_raise_while_the_winner_holds_the_key(pg_db: 
     assert await waiting.execute(key, write_never, scope=SCOPE, on_conflict=OnConflict.FAIL) == winner.response
     assert await failing.execute(key, write_never, scope=SCOPE) == winner.response
     assert await pg_db.payments(key) == 1
-
-
-async def write_never(session: AsyncSession) -> JSON:
-    raise AssertionError("a duplicate must not run the body")
 
 
 async def test_wait_timeout_raises_key_in_progress_then_the_retry_replays(pg_db: Database) -> None:
