@@ -6,10 +6,9 @@ from sqlalchemy.exc import DBAPIError
 
 from ._exceptions import ConnectionLostError, SerializationError, StorageError
 
-__all__ = ["LOCK_NOT_AVAILABLE", "sqlstate_of", "translate"]
+__all__ = ["lock_not_available", "sqlstate_of", "translate"]
 
-LOCK_NOT_AVAILABLE = "55P03"
-"""SQLSTATE of a lock wait that ran out of ``lock_timeout``: a concurrent duplicate holds the key."""
+_LOCK_NOT_AVAILABLE = "55P03"  # a lock wait that ran out of lock_timeout
 
 _SERIALIZATION = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 # Class 08 is connection_exception; 57P01-57P03 are admin_shutdown (pg_terminate_backend), crash_shutdown
@@ -35,6 +34,20 @@ def sqlstate_of(exc: BaseException) -> str | None:
     if isinstance(code, int):
         return f"sqlite:{code}"
     return None
+
+
+def lock_not_available(exc: BaseException) -> bool:
+    """Whether ``exc`` says a bounded wait for a lock ran out (PostgreSQL 55P03, SQLite BUSY/LOCKED).
+
+    During a claim that means a concurrent holder kept the key (PostgreSQL) or the database's write lock
+    (SQLite) for longer than the unit of work may wait.
+    """
+    state = sqlstate_of(exc)
+    if state is None:
+        return False
+    if state.startswith("sqlite:"):
+        return int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return state == _LOCK_NOT_AVAILABLE
 
 
 def translate(exc: BaseException, doing: str) -> StorageError | None:

@@ -88,7 +88,7 @@ class PostgresStorage:
             expires_at=row[9],
         )
 
-    async def begin(self) -> None:
+    async def begin(self, lock_timeout: float) -> None:
         """Open the transaction the way SQLAlchemy would at its first statement (isolation level included).
 
         SQLAlchemy's asyncpg adapter opens it lazily, inside its next statement; the claim bypasses the

@@ -75,10 +75,20 @@ class SqliteStorage:
             expires_at=_timestamp(row[9]),
         )
 
-    async def begin(self) -> None:
-        """Open the transaction with the write lock held, unless one is open already."""
-        if not self._driver.in_transaction:
+    async def begin(self, lock_timeout: float) -> None:
+        """Open the transaction with the write lock held, unless one is open already.
+
+        BEGIN IMMEDIATE waits for the write lock up to the connection's busy timeout: for this statement
+        the timeout is the unit of work's own wait, then the connection gets its timeout back.
+        """
+        if self._driver.in_transaction:
+            return
+        busy_timeout = (await self._conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
+        await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {max(1, round(lock_timeout * 1000))}")
+        try:
             await self._conn.exec_driver_sql("BEGIN IMMEDIATE")
+        finally:
+            await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(busy_timeout)}")
 
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lock_timeout: float

@@ -40,8 +40,12 @@ class Storage(Protocol):
         """Read the record of (scope, key) in one statement."""
         ...
 
-    async def begin(self) -> None:
-        """Make sure the connection's transaction is open, in the form the engine needs for a claim."""
+    async def begin(self, lock_timeout: float) -> None:
+        """Make sure the connection's transaction is open, in the form the engine needs for a claim.
+
+        Where opening it waits for a lock (SQLite's write lock), the wait is bounded by ``lock_timeout``
+        seconds; past that the driver raises a lock error.
+        """
         ...
 
     async def claim(

@@ -16,7 +16,7 @@ from sqlalchemy.exc import InvalidRequestError
 
 from ._codec import decode_response, encode_response
 from ._config import OnConflict
-from ._errors import LOCK_NOT_AVAILABLE, sqlstate_of, translate
+from ._errors import lock_not_available, translate
 from ._exceptions import (
     ConnectionLostError,
     FingerprintMismatchError,
@@ -213,24 +213,25 @@ class UnitOfWork(Generic[R]):
         if storage.lookup_first and (record := await storage.lookup(self._scope, self._key)) is not None:
             self._settle(record)
             return
-        await storage.begin()
+        waits = self._on_conflict is OnConflict.WAIT
+        timeout = self._wait_timeout if waits else FAIL_FAST_LOCK_TIMEOUT
+        try:
+            await self._claim(session, storage, timeout)
+        except Exception as exc:
+            if lock_not_available(exc):
+                raise KeyInProgressError(scope=self._scope, key=self._key, waited=timeout if waits else 0.0) from exc
+            raise
+
+    async def _claim(self, session: AsyncSession, storage: Storage, lock_timeout: float) -> None:
+        """Claim the key, waiting at most ``lock_timeout`` for a concurrent holder; or settle for its record."""
+        await storage.begin(lock_timeout)
         if not self._owned:
             # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
             # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
             self._savepoint = await session.begin_nested()
             await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
-        waits = self._on_conflict is OnConflict.WAIT
-        timeout = self._wait_timeout if waits else FAIL_FAST_LOCK_TIMEOUT
         for _ in range(_CLAIM_ATTEMPTS):
-            try:
-                claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, timeout)
-            except Exception as exc:
-                if sqlstate_of(exc) == LOCK_NOT_AVAILABLE:
-                    raise KeyInProgressError(
-                        scope=self._scope, key=self._key, waited=timeout if waits else 0.0
-                    ) from exc
-                raise
-            if claimed:
+            if await storage.claim(self._scope, self._key, self._fingerprint, self._token, lock_timeout):
                 self._storage = storage
                 return
             # The key was committed by someone else, after our lookup or while the claim waited for it.
@@ -239,7 +240,8 @@ class UnitOfWork(Generic[R]):
                 self._settle(record)
                 await self._release_savepoint(commit=False)
                 return
-        raise KeyInProgressError(scope=self._scope, key=self._key, waited=timeout if waits else 0.0)
+        # The key kept changing hands (claimed, then rolled back or deleted) faster than we could look.
+        raise KeyInProgressError(scope=self._scope, key=self._key)
 
     def _settle(self, record: Record) -> None:
         """Adopt an existing record as a replay, or raise why it cannot be replayed."""

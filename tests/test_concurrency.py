@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Self
 import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from idembarrier import (
@@ -189,11 +189,14 @@ async def test_hundreds_of_duplicates_run_once_and_get_one_response(db: Database
     assert await db.records(key) == [(SCOPE, key, "COMPLETED")]
 
 
-async def test_fail_fast_duplicates_raise_while_the_winner_holds_the_key(pg_db: Database) -> None:
-    """With OnConflict.FAIL, per call or per barrier, duplicates raise KeyInProgressError without waiting."""
+async def test_fail_fast_duplicates_raise_while_the_winner_holds_the_key(db: Database) -> None:
+    """With OnConflict.FAIL, per call or per barrier, duplicates raise KeyInProgressError without waiting.
+
+    On SQLite the winner holds the database's write lock, which the duplicates give up on at once.
+    """
     key = new_key()
-    waiting = Barrier(pg_db.sessionmaker, on_conflict=OnConflict.WAIT)
-    failing = Barrier(pg_db.sessionmaker, on_conflict=OnConflict.FAIL)
+    waiting = Barrier(db.sessionmaker, on_conflict=OnConflict.WAIT)
+    failing = Barrier(db.sessionmaker, on_conflict=OnConflict.FAIL)
     winner = Winner(waiting, key)
     errors: list[KeyInProgressError] = []
 
@@ -217,12 +220,12 @@ async def test_fail_fast_duplicates_raise_while_the_winner_holds_the_key(pg_db: 
     assert all(error.key == key and error.waited == 0.0 for error in errors)
     assert await waiting.execute(key, write_never, scope=SCOPE, on_conflict=OnConflict.FAIL) == winner.response
     assert await failing.execute(key, write_never, scope=SCOPE) == winner.response
-    assert await pg_db.payments(key) == 1
+    assert await db.payments(key) == 1
 
 
-async def test_wait_timeout_raises_key_in_progress_then_the_retry_replays(pg_db: Database) -> None:
+async def test_wait_timeout_raises_key_in_progress_then_the_retry_replays(db: Database) -> None:
     """A duplicate outwaiting wait_timeout raises KeyInProgressError; after the winner commits, it replays."""
-    key, barrier = new_key(), Barrier(pg_db.sessionmaker)
+    key, barrier = new_key(), Barrier(db.sessionmaker)
     winner = Winner(barrier, key)
     async with anyio.create_task_group() as tg:
         await tg.start(winner.run)
@@ -235,7 +238,7 @@ async def test_wait_timeout_raises_key_in_progress_then_the_retry_replays(pg_db:
     assert caught.value.waited == pytest.approx(0.2)
     assert waited >= 0.2
     assert await barrier.execute(key, write_never, scope=SCOPE, wait_timeout=0.2) == winner.response
-    assert await pg_db.payments(key) == 1
+    assert await db.payments(key) == 1
 
 
 async def test_winner_rollback_lets_the_waiting_duplicate_run(db: Database) -> None:
@@ -418,3 +421,14 @@ async def test_first_call_checks_the_schema_within_a_pool_of_one(pg_db: Database
     finally:
         await engine.dispose()
     assert await pg_db.records(key) == [(SCOPE, key, "COMPLETED")]
+
+
+async def test_sqlite_connection_gets_its_busy_timeout_back(sqlite_db: Database) -> None:
+    """A unit of work bounds SQLite's wait for the write lock by its own, then restores the connection's."""
+    barrier = Barrier(sqlite_db.sessionmaker)
+    async with sqlite_db.sessionmaker() as session:
+        before = (await session.execute(text("PRAGMA busy_timeout"))).scalar_one()
+        async with barrier.unit_of_work(new_key(), scope=SCOPE, session=session, wait_timeout=0.25) as uow:
+            uow.complete(None)
+        after = (await session.execute(text("PRAGMA busy_timeout"))).scalar_one()
+    assert before == after == 30_000
