@@ -37,11 +37,14 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 
 def lock_not_available(exc: BaseException) -> bool:
-    """Whether ``exc`` says a bounded wait for a lock ran out (PostgreSQL 55P03, SQLite BUSY/LOCKED).
+    """Whether ``exc`` says a bounded wait for a lock ran out.
 
-    During a claim that means a concurrent holder kept the key (PostgreSQL) or the database's write lock
-    (SQLite) for longer than the unit of work may wait.
+    That is PostgreSQL's 55P03 (lock_timeout), SQLite's BUSY/LOCKED (busy timeout), or the driver's own
+    statement timeout. During a claim it means a concurrent holder kept the key (PostgreSQL) or the
+    database's write lock (SQLite) for longer than the unit of work may wait.
     """
+    if isinstance(exc, TimeoutError):
+        return True
     state = sqlstate_of(exc)
     if state is None:
         return False

@@ -8,9 +8,11 @@ commits and rolls back the transaction, so the session's bookkeeping and the poo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Self
+from functools import cache
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from ._record import Record, Status
+from ._storage import pool_connection
 
 if TYPE_CHECKING:
     import uuid
@@ -23,6 +25,57 @@ __all__ = ["PostgresStorage"]
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
 
 
+class _Statements(NamedTuple):
+    lookup: str
+    claim: str
+    claim_nowait: str
+    finish: str
+
+
+@cache
+def _statements(table: str) -> _Statements:
+    """The statements on ``table``, built once per table."""
+    return _Statements(
+        # Read committed: each statement sees what committed before it started, so this sees a record
+        # committed while our claim waited for it.
+        lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2",
+        # The atomic claim. ON CONFLICT DO NOTHING takes the key or does nothing, with no window between
+        # check and insert: if another transaction inserted the key and has not committed, this INSERT
+        # waits for it, then inserts (it rolled back) or returns no row (it committed). The wait is bounded
+        # by the driver's statement timeout, which cancels the statement.
+        claim=f"""
+            INSERT INTO {table} (scope, key, fingerprint, status, token)
+            VALUES ($1, $2, $3, 'IN_PROGRESS', $4)
+            ON CONFLICT (scope, key) DO NOTHING
+            RETURNING token""",
+        # The same claim, failing fast: its wait is bounded by a 1 ms lock_timeout (PostgreSQL's smallest)
+        # instead, set for this statement only: `applied` runs before the insert that reads it, and the
+        # outer SELECT restores the caller's value after `claimed` has produced its row, so the body's own
+        # statements keep the caller's lock_timeout. A timeout raises 55P03 and aborts the statement.
+        claim_nowait=f"""
+            WITH saved AS MATERIALIZED (
+                SELECT current_setting('lock_timeout') AS lock_timeout
+            ), applied AS MATERIALIZED (
+                SELECT set_config('lock_timeout', '1ms', true) AS lock_timeout FROM saved
+            ), claimed AS (
+                INSERT INTO {table} (scope, key, fingerprint, status, token)
+                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid FROM applied
+                ON CONFLICT (scope, key) DO NOTHING
+                RETURNING token
+            )
+            SELECT claimed.token, set_config('lock_timeout', saved.lock_timeout, true)
+            FROM saved LEFT JOIN claimed ON true""",
+        # Fenced completion: only the holder of `token` may record the outcome. In a unit of work the row
+        # was inserted by this same transaction, so no one else can hold it; for leases the token decides.
+        finish=f"""
+            UPDATE {table}
+            SET status = $4, response = $5, completed_at = now(), updated_at = now(),
+                expires_at = now() + $6::interval, locked_until = NULL
+            WHERE scope = $1 AND key = $2 AND token = $3
+            RETURNING 1""",
+    )
+
+
 class PostgresStorage:
     """`Storage` for postgresql+asyncpg."""
 
@@ -33,46 +86,16 @@ class PostgresStorage:
         self._conn = conn
         self._adapted = adapted  # SQLAlchemy's adapter around the asyncpg connection
         self._driver = adapted.driver_connection  # the asyncpg.Connection
-        # Read committed: each statement sees what committed before it started, so this sees a record
-        # committed while our claim waited for it.
-        self._lookup = f"SELECT {_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2"
-        # The atomic claim. ON CONFLICT DO NOTHING takes the key or does nothing, with no window between
-        # check and insert: if another transaction inserted the key and has not committed, this INSERT
-        # waits for it, then inserts (it rolled back) or returns no row (it committed). That wait is bounded
-        # by lock_timeout, set for this statement only: `applied` runs before the insert that reads it, and
-        # the outer SELECT restores the caller's value after `claimed` has produced its row, so the body's
-        # own statements keep the caller's lock_timeout. A timeout raises 55P03 and aborts the statement.
-        self._claim = f"""
-            WITH saved AS MATERIALIZED (
-                SELECT current_setting('lock_timeout') AS lock_timeout
-            ), applied AS MATERIALIZED (
-                SELECT set_config('lock_timeout', $5, true) AS lock_timeout FROM saved
-            ), claimed AS (
-                INSERT INTO {table} (scope, key, fingerprint, status, token)
-                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid FROM applied
-                ON CONFLICT (scope, key) DO NOTHING
-                RETURNING token
-            )
-            SELECT claimed.token, set_config('lock_timeout', saved.lock_timeout, true)
-            FROM saved LEFT JOIN claimed ON true"""
-        # Fenced completion: only the holder of `token` may record the outcome. In a unit of work the row
-        # was inserted by this same transaction, so no one else can hold it; for leases the token decides.
-        self._finish = f"""
-            UPDATE {table}
-            SET status = $4, response = $5, completed_at = now(), updated_at = now(),
-                expires_at = now() + $6::interval, locked_until = NULL
-            WHERE scope = $1 AND key = $2 AND token = $3
-            RETURNING 1"""
+        self._sql = _statements(table)
 
     @classmethod
     async def open(cls, conn: AsyncConnection, table: str) -> Self:
         """Bind to ``conn`` and the asyncpg connection under it."""
-        raw = await conn.get_raw_connection()
-        return cls(conn, raw.dbapi_connection, table)
+        return cls(conn, (await pool_connection(conn)).dbapi_connection, table)
 
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key); see `Storage.lookup`."""
-        row = await self._driver.fetchrow(self._lookup, scope, key)
+        row = await self._driver.fetchrow(self._sql.lookup, scope, key)
         if row is None:
             return None
         return Record(
@@ -88,7 +111,7 @@ class PostgresStorage:
             expires_at=row[9],
         )
 
-    async def begin(self, lock_timeout: float) -> None:
+    async def begin(self, wait: float | None) -> None:
         """Open the transaction the way SQLAlchemy would at its first statement (isolation level included).
 
         SQLAlchemy's asyncpg adapter opens it lazily, inside its next statement; the claim bypasses the
@@ -104,11 +127,18 @@ class PostgresStorage:
             await self._conn.exec_driver_sql(";")
 
     async def claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lock_timeout: float
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
     ) -> bool:
-        """Insert the IN_PROGRESS record; see `Storage.claim`."""
-        timeout = f"{max(1, round(lock_timeout * 1000))}ms"
-        claimed: object = await self._driver.fetchval(self._claim, scope, key, fingerprint, token, timeout)
+        """Insert the IN_PROGRESS record; see `Storage.claim`.
+
+        A wait that runs out raises TimeoutError (asyncpg cancels the statement); failing fast raises
+        SQLSTATE 55P03.
+        """
+        claimed: object
+        if wait is None:
+            claimed = await self._driver.fetchval(self._sql.claim_nowait, scope, key, fingerprint, token)
+        else:
+            claimed = await self._driver.fetchval(self._sql.claim, scope, key, fingerprint, token, timeout=wait)
         return claimed is not None
 
     async def finish(
@@ -116,6 +146,6 @@ class PostgresStorage:
     ) -> bool:
         """Record the outcome; see `Storage.finish`."""
         updated: object = await self._driver.fetchval(
-            self._finish, scope, key, token, status.value, response, retention
+            self._sql.finish, scope, key, token, status.value, response, retention
         )
         return updated == 1

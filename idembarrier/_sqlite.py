@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from ._record import Record, Status
+from ._storage import pool_connection
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -54,8 +55,7 @@ class SqliteStorage:
     @classmethod
     async def open(cls, conn: AsyncConnection, table: str) -> Self:
         """Bind to ``conn`` and the aiosqlite connection under it."""
-        raw = await conn.get_raw_connection()
-        return cls(conn, raw.driver_connection, table)
+        return cls(conn, (await pool_connection(conn)).driver_connection, table)
 
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key); see `Storage.lookup`."""
@@ -75,23 +75,23 @@ class SqliteStorage:
             expires_at=_timestamp(row[9]),
         )
 
-    async def begin(self, lock_timeout: float) -> None:
+    async def begin(self, wait: float | None) -> None:
         """Open the transaction with the write lock held, unless one is open already.
 
         BEGIN IMMEDIATE waits for the write lock up to the connection's busy timeout: for this statement
-        the timeout is the unit of work's own wait, then the connection gets its timeout back.
+        the timeout is the unit of work's own wait (1 ms to fail fast), then the connection gets its own back.
         """
         if self._driver.in_transaction:
             return
         busy_timeout = (await self._conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
-        await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {max(1, round(lock_timeout * 1000))}")
+        await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {max(1, round((wait or 0) * 1000))}")
         try:
             await self._conn.exec_driver_sql("BEGIN IMMEDIATE")
         finally:
             await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(busy_timeout)}")
 
     async def claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lock_timeout: float
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
     ) -> bool:
         """Insert the IN_PROGRESS record; see `Storage.claim` (the write lock makes the wait moot)."""
         result = await self._conn.exec_driver_sql(self._claim, (scope, key, fingerprint, token.hex))

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from datetime import timedelta
 
     from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.pool import PoolProxiedConnection
 
     from ._record import Record, Status
 
-__all__ = ["Storage", "TableName", "open_storage"]
+__all__ = ["Storage", "TableName", "open_storage", "pool_connection"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,21 +41,21 @@ class Storage(Protocol):
         """Read the record of (scope, key) in one statement."""
         ...
 
-    async def begin(self, lock_timeout: float) -> None:
+    async def begin(self, wait: float | None) -> None:
         """Make sure the connection's transaction is open, in the form the engine needs for a claim.
 
-        Where opening it waits for a lock (SQLite's write lock), the wait is bounded by ``lock_timeout``
-        seconds; past that the driver raises a lock error.
+        Where opening it waits for a lock (SQLite's write lock), the wait is bounded by ``wait`` seconds
+        (``None``: fail at once); past that the driver raises an error that `lock_not_available` knows.
         """
         ...
 
     async def claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lock_timeout: float
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
     ) -> bool:
         """Insert an IN_PROGRESS record unless one exists; return whether this call inserted it.
 
-        Waits at most ``lock_timeout`` seconds for a concurrent, uncommitted claim of the same key; past
-        that the driver raises SQLSTATE 55P03.
+        Waits at most ``wait`` seconds (``None``: fail at once) for a concurrent, uncommitted claim of
+        the same key; past that it raises an error that `lock_not_available` knows.
         """
         ...
 
@@ -63,6 +64,18 @@ class Storage(Protocol):
     ) -> bool:
         """Record the outcome, conditioned on ``token``; return whether the record was still ours."""
         ...
+
+
+async def pool_connection(conn: AsyncConnection) -> PoolProxiedConnection:
+    """The pool's connection under ``conn``, without the greenlet hop of ``get_raw_connection()``.
+
+    ``conn`` was just opened by the session, so reading it needs no I/O; only an invalidated connection,
+    which must reconnect, goes through SQLAlchemy's async path.
+    """
+    sync = conn.sync_connection
+    if sync is None or sync.invalidated:
+        return await conn.get_raw_connection()
+    return sync.connection
 
 
 async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:

@@ -42,8 +42,6 @@ __all__ = ["UnitOfWork"]
 
 R = TypeVar("R")
 
-FAIL_FAST_LOCK_TIMEOUT = 0.001
-"""The lock wait of a fail-fast claim, in seconds: PostgreSQL's smallest ``lock_timeout``."""
 _CLAIM_ATTEMPTS = 3
 """A key can change hands between a failed claim and the read after it (the holder rolled back): retry."""
 
@@ -214,24 +212,27 @@ class UnitOfWork(Generic[R]):
             self._settle(record)
             return
         waits = self._on_conflict is OnConflict.WAIT
-        timeout = self._wait_timeout if waits else FAIL_FAST_LOCK_TIMEOUT
+        wait = self._wait_timeout if waits else None
         try:
-            await self._claim(session, storage, timeout)
+            await self._claim(session, storage, wait)
         except Exception as exc:
             if lock_not_available(exc):
-                raise KeyInProgressError(scope=self._scope, key=self._key, waited=timeout if waits else 0.0) from exc
+                raise KeyInProgressError(scope=self._scope, key=self._key, waited=wait or 0.0) from exc
             raise
 
-    async def _claim(self, session: AsyncSession, storage: Storage, lock_timeout: float) -> None:
-        """Claim the key, waiting at most ``lock_timeout`` for a concurrent holder; or settle for its record."""
-        await storage.begin(lock_timeout)
+    async def _claim(self, session: AsyncSession, storage: Storage, wait: float | None) -> None:
+        """Claim the key, waiting at most ``wait`` seconds (None: not at all) for a concurrent holder.
+
+        Settles for the record instead when the holder committed.
+        """
+        await storage.begin(wait)
         if not self._owned:
             # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
             # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
             self._savepoint = await session.begin_nested()
             await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
         for _ in range(_CLAIM_ATTEMPTS):
-            if await storage.claim(self._scope, self._key, self._fingerprint, self._token, lock_timeout):
+            if await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait):
                 self._storage = storage
                 return
             # The key was committed by someone else, after our lookup or while the claim waited for it.
@@ -258,20 +259,10 @@ class UnitOfWork(Generic[R]):
     ) -> None:
         if exc is None:
             try:
-                if self._storage is not None and self._outcome is not None:
-                    await self.session.flush()  # the body's pending writes: their errors are the body's
-            except BaseException as err:
-                await self._abandon(err)
-                if (lost := _body_error(err)) is not None:
-                    raise lost from err
-                raise
-            try:
                 await self._finish()
             except BaseException as err:
                 await self._abandon(err)
-                if (ours := _storage_error(err, "committing the unit of work")) is not None:
-                    raise ours from err
-                raise
+                raise  # already ours where it is the database's doing; see _commit
             return
         await self._abandon(exc)
         if (lost := _body_error(exc)) is not None:
@@ -302,13 +293,27 @@ class UnitOfWork(Generic[R]):
         session, storage = self.session, self._storage
         assert storage is not None  # claimed in __aenter__
         status, response = outcome
-        if not await storage.finish(self._scope, self._key, self._token, status, response, self._retention):
+        try:
+            finished = await storage.finish(self._scope, self._key, self._token, status, response, self._retention)
+        except Exception as exc:
+            if (ours := _storage_error(exc, "recording the outcome")) is not None:
+                raise ours from exc
+            raise
+        if not finished:
             raise StorageError(f"the claim on key {self._key!r} in scope {self._scope!r} disappeared")
+        # The commit flushes the body's pending writes first. Their errors are the body's: an IntegrityError
+        # from the business tables propagates unchanged; a lost connection or serialization failure is ours.
+        try:
+            if self._owned:
+                await session.commit()
+            else:
+                await self._release_savepoint(commit=True)
+        except Exception as exc:
+            if (lost := _body_error(exc)) is not None:
+                raise lost from exc
+            raise
         if self._owned:
-            await session.commit()
             await session.close()
-        else:
-            await self._release_savepoint(commit=True)
 
     async def _release_savepoint(self, *, commit: bool) -> None:
         savepoint, self._savepoint = self._savepoint, None
