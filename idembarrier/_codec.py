@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import Generic, Protocol, TypeVar, cast
 
 from ._exceptions import ResponseEncodingError
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 __all__ = ["JSON", "Codec", "DataclassCodec", "JSONCodec", "PydanticCodec"]
 
@@ -34,8 +31,12 @@ class Codec(Protocol[T]):
         ...
 
 
-def _dumps(value: object, default: Callable[[Any], Any] | None = None) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=default).encode()
+# Built once: json.dumps() with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _dumps(value: object) -> bytes:
+    return _ENCODER.encode(value).encode()
 
 
 class JSONCodec:

@@ -14,6 +14,8 @@ MAX_KEY_LENGTH = 255
 """The longest key (and scope) accepted, in characters; Stripe's limit."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Built once: json.dumps() with options builds a new encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def validate_key(key: object, *, what: str = "key") -> str:
@@ -41,7 +43,7 @@ def fingerprint_digest(value: object) -> bytes | None:
     if isinstance(value, bytes | bytearray | memoryview):
         return hashlib.sha256(b"b:" + bytes(value)).digest()
     try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _CANONICAL.encode(value)
     except (TypeError, ValueError) as exc:
         raise InvalidFingerprintError(f"the fingerprint is neither bytes nor a JSON value: {exc}") from exc
     return hashlib.sha256(b"j:" + text.encode()).digest()

@@ -25,6 +25,22 @@ __all__ = ["PostgresStorage"]
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
 
 
+def _record(row: Any, at: int = 0) -> Record:
+    """The record in ``row``'s columns from ``at`` on (in ``_COLUMNS`` order)."""
+    return Record(
+        scope=row[at],
+        key=row[at + 1],
+        status=Status(row[at + 2]),
+        fingerprint=row[at + 3],
+        response=row[at + 4],
+        token=row[at + 5],
+        attempt=row[at + 6],
+        created_at=row[at + 7],
+        completed_at=row[at + 8],
+        expires_at=row[at + 9],
+    )
+
+
 class _Statements(NamedTuple):
     lookup: str
     claim: str
@@ -41,13 +57,21 @@ def _statements(table: str) -> _Statements:
         lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2",
         # The atomic claim. ON CONFLICT DO NOTHING takes the key or does nothing, with no window between
         # check and insert: if another transaction inserted the key and has not committed, this INSERT
-        # waits for it, then inserts (it rolled back) or returns no row (it committed). The wait is bounded
-        # by the driver's statement timeout, which cancels the statement.
+        # waits for it, then inserts (it rolled back) or does nothing (it committed). The wait is bounded
+        # by the driver's statement timeout, which cancels the statement. When nothing was inserted, the
+        # second branch returns the existing record, if this statement's snapshot, taken before any wait,
+        # can see it: a replay costs one statement; a record committed during the wait needs a lookup.
         claim=f"""
-            INSERT INTO {table} (scope, key, fingerprint, status, token)
-            VALUES ($1, $2, $3, 'IN_PROGRESS', $4)
-            ON CONFLICT (scope, key) DO NOTHING
-            RETURNING token""",
+            WITH claimed AS (
+                INSERT INTO {table} (scope, key, fingerprint, status, token)
+                VALUES ($1, $2, $3, 'IN_PROGRESS', $4)
+                ON CONFLICT (scope, key) DO NOTHING
+                RETURNING token
+            )
+            SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM claimed
+            UNION ALL
+            SELECT false, {_COLUMNS} FROM {table}
+            WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT FROM claimed)""",
         # The same claim, failing fast: its wait is bounded by a 1 ms lock_timeout (PostgreSQL's smallest)
         # instead, set for this statement only: `applied` runs before the insert that reads it, and the
         # outer SELECT restores the caller's value after `claimed` has produced its row, so the body's own
@@ -96,20 +120,7 @@ class PostgresStorage:
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key); see `Storage.lookup`."""
         row = await self._driver.fetchrow(self._sql.lookup, scope, key)
-        if row is None:
-            return None
-        return Record(
-            scope=row[0],
-            key=row[1],
-            status=Status(row[2]),
-            fingerprint=row[3],
-            response=row[4],
-            token=row[5],
-            attempt=row[6],
-            created_at=row[7],
-            completed_at=row[8],
-            expires_at=row[9],
-        )
+        return None if row is None else _record(row)
 
     async def begin(self, wait: float | None) -> None:
         """Open the transaction the way SQLAlchemy would at its first statement (isolation level included).
@@ -128,18 +139,19 @@ class PostgresStorage:
 
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
-    ) -> bool:
+    ) -> bool | Record:
         """Insert the IN_PROGRESS record; see `Storage.claim`.
 
         A wait that runs out raises TimeoutError (asyncpg cancels the statement); failing fast raises
         SQLSTATE 55P03.
         """
-        claimed: object
         if wait is None:
             claimed = await self._driver.fetchval(self._sql.claim_nowait, scope, key, fingerprint, token)
-        else:
-            claimed = await self._driver.fetchval(self._sql.claim, scope, key, fingerprint, token, timeout=wait)
-        return claimed is not None
+            return claimed is not None
+        row = await self._driver.fetchrow(self._sql.claim, scope, key, fingerprint, token, timeout=wait)
+        if row is None:
+            return False
+        return True if row[0] else _record(row, 1)
 
     async def finish(
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta

@@ -7,6 +7,7 @@ the connection's dialect; nothing outside this seam knows which database it talk
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from ._exceptions import StorageError
@@ -15,10 +16,13 @@ if TYPE_CHECKING:
     import uuid
     from datetime import timedelta
 
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from ._postgres import PostgresStorage
     from ._record import Record, Status
+    from ._sqlite import SqliteStorage
 
 __all__ = ["Storage", "TableName", "open_storage", "pool_connection"]
 
@@ -51,8 +55,11 @@ class Storage(Protocol):
 
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
-    ) -> bool:
-        """Insert an IN_PROGRESS record unless one exists; return whether this call inserted it.
+    ) -> bool | Record:
+        """Insert an IN_PROGRESS record unless one exists.
+
+        Returns ``True`` when this call inserted it, else the existing record where the statement could
+        read it at no extra cost, else ``False`` (look it up).
 
         Waits at most ``wait`` seconds (``None``: fail at once) for a concurrent, uncommitted claim of
         the same key; past that it raises an error that `lock_not_available` knows.
@@ -80,17 +87,23 @@ async def pool_connection(conn: AsyncConnection) -> PoolProxiedConnection:
 
 async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
     """Return the storage for ``conn``'s database."""
-    dialect = conn.dialect
+    kind, qualified = _resolve(conn.dialect, table)
+    return await kind.open(conn, qualified)
+
+
+@lru_cache(maxsize=64)
+def _resolve(dialect: Dialect, table: TableName) -> tuple[type[PostgresStorage | SqliteStorage], str]:
+    """The storage class for ``dialect`` and the table's quoted name: worked out once per engine."""
     quote = dialect.identifier_preparer.quote
     qualified = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
     if dialect.name == "postgresql" and dialect.driver == "asyncpg":
         from ._postgres import PostgresStorage
 
-        return await PostgresStorage.open(conn, qualified)
+        return PostgresStorage, qualified
     if dialect.name == "sqlite" and dialect.driver == "aiosqlite":
         from ._sqlite import SqliteStorage
 
-        return await SqliteStorage.open(conn, qualified)
+        return SqliteStorage, qualified
     raise StorageError(
         f"idembarrier supports postgresql+asyncpg and sqlite+aiosqlite, not {dialect.name}+{dialect.driver}"
     )

@@ -232,11 +232,12 @@ class UnitOfWork(Generic[R]):
             self._savepoint = await session.begin_nested()
             await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
         for _ in range(_CLAIM_ATTEMPTS):
-            if await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait):
+            claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait)
+            if claimed is True:
                 self._storage = storage
                 return
-            # The key was committed by someone else, after our lookup or while the claim waited for it.
-            record = await storage.lookup(self._scope, self._key)
+            # Someone else holds a committed record: seen by the claim, or committed while it waited.
+            record = claimed or await storage.lookup(self._scope, self._key)
             if record is not None:
                 self._settle(record)
                 await self._release_savepoint(commit=False)
