@@ -432,3 +432,22 @@ async def test_sqlite_connection_gets_its_busy_timeout_back(sqlite_db: Database)
             uow.complete(None)
         after = (await session.execute(text("PRAGMA busy_timeout"))).scalar_one()
     assert before == after == 30_000
+
+
+async def test_wait_timeout_leaves_the_callers_transaction_usable(pg_db: Database) -> None:
+    """A bounded wait that runs out cancels only the claim: the caller's own transaction still commits."""
+    key = new_key()
+    barrier = Barrier(pg_db.sessionmaker)
+    winner = Winner(barrier, key)
+    async with anyio.create_task_group() as tg:
+        await tg.start(winner.run)
+        async with pg_db.sessionmaker() as session:
+            session.add(Payment(key="caller", amount=1))
+            await session.flush()
+            with pytest.raises(KeyInProgressError):
+                await barrier.execute(key, write_never, scope=SCOPE, session=session, wait_timeout=0.1)
+            session.add(Payment(key="caller", amount=2))
+            await session.commit()
+        winner.release.set()
+    assert await pg_db.payments("caller") == 2
+    assert await pg_db.payments(key) == 1
