@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from idembarrier.__main__ import main
 from idembarrier._demo import format_report, run_demo
-from tests.conftest import Database
+
+if TYPE_CHECKING:
+    from tests.conftest import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 
