@@ -6,7 +6,7 @@ the business writes, so the writes and the key's outcome commit, or roll back, t
 
 from __future__ import annotations
 
-from ._barrier import Barrier
+from ._barrier import DEFAULT_LEASE, Barrier, Unresolved
 from ._codec import JSON, Codec, DataclassCodec, JSONCodec, PydanticCodec
 from ._config import DEFAULT_RETENTION, OnConflict
 from ._engines import create_sqlite_engine
@@ -18,6 +18,8 @@ from ._exceptions import (
     InvalidFingerprintError,
     InvalidKeyError,
     KeyInProgressError,
+    LeaseLostError,
+    ReconciliationRequiredError,
     RecordedFailureError,
     ResponseEncodingError,
     SchemaError,
@@ -26,11 +28,13 @@ from ._exceptions import (
     UnitOfWorkError,
 )
 from ._keys import MAX_KEY_LENGTH
+from ._lease import Lease, downstream_key
 from ._migrate import check_schema, upgrade
 from ._record import Record, Status
 from ._uow import UnitOfWork
 
 __all__ = [
+    "DEFAULT_LEASE",
     "DEFAULT_RETENTION",
     "JSON",
     "MAX_KEY_LENGTH",
@@ -45,8 +49,11 @@ __all__ = [
     "InvalidKeyError",
     "JSONCodec",
     "KeyInProgressError",
+    "Lease",
+    "LeaseLostError",
     "OnConflict",
     "PydanticCodec",
+    "ReconciliationRequiredError",
     "Record",
     "RecordedFailureError",
     "ResponseEncodingError",
@@ -56,8 +63,10 @@ __all__ = [
     "StorageError",
     "UnitOfWork",
     "UnitOfWorkError",
+    "Unresolved",
     "check_schema",
     "create_sqlite_engine",
+    "downstream_key",
     "upgrade",
 ]
 

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Generic
 
 from typing_extensions import TypeVar
 
-from ._codec import JSON, Codec, JSONCodec
+from ._codec import JSON, Codec, JSONCodec, encode_response
 from ._config import DEFAULT_RETENTION, OnConflict, Options, check_retention, check_wait_timeout
-from ._exceptions import RecordedFailureError
+from ._errors import translate
+from ._exceptions import ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
+from ._lease import Lease
 from ._migrate import check_schema_on
-from ._record import Status
+from ._record import Record, Status
 from ._storage import Storage, TableName, open_storage
 from ._uow import UnitOfWork
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-    from datetime import timedelta
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 __all__ = ["Barrier"]
 
 R = TypeVar("R", default=JSON)
+T = TypeVar("T")
+
+DEFAULT_LEASE = timedelta(seconds=30)
+"""How long a lease stays its holder's without renewal."""
 
 
 class Barrier(Generic[R]):
@@ -38,6 +45,7 @@ class Barrier(Generic[R]):
         wait_timeout: Longest wait for a concurrent holder, in seconds.
         retention: How long finished records are kept before cleanup may delete them.
         check_schema: On first use, raise `SchemaError` unless the table is at the migrations' head.
+        on_reclaim: Called with the record each time a stale lease is reclaimed (or turned UNKNOWN).
     """
 
     def __init__(
@@ -51,8 +59,10 @@ class Barrier(Generic[R]):
         wait_timeout: float = 10.0,
         retention: timedelta = DEFAULT_RETENTION,
         check_schema: bool = True,
+        on_reclaim: Callable[[Record], object] | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
+        self._on_reclaim = on_reclaim
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]
         self.options = Options(
             table=table,
@@ -148,3 +158,129 @@ class Barrier(Generic[R]):
             await check_schema_on(conn, schema=self._table.schema)
             self._schema_checked = True
         return await open_storage(conn, self._table)
+
+    # -- leased work ------------------------------------------------------------------------------------
+
+    def leased(
+        self,
+        key: str,
+        *,
+        scope: str,
+        fingerprint: object = None,
+        lease: timedelta = DEFAULT_LEASE,
+        heartbeat: float | None = None,
+        max_reclaims: int = 2,
+        on_conflict: OnConflict | None = None,
+        wait_timeout: float | None = None,
+    ) -> Lease[R]:
+        """Return a lease on ``key`` for work with external side effects, to be entered with ``async with``.
+
+        Args:
+            key: The idempotency key.
+            scope: Namespace of the key.
+            fingerprint: The request, hashed; checked on replays and reclaims alike.
+            lease: How long the claim stays this caller's without renewal (database clock).
+            heartbeat: Renew the lease every this many seconds while the block runs (``None``: only by
+                `Lease.renew`). A renewal that finds the lease gone marks it lost.
+            max_reclaims: How many times a stale lease may be reclaimed before the key turns UNKNOWN.
+            on_conflict: A live lease held by someone else: wait for it to finish or go stale (polling,
+                up to ``wait_timeout``), or fail fast with `KeyInProgressError`.
+            wait_timeout: Overrides the barrier's longest wait, in seconds.
+
+        Raises:
+            InvalidKeyError: The key or scope is unusable.
+            InvalidFingerprintError: The fingerprint is neither bytes nor a JSON value.
+        """
+        if not lease > timedelta(0):
+            raise ValueError(f"lease must be a positive timedelta, not {lease!r}")
+        if heartbeat is not None:
+            check_wait_timeout(heartbeat)
+        if max_reclaims < 0:
+            raise ValueError(f"max_reclaims must be at least 0, not {max_reclaims!r}")
+        return Lease(
+            self,
+            key=validate_key(key),
+            scope=validate_key(scope, what="scope"),
+            fingerprint=fingerprint_digest(fingerprint),
+            lease=lease,
+            heartbeat=heartbeat,
+            max_reclaims=max_reclaims,
+            on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
+            wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
+        )
+
+    async def unresolved(self, *, limit: int = 100) -> list[Unresolved]:
+        """List the keys that need a person, oldest first: UNKNOWN records and leases gone stale."""
+        found = await self.atomically(lambda storage: storage.unresolved(limit))
+        return [Unresolved(record, age) for record, age in found]
+
+    async def resolve(
+        self, key: str, *, scope: str, status: Status, response: R, retention: timedelta | None = None
+    ) -> None:
+        """Record an operator's outcome for an UNKNOWN record or a stale lease.
+
+        Raises:
+            KeyInProgressError: A live lease holds the key; it may still finish by itself.
+            ConflictError: The key has no record, or one that is already finished.
+        """
+        if not status.finished:
+            raise ValueError(f"a key is resolved to COMPLETED or FAILED, not {status}")
+        encoded = encode_response(self.codec, response)
+        keep = self.options.retention if retention is None else check_retention(retention)
+        scope, key = validate_key(scope, what="scope"), validate_key(key)
+        if await self.atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
+            return
+        found = await self.atomically(lambda storage: storage.inspect(scope, key))
+        if found is not None and found.record.status is Status.IN_PROGRESS:
+            raise KeyInProgressError(scope=scope, key=key, record=found.record)
+        state = "has no record" if found is None else f"is already {found.record.status}"
+        raise ConflictError(
+            f"key {key!r} in scope {scope!r} {state}",
+            scope=scope,
+            key=key,
+            record=None if found is None else found.record,
+        )
+
+    def fenced_unit_of_work(self, lease: Lease[R], *, session: AsyncSession | None) -> UnitOfWork[R]:
+        """The unit of work that completes ``lease``, conditioned on its token (see `Lease.finish`)."""
+        return UnitOfWork(
+            self,
+            key=lease.key,
+            scope=lease.scope,
+            fingerprint=None,
+            session=session,
+            on_conflict=self.options.on_conflict,
+            wait_timeout=self.options.wait_timeout,
+            retention=self.options.retention,
+            codec=self.codec,
+            lease_token=lease.token,
+        )
+
+    def reclaimed(self, record: Record) -> None:
+        """Report a reclaimed (or UNKNOWN-turned) lease to the ``on_reclaim`` hook."""
+        if self._on_reclaim is not None:
+            self._on_reclaim(record)
+
+    async def atomically(self, operation: Callable[[Storage], Awaitable[T]]) -> T:
+        """Run one storage operation in a session of its own and commit it."""
+        try:
+            async with self.sessionmaker() as session:
+                storage = await self.storage(await session.connection())
+                result = await operation(storage)
+                await session.commit()
+                return result
+        except IdembarrierError:
+            raise
+        except Exception as exc:
+            if (ours := translate(exc, "running a lease operation")) is not None:
+                raise ours from exc
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A key that needs a person: an UNKNOWN record, or a lease that went stale without being reclaimed."""
+
+    record: Record
+    age: timedelta
+    """Time since the key was first claimed (database clock)."""

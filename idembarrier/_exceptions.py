@@ -8,7 +8,9 @@ An exception raised by your own code inside a unit of work is never wrapped: it 
     ├── InvalidFingerprintError      the fingerprint is neither bytes nor a JSON value (no SQL ran)
     ├── ConflictError                the key's record stands in the way of running the body
     │   ├── KeyInProgressError       a concurrent duplicate holds the key (HTTP 409)
-    │   └── FingerprintMismatchError the key was used for a different request (HTTP 422)
+    │   ├── FingerprintMismatchError the key was used for a different request (HTTP 422)
+    │   ├── ReconciliationRequiredError the key is UNKNOWN: a person must resolve it
+    │   └── LeaseLostError           a lease was taken over or released: its holder may no longer write
     ├── RecordedFailureError         ``execute()`` met a record whose outcome is FAILED
     ├── ResponseEncodingError        the codec cannot encode or decode a response
     ├── UnitOfWorkError              the unit of work was used against its contract
@@ -33,6 +35,8 @@ __all__ = [
     "InvalidFingerprintError",
     "InvalidKeyError",
     "KeyInProgressError",
+    "LeaseLostError",
+    "ReconciliationRequiredError",
     "RecordedFailureError",
     "ResponseEncodingError",
     "SchemaError",
@@ -99,6 +103,38 @@ class FingerprintMismatchError(ConflictError):
     def __init__(self, *, scope: str, key: str, record: Record | None) -> None:
         super().__init__(
             f"key {key!r} in scope {scope!r} was already used for a different request",
+            scope=scope,
+            key=key,
+            record=record,
+        )
+
+
+class ReconciliationRequiredError(ConflictError):
+    """Raised when the key's record is UNKNOWN: its leased work died too often to be retried blindly.
+
+    A person must find out what happened (``Barrier.unresolved()`` lists such keys) and record the outcome
+    with ``Barrier.resolve()``. Maps to HTTP 409.
+    """
+
+    def __init__(self, *, scope: str, key: str, record: Record | None) -> None:
+        super().__init__(
+            f"key {key!r} in scope {scope!r} needs reconciliation: its work died after "
+            f"{record.attempt if record else '?'} attempts; resolve it with Barrier.resolve()",
+            scope=scope,
+            key=key,
+            record=record,
+        )
+
+
+class LeaseLostError(ConflictError):
+    """Raised when a lease holder writes after its lease was reclaimed by someone else, or released.
+
+    Nothing was written: the new holder's work stands. ``record`` is the record as this holder last knew it.
+    """
+
+    def __init__(self, *, scope: str, key: str, record: Record | None = None) -> None:
+        super().__init__(
+            f"the lease on key {key!r} in scope {scope!r} was lost (reclaimed or released); nothing was written",
             scope=scope,
             key=key,
             record=record,

@@ -12,7 +12,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from ._record import Record, Status
-from ._storage import pool_connection
+from ._storage import Found, pool_connection
 
 if TYPE_CHECKING:
     import uuid
@@ -23,10 +23,19 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
+# A lease's view of a record adds its lease, its checkpoint, and whether the lease is stale by the
+# database's clock (never the client's).
+_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, locked_until <= now()"
+
+
+def _found(row: Any) -> Found:
+    """The record and staleness in ``row``'s `_LEASE_COLUMNS`."""
+    return Found(_record(row), bool(row[13]))
 
 
 def _record(row: Any, at: int = 0) -> Record:
-    """The record in ``row``'s columns from ``at`` on (in ``_COLUMNS`` order)."""
+    """The record in ``row``'s columns from ``at`` on (in ``_COLUMNS`` order, then the lease's, if any)."""
+    leased = len(row) >= at + 13
     return Record(
         scope=row[at],
         key=row[at + 1],
@@ -38,6 +47,9 @@ def _record(row: Any, at: int = 0) -> Record:
         created_at=row[at + 7],
         completed_at=row[at + 8],
         expires_at=row[at + 9],
+        locked_until=row[at + 10] if leased else None,
+        checkpoint=row[at + 11] if leased else None,
+        checkpoint_data=row[at + 12] if leased else None,
     )
 
 
@@ -100,6 +112,75 @@ def _statements(table: str) -> _Statements:
     )
 
 
+class _LeaseStatements(NamedTuple):
+    claim: str
+    inspect: str
+    reclaim: str
+    renew: str
+    checkpoint: str
+    fence: str
+    release: str
+    unresolved: str
+    resolve: str
+
+
+@cache
+def _lease_statements(table: str) -> _LeaseStatements:
+    """The statements of leased work on ``table``, built once per table; each runs as its own transaction
+    unless said otherwise, so its effect is durable (or absent) as soon as it returns."""
+    held = "scope = $1 AND key = $2 AND token = $3 AND status = 'IN_PROGRESS'"
+    return _LeaseStatements(
+        # The same atomic claim as a unit of work's, committed at once with a lease ending on the
+        # database's clock. A conflicting row is returned when visible, with its staleness.
+        claim=f"""
+            WITH claimed AS (
+                INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
+                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, now() + $5::interval)
+                ON CONFLICT (scope, key) DO NOTHING
+                RETURNING token
+            )
+            SELECT true, {", ".join(["NULL"] * 14)} FROM claimed
+            UNION ALL
+            SELECT false, {_LEASE_COLUMNS} FROM {table}
+            WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT FROM claimed)""",
+        inspect=f"SELECT {_LEASE_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2",
+        # Takes over a stale lease. Conditioned on the token the reclaimer saw, so of two reclaimers of the
+        # same lease exactly one matches (the other finds the new token); conditioned on staleness by the
+        # database's clock. Past max_reclaims the record becomes UNKNOWN instead, for a person to resolve.
+        reclaim=f"""
+            UPDATE {table}
+            SET token = $4, attempt = attempt + 1, updated_at = now(),
+                status = CASE WHEN attempt > $6 THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
+                locked_until = CASE WHEN attempt > $6 THEN NULL ELSE now() + $5::interval END
+            WHERE {held} AND locked_until <= now()
+            RETURNING {_LEASE_COLUMNS}""",
+        # Renewal, checkpoint and release are fenced by the token: a holder whose lease was reclaimed
+        # matches no row and learns it lost the lease.
+        renew=f"""
+            UPDATE {table} SET locked_until = now() + $4::interval, updated_at = now()
+            WHERE {held} RETURNING 1""",
+        checkpoint=f"""
+            UPDATE {table} SET checkpoint_name = $4, checkpoint_data = $5, updated_at = now()
+            WHERE {held} RETURNING 1""",
+        # Inside the completing transaction: the row lock keeps a reclaimer (whose UPDATE would wait on
+        # it) out until the outcome commits, after which the record is no longer IN_PROGRESS.
+        fence=f"SELECT 1 FROM {table} WHERE {held} FOR UPDATE",
+        release=f"DELETE FROM {table} WHERE {held} RETURNING 1",
+        unresolved=f"""
+            SELECT {_LEASE_COLUMNS}, now() - created_at FROM {table}
+            WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= now())
+            ORDER BY created_at LIMIT $1""",
+        # An operator's resolution: only of an UNKNOWN record or a stale lease, never of a live holder's.
+        resolve=f"""
+            UPDATE {table}
+            SET status = $3, response = $4, completed_at = now(), updated_at = now(),
+                expires_at = now() + $5::interval, locked_until = NULL
+            WHERE scope = $1 AND key = $2
+              AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= now()))
+            RETURNING 1""",
+    )
+
+
 class PostgresStorage:
     """`Storage` for postgresql+asyncpg."""
 
@@ -111,6 +192,7 @@ class PostgresStorage:
         self._adapted = adapted  # SQLAlchemy's adapter around the asyncpg connection
         self._driver = adapted.driver_connection  # the asyncpg.Connection
         self._sql = _statements(table)
+        self._lease = _lease_statements(table)
 
     @classmethod
     async def open(cls, conn: AsyncConnection, table: str) -> Self:
@@ -161,3 +243,55 @@ class PostgresStorage:
             self._sql.finish, scope, key, token, status.value, response, retention
         )
         return updated == 1
+
+    # -- leased work ------------------------------------------------------------------------------------
+
+    async def lease_claim(
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta
+    ) -> bool | Found:
+        """Claim the key with a committed lease; see `Storage.lease_claim`."""
+        row = await self._driver.fetchrow(self._lease.claim, scope, key, fingerprint, token, lease)
+        if row is None:
+            return False
+        return True if row[0] else _found(tuple(row)[1:])
+
+    async def inspect(self, scope: str, key: str) -> Found | None:
+        """Read the record with its lease; see `Storage.inspect`."""
+        row = await self._driver.fetchrow(self._lease.inspect, scope, key)
+        return None if row is None else _found(row)
+
+    async def reclaim(
+        self, scope: str, key: str, stale: uuid.UUID, token: uuid.UUID, lease: timedelta, max_reclaims: int
+    ) -> Record | None:
+        """Take over a stale lease; see `Storage.reclaim`."""
+        row = await self._driver.fetchrow(self._lease.reclaim, scope, key, stale, token, lease, max_reclaims)
+        return None if row is None else _record(row)
+
+    async def renew(self, scope: str, key: str, token: uuid.UUID, lease: timedelta) -> bool:
+        """Extend a held lease; see `Storage.renew`."""
+        return await self._one(self._lease.renew, scope, key, token, lease)
+
+    async def checkpoint(self, scope: str, key: str, token: uuid.UUID, name: str, data: bytes) -> bool:
+        """Record a held lease's progress; see `Storage.checkpoint`."""
+        return await self._one(self._lease.checkpoint, scope, key, token, name, data)
+
+    async def fence(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Lock the record if ``token`` still holds it; see `Storage.fence`."""
+        return await self._one(self._lease.fence, scope, key, token)
+
+    async def release(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Delete a held lease; see `Storage.release`."""
+        return await self._one(self._lease.release, scope, key, token)
+
+    async def unresolved(self, limit: int) -> list[tuple[Record, timedelta]]:
+        """List records that need a person; see `Storage.unresolved`."""
+        return [(_record(row), row[14]) for row in await self._driver.fetch(self._lease.unresolved, limit)]
+
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: timedelta) -> bool:
+        """Record an operator's outcome; see `Storage.resolve`."""
+        return await self._one(self._lease.resolve, scope, key, status.value, response, retention)
+
+    async def _one(self, sql: str, *args: object) -> bool:
+        """Run a statement that returns ``1`` when it matched its row."""
+        matched: object = await self._driver.fetchval(sql, *args)
+        return matched == 1

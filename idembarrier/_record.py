@@ -44,6 +44,9 @@ class Record:
         created_at: When the record was claimed (database clock).
         completed_at: When it reached COMPLETED or FAILED (database clock).
         expires_at: From when cleanup may delete it; never consulted for deduplication.
+        locked_until: End of the current lease (leased work only; database clock).
+        checkpoint: Name of the last checkpoint a lease holder recorded, if any.
+        checkpoint_data: The codec's bytes recorded with that checkpoint.
     """
 
     scope: str
@@ -56,3 +59,6 @@ class Record:
     created_at: datetime | None
     completed_at: datetime | None
     expires_at: datetime | None
+    locked_until: datetime | None = None
+    checkpoint: str | None = None
+    checkpoint_data: bytes | None = None

@@ -42,6 +42,7 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
         created_at / updated_at / completed_at: database-clock timestamps.
         expires_at: from when cleanup may delete the record; never read for deduplication.
         locked_until: end of a lease (leased work only); a reclaim may take the key after it.
+        checkpoint_name / checkpoint_data: the last progress a lease holder recorded, for a reclaimer.
     """
     return Table(
         name,
@@ -58,6 +59,8 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
         Column("completed_at", DateTime(timezone=True), nullable=True),
         Column("expires_at", DateTime(timezone=True), nullable=True),
         Column("locked_until", DateTime(timezone=True), nullable=True),
+        Column("checkpoint_name", String(255), nullable=True),
+        Column("checkpoint_data", LargeBinary, nullable=True),
         PrimaryKeyConstraint("scope", "key", name=f"pk_{name}"),
         CheckConstraint(f"status IN ({_STATUSES})", name=f"ck_{name}_status"),
         CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{name}_key_length"),

@@ -8,24 +8,54 @@ connection's busy timeout), then finds the winner's committed record.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self
 
 from ._record import Record, Status
-from ._storage import pool_connection
+from ._storage import Found, pool_connection
 
 if TYPE_CHECKING:
-    from datetime import timedelta
-
     from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = ["SqliteStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
+# Lease ends are written and compared in one text format with milliseconds, so text order is time order.
+_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+_LATER = "strftime('%Y-%m-%d %H:%M:%f', 'now', ?)"
+_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, locked_until <= {_NOW}"
 
 
 def _timestamp(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _record(row: Any) -> Record:
+    """The record in ``row``'s `_COLUMNS` (and the lease's, if present)."""
+    leased = len(row) >= 13
+    return Record(
+        scope=row[0],
+        key=row[1],
+        status=Status(row[2]),
+        fingerprint=row[3],
+        response=row[4],
+        token=uuid.UUID(row[5]),
+        attempt=row[6],
+        created_at=_timestamp(row[7]),
+        completed_at=_timestamp(row[8]),
+        expires_at=_timestamp(row[9]),
+        locked_until=_timestamp(row[10]) if leased else None,
+        checkpoint=row[11] if leased else None,
+        checkpoint_data=row[12] if leased else None,
+    )
+
+
+_HELD = "scope = ? AND key = ? AND token = ? AND status = 'IN_PROGRESS'"
+
+
+def _later(delta: timedelta) -> str:
+    """The SQLite date modifier for ``delta`` from now."""
+    return f"+{delta.total_seconds()} seconds"
 
 
 class SqliteStorage:
@@ -35,6 +65,7 @@ class SqliteStorage:
     """Replays read the record before the transaction takes the database-wide write lock."""
 
     def __init__(self, conn: AsyncConnection, driver: Any, table: str) -> None:
+        self._table = table
         self._conn = conn
         self._driver = driver  # the aiosqlite.Connection under `conn`
         self._lookup = f"SELECT {_COLUMNS} FROM {table} WHERE scope = ? AND key = ?"
@@ -60,20 +91,7 @@ class SqliteStorage:
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key); see `Storage.lookup`."""
         row: Any = (await self._conn.exec_driver_sql(self._lookup, (scope, key))).first()
-        if row is None:
-            return None
-        return Record(
-            scope=row[0],
-            key=row[1],
-            status=Status(row[2]),
-            fingerprint=row[3],
-            response=row[4],
-            token=uuid.UUID(row[5]),
-            attempt=row[6],
-            created_at=_timestamp(row[7]),
-            completed_at=_timestamp(row[8]),
-            expires_at=_timestamp(row[9]),
-        )
+        return None if row is None else _record(row)
 
     async def begin(self, wait: float | None) -> None:
         """Open the transaction with the write lock held, unless one is open already.
@@ -101,8 +119,89 @@ class SqliteStorage:
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
     ) -> bool:
         """Record the outcome; see `Storage.finish`."""
-        modifier = f"+{retention.total_seconds()} seconds"
+        modifier = _later(retention)
         result = await self._conn.exec_driver_sql(
             self._finish, (status.value, response, modifier, scope, key, token.hex)
         )
         return result.first() is not None
+
+    # -- leased work ------------------------------------------------------------------------------------
+    # Each statement takes the write lock, so none interleaves with another; the caller commits it.
+
+    async def lease_claim(
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta
+    ) -> bool | Found:
+        """Claim the key with a lease; see `Storage.lease_claim`."""
+        inserted = await self._conn.exec_driver_sql(
+            f"""INSERT INTO {self._table} (scope, key, fingerprint, status, token, locked_until)
+                VALUES (?, ?, ?, 'IN_PROGRESS', ?, {_LATER})
+                ON CONFLICT (scope, key) DO NOTHING RETURNING 1""",
+            (scope, key, fingerprint, token.hex, _later(lease)),
+        )
+        if inserted.first() is not None:
+            return True
+        return await self.inspect(scope, key) or False
+
+    async def inspect(self, scope: str, key: str) -> Found | None:
+        """Read the record with its lease; see `Storage.inspect`."""
+        sql = f"SELECT {_LEASE_COLUMNS} FROM {self._table} WHERE scope = ? AND key = ?"
+        row: Any = (await self._conn.exec_driver_sql(sql, (scope, key))).first()
+        return None if row is None else Found(_record(row), bool(row[13]))
+
+    async def reclaim(
+        self, scope: str, key: str, stale: uuid.UUID, token: uuid.UUID, lease: timedelta, max_reclaims: int
+    ) -> Record | None:
+        """Take over a stale lease (the same conditions as PostgreSQL's); see `Storage.reclaim`."""
+        row: Any = (
+            await self._conn.exec_driver_sql(
+                f"""UPDATE {self._table}
+                    SET token = ?, attempt = attempt + 1, updated_at = CURRENT_TIMESTAMP,
+                        status = CASE WHEN attempt > ? THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
+                        locked_until = CASE WHEN attempt > ? THEN NULL ELSE {_LATER} END
+                    WHERE {_HELD} AND locked_until <= {_NOW}
+                    RETURNING {_LEASE_COLUMNS}""",
+                (token.hex, max_reclaims, max_reclaims, _later(lease), scope, key, stale.hex),
+            )
+        ).first()
+        return None if row is None else _record(row)
+
+    async def renew(self, scope: str, key: str, token: uuid.UUID, lease: timedelta) -> bool:
+        """Extend a held lease; see `Storage.renew`."""
+        sql = f"UPDATE {self._table} SET locked_until = {_LATER}, updated_at = CURRENT_TIMESTAMP WHERE {_HELD}"
+        return await self._one(f"{sql} RETURNING 1", _later(lease), scope, key, token.hex)
+
+    async def checkpoint(self, scope: str, key: str, token: uuid.UUID, name: str, data: bytes) -> bool:
+        """Record a held lease's progress; see `Storage.checkpoint`."""
+        sql = f"""UPDATE {self._table} SET checkpoint_name = ?, checkpoint_data = ?, updated_at = CURRENT_TIMESTAMP
+                  WHERE {_HELD} RETURNING 1"""
+        return await self._one(sql, name, data, scope, key, token.hex)
+
+    async def fence(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Check ``token`` still holds the record; the write lock of BEGIN IMMEDIATE keeps it so."""
+        return await self._one(f"SELECT 1 FROM {self._table} WHERE {_HELD}", scope, key, token.hex)
+
+    async def release(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Delete a held lease; see `Storage.release`."""
+        return await self._one(f"DELETE FROM {self._table} WHERE {_HELD} RETURNING 1", scope, key, token.hex)
+
+    async def unresolved(self, limit: int) -> list[tuple[Record, timedelta]]:
+        """List records that need a person; see `Storage.unresolved`."""
+        sql = f"""SELECT {_LEASE_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400 FROM {self._table}
+                  WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= {_NOW})
+                  ORDER BY created_at LIMIT ?"""
+        rows: list[Any] = list(await self._conn.exec_driver_sql(sql, (limit,)))
+        return [(_record(row), timedelta(seconds=row[14])) for row in rows]
+
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: timedelta) -> bool:
+        """Record an operator's outcome; see `Storage.resolve`."""
+        sql = f"""UPDATE {self._table}
+                  SET status = ?, response = ?, completed_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP,
+                      expires_at = datetime('now', ?), locked_until = NULL
+                  WHERE scope = ? AND key = ?
+                    AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= {_NOW}))
+                  RETURNING 1"""
+        return await self._one(sql, status.value, response, _later(retention), scope, key)
+
+    async def _one(self, sql: str, *args: object) -> bool:
+        """Run a statement that returns a row when it matched its record."""
+        return (await self._conn.exec_driver_sql(sql, args)).first() is not None

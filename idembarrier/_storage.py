@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ._exceptions import StorageError
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ._record import Record, Status
     from ._sqlite import SqliteStorage
 
-__all__ = ["Storage", "TableName", "open_storage", "pool_connection"]
+__all__ = ["Found", "Storage", "TableName", "open_storage", "pool_connection"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,13 @@ class TableName:
 
     name: str
     schema: str | None = None
+
+
+class Found(NamedTuple):
+    """An existing record, and whether its lease (if IN_PROGRESS) is stale by the database's clock."""
+
+    record: Record
+    stale: bool
 
 
 class Storage(Protocol):
@@ -70,6 +77,54 @@ class Storage(Protocol):
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
     ) -> bool:
         """Record the outcome, conditioned on ``token``; return whether the record was still ours."""
+        ...
+
+    # -- leased work: each statement is its own transaction unless said otherwise ----------------------
+
+    async def lease_claim(
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta
+    ) -> bool | Found:
+        """Insert an IN_PROGRESS record whose lease ends ``lease`` from now (database clock), committed.
+
+        Returns ``True`` when inserted, else the existing record when visible, else ``False``.
+        """
+        ...
+
+    async def inspect(self, scope: str, key: str) -> Found | None:
+        """Read the record of (scope, key) with its lease and checkpoint."""
+        ...
+
+    async def reclaim(
+        self, scope: str, key: str, stale: uuid.UUID, token: uuid.UUID, lease: timedelta, max_reclaims: int
+    ) -> Record | None:
+        """Take over the stale lease held by token ``stale``, or turn it UNKNOWN past ``max_reclaims``.
+
+        Returns the record as updated, or ``None`` when the lease was not stale or not ``stale``'s anymore.
+        """
+        ...
+
+    async def renew(self, scope: str, key: str, token: uuid.UUID, lease: timedelta) -> bool:
+        """Extend the lease ``token`` holds to ``lease`` from now; return whether it still held it."""
+        ...
+
+    async def checkpoint(self, scope: str, key: str, token: uuid.UUID, name: str, data: bytes) -> bool:
+        """Record progress under the lease ``token`` holds; return whether it still held it."""
+        ...
+
+    async def fence(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """In the open transaction: lock the record if ``token`` still holds it; return whether it does."""
+        ...
+
+    async def release(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Delete the IN_PROGRESS record ``token`` holds; return whether it still held it."""
+        ...
+
+    async def unresolved(self, limit: int) -> list[tuple[Record, timedelta]]:
+        """UNKNOWN records and stale leases, oldest first, each with its age (database clock)."""
+        ...
+
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: timedelta) -> bool:
+        """Finish an UNKNOWN record or a stale lease with an operator's outcome; return whether it matched."""
         ...
 
 

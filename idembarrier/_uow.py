@@ -22,6 +22,8 @@ from ._exceptions import (
     FingerprintMismatchError,
     IdembarrierError,
     KeyInProgressError,
+    LeaseLostError,
+    ReconciliationRequiredError,
     SerializationError,
     StorageError,
     UnitOfWorkError,
@@ -62,6 +64,7 @@ class UnitOfWork(Generic[R]):
         "_barrier",
         "_codec",
         "_entered",
+        "_fenced",
         "_fingerprint",
         "_key",
         "_on_conflict",
@@ -90,6 +93,7 @@ class UnitOfWork(Generic[R]):
         wait_timeout: float,
         retention: timedelta,
         codec: Codec[R],
+        lease_token: uuid.UUID | None = None,
     ) -> None:
         self._barrier = barrier
         self._key = key
@@ -101,7 +105,8 @@ class UnitOfWork(Generic[R]):
         self._wait_timeout = wait_timeout
         self._retention = retention
         self._codec = codec
-        self._token = uuid.uuid4()
+        self._token = lease_token or uuid.uuid4()
+        self._fenced = lease_token is not None
         self._entered = False
         self._storage: Storage | None = None
         self._savepoint: AsyncSessionTransaction | None = None
@@ -208,6 +213,9 @@ class UnitOfWork(Generic[R]):
         except InvalidRequestError as exc:
             raise UnitOfWorkError(f"the session cannot run the unit of work: {exc}") from exc
         storage = await self._barrier.storage(conn)
+        if self._fenced:
+            await self._fence(session, storage)
+            return
         if storage.lookup_first and (record := await storage.lookup(self._scope, self._key)) is not None:
             self._settle(record)
             return
@@ -220,17 +228,28 @@ class UnitOfWork(Generic[R]):
                 raise KeyInProgressError(scope=self._scope, key=self._key, waited=wait or 0.0) from exc
             raise
 
+    async def _fence(self, session: AsyncSession, storage: Storage) -> None:
+        """Hold the record for a lease's completion, if the lease's token still holds the key."""
+        await storage.begin(self._wait_timeout)
+        await self._open_savepoint(session)
+        if not await storage.fence(self._scope, self._key, self._token):
+            raise LeaseLostError(scope=self._scope, key=self._key)
+        self._storage = storage
+
+    async def _open_savepoint(self, session: AsyncSession) -> None:
+        if not self._owned:
+            # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
+            # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
+            self._savepoint = await session.begin_nested()
+            await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
+
     async def _claim(self, session: AsyncSession, storage: Storage, wait: float | None) -> None:
         """Claim the key, waiting at most ``wait`` seconds (None: not at all) for a concurrent holder.
 
         Settles for the record instead when the holder committed.
         """
         await storage.begin(wait)
-        if not self._owned:
-            # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
-            # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
-            self._savepoint = await session.begin_nested()
-            await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
+        await self._open_savepoint(session)
         for _ in range(_CLAIM_ATTEMPTS):
             claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait)
             if claimed is True:
@@ -249,6 +268,8 @@ class UnitOfWork(Generic[R]):
         """Adopt an existing record as a replay, or raise why it cannot be replayed."""
         if record.fingerprint != self._fingerprint:
             raise FingerprintMismatchError(scope=self._scope, key=self._key, record=record)
+        if record.status is Status.UNKNOWN:
+            raise ReconciliationRequiredError(scope=self._scope, key=self._key, record=record)
         if not record.status.finished:
             raise KeyInProgressError(scope=self._scope, key=self._key, record=record)
         self._record = record

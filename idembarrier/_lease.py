@@ -1,0 +1,272 @@
+"""Leased work: a claim committed before work with external side effects, fenced by its token.
+
+Sequence: the claim commits at once as IN_PROGRESS with a lease ending on the database's clock → the body
+calls external systems with `Lease.downstream_key` and records `checkpoint`s → `finish()` runs the business
+writes and the outcome in one transaction, conditioned on the token. A holder that dies leaves the lease to
+expire; the next caller reclaims it (new token, attempt + 1, the last checkpoint in hand), and a holder that
+comes back after that finds its token gone (`LeaseLostError`). Past ``max_reclaims`` the key turns UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
+
+import anyio
+
+from ._codec import JSONCodec, decode_response, encode_response
+from ._config import OnConflict
+from ._exceptions import (
+    FingerprintMismatchError,
+    KeyInProgressError,
+    LeaseLostError,
+    ReconciliationRequiredError,
+    UnitOfWorkError,
+)
+from ._record import Record, Status
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+    from types import TracebackType
+
+    from anyio.abc import TaskGroup
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from ._barrier import Barrier
+    from ._codec import JSON
+    from ._uow import UnitOfWork
+
+__all__ = ["Lease", "downstream_key"]
+
+R = TypeVar("R")
+
+_CHECKPOINTS = JSONCodec()
+_POLL_FIRST, _POLL_MAX = 0.05, 1.0
+"""Backoff, in seconds, between looks at a live lease that a waiting caller hopes to see finished."""
+
+
+def downstream_key(scope: str, key: str) -> str:
+    """The idempotency key to hand to external systems for (scope, key): ``idb-`` + 32 hex digits.
+
+    The first 128 bits of SHA-256 over the scope, a unit separator and the key: the same for every attempt
+    and every process, so a reclaimer's retry of an external call is deduplicated by the other side too.
+    """
+    return "idb-" + hashlib.sha256(f"{scope}\x1f{key}".encode()).hexdigest()[:32]
+
+
+class Lease(Generic[R]):
+    """A committed claim on a key for work with external side effects; entered with ``async with``.
+
+    Inside the block, either ``lease.replayed`` is true and ``lease.response`` is the recorded outcome, or
+    this caller holds the lease: it calls external systems with ``lease.downstream_key``, may record
+    progress with `checkpoint`, and ends with ``async with lease.finish() as uow: … uow.complete(…)``.
+
+    If the body raises, the lease stays until it expires (the external call may have happened, so the
+    key cannot simply be freed); call `release` first when you know nothing happened outside.
+    """
+
+    def __init__(
+        self,
+        barrier: Barrier[R],
+        *,
+        key: str,
+        scope: str,
+        fingerprint: bytes | None,
+        lease: timedelta,
+        heartbeat: float | None,
+        max_reclaims: int,
+        on_conflict: OnConflict,
+        wait_timeout: float,
+    ) -> None:
+        self._barrier = barrier
+        self.key = key
+        self.scope = scope
+        self.downstream_key = downstream_key(scope, key)
+        self._fingerprint = fingerprint
+        self._lease = lease
+        self._heartbeat = heartbeat
+        self._max_reclaims = max_reclaims
+        self._on_conflict = on_conflict
+        self._wait_timeout = wait_timeout
+        self.token = uuid.uuid4()
+        self.attempt = 1
+        self.checkpoint_name: str | None = None
+        self._checkpoint_data: bytes | None = None
+        self.record: Record | None = None
+        self._finished = False
+        self._lost = False
+        self._tasks: TaskGroup | None = None
+        self._entered = False
+
+    # -- what the body sees -----------------------------------------------------------------------------
+
+    @property
+    def replayed(self) -> bool:
+        """Whether the key already had an outcome: the body must do nothing, ``response`` holds it."""
+        return self.record is not None and self.record.status.finished
+
+    @property
+    def response(self) -> R:
+        """The recorded outcome's response (replays only)."""
+        if self.record is None or self.record.response is None:
+            raise UnitOfWorkError(f"key {self.key!r} has no recorded response to replay")
+        return decode_response(self._barrier.codec, self.record.response)
+
+    @property
+    def checkpoint_data(self) -> JSON:
+        """The data of the last checkpoint (``None`` if none): where a reclaimer resumes from."""
+        return None if self._checkpoint_data is None else _CHECKPOINTS.decode(self._checkpoint_data)
+
+    @property
+    def lost(self) -> bool:
+        """Whether a heartbeat found the lease gone; the next fenced write will raise `LeaseLostError`."""
+        return self._lost
+
+    async def renew(self) -> None:
+        """Extend the lease to its full length from now (database clock).
+
+        Raises:
+            LeaseLostError: The lease was reclaimed or released meanwhile.
+        """
+        self._check_held()
+        if not await self._barrier.atomically(
+            lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
+        ):
+            self._lose()
+
+    async def checkpoint(self, name: str, data: JSON = None) -> None:
+        """Durably record progress (a name and JSON data) under the lease, for a reclaimer to resume from.
+
+        Raises:
+            LeaseLostError: The lease was reclaimed or released meanwhile; nothing was recorded.
+        """
+        self._check_held()
+        encoded = encode_response(_CHECKPOINTS, data)
+        if not await self._barrier.atomically(
+            lambda storage: storage.checkpoint(self.scope, self.key, self.token, name, encoded)
+        ):
+            self._lose()
+        self.checkpoint_name, self._checkpoint_data = name, encoded
+
+    async def release(self) -> None:
+        """Give the key up (delete the IN_PROGRESS record), so that a retry runs at once.
+
+        Only for when nothing happened outside: the retry will run the external calls again.
+
+        Raises:
+            LeaseLostError: The lease was reclaimed or released meanwhile.
+        """
+        self._check_held()
+        if not await self._barrier.atomically(lambda storage: storage.release(self.scope, self.key, self.token)):
+            self._lose()
+        self._finished = True
+
+    def finish(self, *, session: AsyncSession | None = None) -> UnitOfWork[R]:
+        """The unit of work that ends the lease: business writes and outcome in one fenced transaction.
+
+        Entering it locks the record if this lease still holds it, else raises `LeaseLostError` and writes
+        nothing. Use it like `Barrier.unit_of_work`'s, and end it with ``complete()`` or ``fail()``.
+        """
+        self._check_held()
+        self._finished = True
+        return self._barrier.fenced_unit_of_work(self, session=session)
+
+    def _check_held(self) -> None:
+        if not self._entered or self.replayed:
+            raise UnitOfWorkError(f"key {self.key!r}: only the holder of a lease, inside its block, may do this")
+        if self._lost:
+            raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
+
+    def _lose(self) -> None:
+        self._lost = True
+        raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
+
+    # -- acquiring --------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise UnitOfWorkError("a lease is entered once; ask the barrier for another")
+        self._entered = True
+        await self._acquire()
+        if self._heartbeat is not None and not self.replayed:
+            self._tasks = anyio.create_task_group()
+            await self._tasks.__aenter__()
+            self._tasks.start_soon(self._beat, self._heartbeat)
+        return self
+
+    async def _acquire(self) -> None:
+        deadline = anyio.current_time() + self._wait_timeout
+        delay = _POLL_FIRST
+        while True:
+            claimed = await self._barrier.atomically(
+                lambda storage: storage.lease_claim(self.scope, self.key, self._fingerprint, self.token, self._lease)
+            )
+            if claimed is True:
+                return
+            if claimed is False:
+                continue  # the record changed between the insert and the read: look again
+            record, stale = claimed
+            if record.fingerprint != self._fingerprint:
+                raise FingerprintMismatchError(scope=self.scope, key=self.key, record=record)
+            if record.status.finished:
+                self.record = record
+                return
+            if record.status is Status.UNKNOWN:
+                raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=record)
+            if stale and await self._reclaim(record):
+                return
+            if not stale:
+                waited = self._wait_timeout - (deadline - anyio.current_time())
+                if self._on_conflict is OnConflict.FAIL or anyio.current_time() >= deadline:
+                    raise KeyInProgressError(scope=self.scope, key=self.key, record=record, waited=max(0.0, waited))
+                await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+                delay = min(delay * 2, _POLL_MAX)
+
+    async def _reclaim(self, stale: Record) -> bool:
+        """Take the stale lease over; return whether this caller now holds it."""
+        taken = await self._barrier.atomically(
+            lambda storage: storage.reclaim(
+                self.scope, self.key, stale.token, self.token, self._lease, self._max_reclaims
+            )
+        )
+        if taken is None:
+            return False  # another caller reclaimed it first, or its holder renewed it
+        self._barrier.reclaimed(taken)
+        if taken.status is Status.UNKNOWN:
+            raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=taken)
+        self.attempt = taken.attempt
+        self.checkpoint_name, self._checkpoint_data = taken.checkpoint, taken.checkpoint_data
+        return True
+
+    async def _beat(self, every: float) -> None:
+        """Renew the lease every ``every`` seconds until the block ends or the lease is lost."""
+        while not self._finished:
+            await anyio.sleep(every)
+            if self._finished:
+                return
+            try:
+                held = await self._barrier.atomically(
+                    lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
+                )
+            except Exception:
+                held = False  # a renewal that cannot reach the database may already have lost the lease
+            if not held:
+                self._lost = True
+                return
+
+    # -- leaving ----------------------------------------------------------------------------------------
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        finished, self._finished = self._finished, True  # stops the heartbeat
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+            await self._tasks.__aexit__(None, None, None)
+        if exc is None and not finished and not self.replayed:
+            if self._lost:
+                raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
+            raise UnitOfWorkError(
+                f"leased work on key {self.key!r} ended without finish() or release(); the lease stays until it expires"
+            )

@@ -1,0 +1,58 @@
+"""The middleware's own answers, as RFC 9457 problem details (``application/problem+json``).
+
+Each problem has a stable ``type`` URI that clients may match on; ``title`` is fixed per type and
+``detail`` explains the instance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["Problem", "problem_body"]
+
+_BASE = "https://idembarrier.dev/problems/"
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    status: int
+    slug: str
+    title: str
+
+
+class Problem(Enum):
+    """The problems the middleware answers with, each with its HTTP status and ``type`` URI."""
+
+    KEY_MISSING = _Kind(400, "key-missing", "Idempotency-Key header missing")
+    """A guarded request came without the key, which is required (400)."""
+    KEY_INVALID = _Kind(400, "key-invalid", "Idempotency-Key header invalid")
+    """The header is not an RFC 8941 string or bare token, or its key is unusable (400)."""
+    KEY_REUSED = _Kind(422, "key-reused", "Idempotency-Key reused for a different request")
+    """The key was already used for a request with another fingerprint (422)."""
+    KEY_IN_PROGRESS = _Kind(409, "key-in-progress", "A request with this Idempotency-Key is in progress")
+    """The first request with the key has not finished; retry after ``Retry-After`` seconds (409)."""
+    REQUEST_TOO_LARGE = _Kind(413, "request-too-large", "Request body too large to guard")
+    """The request body exceeds the middleware's ``max_body_bytes`` (413)."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status code."""
+        return self.value.status
+
+    @property
+    def type(self) -> str:
+        """The stable ``type`` URI."""
+        return _BASE + self.value.slug
+
+    @property
+    def title(self) -> str:
+        """The short, fixed summary of the problem type."""
+        return self.value.title
+
+
+def problem_body(problem: Problem, detail: str) -> bytes:
+    """Return the problem-details document for one occurrence of ``problem``."""
+    document = {"type": problem.type, "title": problem.title, "status": problem.status, "detail": detail}
+    return json.dumps(document, ensure_ascii=False).encode()
