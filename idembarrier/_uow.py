@@ -196,16 +196,24 @@ class UnitOfWork(Generic[R]):
         if self._entered:
             raise UnitOfWorkError("a unit of work is entered once; ask the barrier for another")
         self._entered = True
-        if self._session is None:
-            self._session = self._barrier.sessionmaker()
-        try:
-            await self._replay_or_claim(self._session)
-        except BaseException as exc:
-            await self._abandon(exc)
-            if (ours := _storage_error(exc, "claiming the key")) is not None:
-                raise ours from exc
-            raise
-        return self
+        for attempt in range(1, _CLAIM_ATTEMPTS + 1):
+            if self._owned:
+                self._session = self._barrier.sessionmaker()
+            assert self._session is not None  # the caller's, or just opened
+            try:
+                await self._replay_or_claim(self._session)
+            except BaseException as exc:
+                await self._abandon(exc)
+                ours = _storage_error(exc, "claiming the key")
+                # Under REPEATABLE READ or SERIALIZABLE a claim that waited for a duplicate which then
+                # committed fails to serialize; a fresh transaction of our own sees that duplicate's record.
+                if isinstance(ours, SerializationError) and self._owned and attempt < _CLAIM_ATTEMPTS:
+                    continue
+                if ours is not None:
+                    raise ours from exc
+                raise
+            return self
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     async def _replay_or_claim(self, session: AsyncSession) -> None:
         try:

@@ -451,3 +451,26 @@ async def test_wait_timeout_leaves_the_callers_transaction_usable(pg_db: Databas
         winner.release.set()
     assert await pg_db.payments("caller") == 2
     assert await pg_db.payments(key) == 1
+
+
+async def test_repeatable_read_duplicates_replay_instead_of_failing_to_serialize(pg_db: Database) -> None:
+    """Under REPEATABLE READ a duplicate that waited on the winner retries in a new transaction and replays."""
+    engine = create_async_engine(pg_db.url, isolation_level="REPEATABLE READ", pool_size=10)
+    try:
+        barrier, key = Barrier(async_sessionmaker(engine)), new_key()
+        winner = Winner(barrier, key)
+        responses: list[JSON] = []
+
+        async def duplicate() -> None:
+            responses.append(await barrier.execute(key, write_never, scope=SCOPE))
+
+        async with Waiters(pg_db) as waiters, anyio.create_task_group() as tg:
+            await tg.start(winner.run)
+            for _ in range(5):
+                tg.start_soon(duplicate)
+            await waiters.until(5)
+            winner.release.set()
+    finally:
+        await engine.dispose()
+    assert responses == [winner.response] * 5
+    assert await pg_db.payments(key) == 1
