@@ -29,6 +29,7 @@ from ._exceptions import (
 )
 from ._keys import MAX_KEY_LENGTH
 from ._lease import Lease, downstream_key
+from ._metrics import Outcome, Stats
 from ._migrate import check_schema, upgrade
 from ._record import Record, Status
 from ._uow import UnitOfWork
@@ -52,6 +53,7 @@ __all__ = [
     "Lease",
     "LeaseLostError",
     "OnConflict",
+    "Outcome",
     "PydanticCodec",
     "ReconciliationRequiredError",
     "Record",
@@ -59,6 +61,7 @@ __all__ = [
     "ResponseEncodingError",
     "SchemaError",
     "SerializationError",
+    "Stats",
     "Status",
     "StorageError",
     "UnitOfWork",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Generic
@@ -14,6 +15,7 @@ from ._errors import translate
 from ._exceptions import ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
 from ._lease import Lease
+from ._metrics import Outcome, Stats, outcome_of
 from ._migrate import check_schema_on
 from ._record import Record, Status
 from ._storage import Storage, TableName, open_storage
@@ -63,6 +65,7 @@ class Barrier(Generic[R]):
     ) -> None:
         self.sessionmaker = sessionmaker
         self._on_reclaim = on_reclaim
+        self._outcomes: Counter[Outcome] = Counter()
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]
         self.options = Options(
             table=table,
@@ -257,9 +260,43 @@ class Barrier(Generic[R]):
         )
 
     def reclaimed(self, record: Record) -> None:
-        """Report a reclaimed (or UNKNOWN-turned) lease to the ``on_reclaim`` hook."""
+        """Count a reclaimed (or UNKNOWN-turned) lease and report it to the ``on_reclaim`` hook."""
+        self._outcomes[Outcome.STALE_RECLAIM] += 1
         if self._on_reclaim is not None:
             self._on_reclaim(record)
+
+    def count(self, outcome: Outcome | BaseException) -> None:
+        """Count a call's outcome, given as such or as the exception its claim raised."""
+        if isinstance(outcome, BaseException):
+            if (counted := outcome_of(outcome)) is None:
+                return
+            outcome = counted
+        self._outcomes[outcome] += 1
+
+    # -- operations -------------------------------------------------------------------------------------
+
+    async def stats(self) -> Stats:
+        """This process's outcome counts, and the table's status distribution (one query)."""
+        statuses, oldest = await self.atomically(lambda storage: storage.distribution())
+        return Stats(outcomes=Counter(self._outcomes), statuses=statuses, oldest_in_progress=oldest)
+
+    async def purge(self, *, batch_size: int = 1000, on_batch: Callable[[int], object] | None = None) -> int:
+        """Delete finished records whose ``expires_at`` has passed, in batches; return how many.
+
+        Only COMPLETED and FAILED records are ever deleted, never IN_PROGRESS or UNKNOWN ones. Each batch is
+        its own short transaction and skips rows another purger (or a claim) has locked, so several purgers
+        and live traffic run side by side. ``on_batch`` is called with each batch's count.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+        total = 0
+        while True:
+            deleted = await self.atomically(lambda storage: storage.purge(batch_size))
+            total += deleted
+            if on_batch is not None:
+                on_batch(deleted)
+            if deleted < batch_size:
+                return total
 
     async def atomically(self, operation: Callable[[Storage], Awaitable[T]]) -> T:
         """Run one storage operation in a session of its own and commit it."""

@@ -24,6 +24,7 @@ from ._exceptions import (
     ReconciliationRequiredError,
     UnitOfWorkError,
 )
+from ._metrics import Outcome
 from ._record import Record, Status
 
 if TYPE_CHECKING:
@@ -188,7 +189,12 @@ class Lease(Generic[R]):
         if self._entered:
             raise UnitOfWorkError("a lease is entered once; ask the barrier for another")
         self._entered = True
-        await self._acquire()
+        try:
+            await self._acquire()
+        except BaseException as exc:
+            self._barrier.count(exc)
+            raise
+        self._barrier.count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED)
         if self._heartbeat is not None and not self.replayed:
             self._tasks = anyio.create_task_group()
             await self._tasks.__aenter__()

@@ -112,6 +112,29 @@ def _statements(table: str) -> _Statements:
     )
 
 
+@cache
+def _operations(table: str) -> tuple[str, str]:
+    """The statements of `distribution` and `purge` on ``table``."""
+    distribution = f"""
+        SELECT status, count(*), now() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS')
+        FROM {table} GROUP BY status"""
+    # SKIP LOCKED: a purger never waits for, nor deletes under, a row another transaction holds; the
+    # partial index on expires_at serves the scan. IN_PROGRESS and UNKNOWN records are never selected.
+    purge = f"""
+        WITH doomed AS (
+            SELECT scope, key FROM {table}
+            WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= now()
+            ORDER BY expires_at LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ), deleted AS (
+            DELETE FROM {table} AS t USING doomed
+            WHERE t.scope = doomed.scope AND t.key = doomed.key
+            RETURNING 1
+        )
+        SELECT count(*) FROM deleted"""
+    return distribution, purge
+
+
 class _LeaseStatements(NamedTuple):
     claim: str
     inspect: str
@@ -191,6 +214,7 @@ class PostgresStorage:
         self._conn = conn
         self._adapted = adapted  # SQLAlchemy's adapter around the asyncpg connection
         self._driver = adapted.driver_connection  # the asyncpg.Connection
+        self._table = table
         self._sql = _statements(table)
         self._lease = _lease_statements(table)
 
@@ -295,3 +319,16 @@ class PostgresStorage:
         """Run a statement that returns ``1`` when it matched its row."""
         matched: object = await self._driver.fetchval(sql, *args)
         return matched == 1
+
+    # -- operations -------------------------------------------------------------------------------------
+
+    async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
+        """Records per status and the oldest IN_PROGRESS age; see `Storage.distribution`."""
+        rows = await self._driver.fetch(_operations(self._table)[0])
+        oldest = [row[2] for row in rows if row[2] is not None]
+        return {Status(row[0]): row[1] for row in rows}, (max(oldest) if oldest else None)
+
+    async def purge(self, limit: int) -> int:
+        """Delete expired finished records; see `Storage.purge`."""
+        deleted: int = await self._driver.fetchval(_operations(self._table)[1], limit)
+        return deleted

@@ -205,3 +205,23 @@ class SqliteStorage:
     async def _one(self, sql: str, *args: object) -> bool:
         """Run a statement that returns a row when it matched its record."""
         return (await self._conn.exec_driver_sql(sql, args)).first() is not None
+
+    # -- operations -------------------------------------------------------------------------------------
+
+    async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
+        """Records per status and the oldest IN_PROGRESS age; see `Storage.distribution`."""
+        sql = f"""SELECT status, count(*),
+                         (julianday('now') - julianday(min(created_at))) * 86400
+                  FROM {self._table} GROUP BY status"""
+        rows: list[Any] = list(await self._conn.exec_driver_sql(sql))
+        statuses = {Status(row[0]): row[1] for row in rows}
+        oldest = [timedelta(seconds=row[2]) for row in rows if row[0] == Status.IN_PROGRESS]
+        return statuses, (oldest[0] if oldest else None)
+
+    async def purge(self, limit: int) -> int:
+        """Delete expired finished records (under the write lock, so nothing is locked to skip)."""
+        sql = f"""DELETE FROM {self._table} WHERE rowid IN (
+                      SELECT rowid FROM {self._table}
+                      WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= datetime('now')
+                      ORDER BY expires_at LIMIT ?)"""
+        return (await self._conn.exec_driver_sql(sql, (limit,))).rowcount

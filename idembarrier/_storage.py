@@ -127,6 +127,16 @@ class Storage(Protocol):
         """Finish an UNKNOWN record or a stale lease with an operator's outcome; return whether it matched."""
         ...
 
+    # -- operations --------------------------------------------------------------------------------------
+
+    async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
+        """Records per status, and the age of the oldest IN_PROGRESS one (database clock), in one query."""
+        ...
+
+    async def purge(self, limit: int) -> int:
+        """Delete up to ``limit`` finished records past ``expires_at``, skipping locked ones; return how many."""
+        ...
+
 
 async def pool_connection(conn: AsyncConnection) -> PoolProxiedConnection:
     """The pool's connection under ``conn``, without the greenlet hop of ``get_raw_connection()``.

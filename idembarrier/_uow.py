@@ -28,6 +28,7 @@ from ._exceptions import (
     StorageError,
     UnitOfWorkError,
 )
+from ._metrics import Outcome
 from ._record import Record, Status
 
 if TYPE_CHECKING:
@@ -204,6 +205,7 @@ class UnitOfWork(Generic[R]):
                 await self._replay_or_claim(self._session)
             except BaseException as exc:
                 await self._abandon(exc)
+                self._barrier.count(exc)
                 ours = _storage_error(exc, "claiming the key")
                 # Under REPEATABLE READ or SERIALIZABLE a claim that waited for a duplicate which then
                 # committed fails to serialize; a fresh transaction of our own sees that duplicate's record.
@@ -212,6 +214,7 @@ class UnitOfWork(Generic[R]):
                 if ours is not None:
                     raise ours from exc
                 raise
+            self._barrier.count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED)
             return self
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 

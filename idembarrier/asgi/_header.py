@@ -1,10 +1,11 @@
 """The ``Idempotency-Key`` header: an RFC 8941 structured-field string, or a bare token.
 
 The draft defines the field as an ``sf-string``: ``"`` … ``"``, printable ASCII inside, where ``\\"`` and
-``\\\\`` are the only escapes. Many clients send the key unquoted (a UUID, most often), so a bare value of
-printable ASCII without whitespace, quotes, backslashes, commas or semicolons is accepted as the key itself. Anything else —
-parameters after the string, a second header line (the lines then join with a comma), non-ASCII bytes, a
-bad escape — is refused: RFC 8941 says a field that fails to parse is invalid as a whole.
+``\\\\`` are the only escapes. Many clients send the key unquoted (a UUID, most often), so a bare value
+of printable ASCII without whitespace, quotes, backslashes, commas or semicolons is accepted as the key
+itself. Anything else — parameters after the string, a second header line (the lines then join with a
+comma), non-ASCII bytes, a bad escape — is refused: RFC 8941 says a field that fails to parse is invalid
+as a whole.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _parse_string(text: str) -> str:
         if char == "\\":
             following = text[i + 1 : i + 2]
             if following not in ('"', "\\"):
-                raise InvalidKeyError(text, "only \\\" and \\\\ may be escaped in a structured-field string")
+                raise InvalidKeyError(text, 'only \\" and \\\\ may be escaped in a structured-field string')
             chars.append(following)
             i += 2
         elif char == '"':

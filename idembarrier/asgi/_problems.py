@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-__all__ = ["Problem", "problem_body"]
+if TYPE_CHECKING:
+    from ._types import Send
+
+__all__ = ["Problem", "problem_body", "send_problem"]
 
 _BASE = "https://idembarrier.dev/problems/"
 
@@ -33,6 +37,8 @@ class Problem(Enum):
     """The key was already used for a request with another fingerprint (422)."""
     KEY_IN_PROGRESS = _Kind(409, "key-in-progress", "A request with this Idempotency-Key is in progress")
     """The first request with the key has not finished; retry after ``Retry-After`` seconds (409)."""
+    KEY_UNRESOLVED = _Kind(409, "key-unresolved", "The outcome of this Idempotency-Key needs reconciliation")
+    """The key's earlier work died too often to be retried blindly; an operator must resolve it (409)."""
     REQUEST_TOO_LARGE = _Kind(413, "request-too-large", "Request body too large to guard")
     """The request body exceeds the middleware's ``max_body_bytes`` (413)."""
 
@@ -56,3 +62,13 @@ def problem_body(problem: Problem, detail: str) -> bytes:
     """Return the problem-details document for one occurrence of ``problem``."""
     document = {"type": problem.type, "title": problem.title, "status": problem.status, "detail": detail}
     return json.dumps(document, ensure_ascii=False).encode()
+
+
+async def send_problem(send: Send, problem: Problem, detail: str, *, retry_after: int | None = None) -> None:
+    """Answer with ``problem`` as ``application/problem+json``, with ``Retry-After`` when given."""
+    body = problem_body(problem, detail)
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

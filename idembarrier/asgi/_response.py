@@ -9,8 +9,11 @@ first request must not be handed out again.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable
 
 __all__ = [
     "DEFAULT_STORED_HEADERS",

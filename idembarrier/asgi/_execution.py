@@ -1,0 +1,132 @@
+"""A guarded request that runs the application: its response is held back until its outcome has committed.
+
+The application's ``http.response.start`` is held. When the response's outcome is known, the unit of
+work is finished (its record and the route's writes commit, or roll back, together) and only then does
+the response go out, so a client never sees a success that could still roll back:
+
+- the last body message of a response that fits in ``max_response_bytes`` → the whole response is
+  recorded (2xx/3xx as COMPLETED, a chosen 4xx as FAILED) and committed, then sent;
+- a body message with ``more_body`` (a streamed response), one over the cap, or any other message → the
+  outcome is recorded without the body (``body_stored=False``) and committed before the first byte goes
+  out; the stream then passes through, marked ``Idempotency-Stored: false``;
+- a 5xx, or a 4xx not chosen for storing → the writes roll back, nothing is recorded, and the response
+  goes out marked ``Idempotency-Stored: false``: a retry runs again;
+- an exception before any of that → the writes roll back, nothing is recorded, the exception propagates.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._exceptions import UnitOfWorkError
+from ._response import HTTPResponse, select_headers
+
+if TYPE_CHECKING:
+    from .._uow import UnitOfWork
+    from ._settings import Settings
+    from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["Execution"]
+
+_NOT_STORED = (b"idempotency-stored", b"false")
+_REPRESENTATION = frozenset({"content-type", "content-encoding", "content-language", "etag", "last-modified"})
+"""Headers that describe a body: dropped from a record that keeps no body, so an empty replay stays valid."""
+
+
+class _NotStored(Exception):
+    """Rolls the unit of work back when the response is not to be recorded (5xx, 4xx not chosen)."""
+
+
+class Execution:
+    """Runs the application for a claimed key, and finishes the unit of work as its response completes."""
+
+    __slots__ = ("_downstream", "_failure", "_open", "_settings", "_start", "_uow")
+
+    def __init__(self, uow: UnitOfWork[HTTPResponse], settings: Settings, send: Send) -> None:
+        self._uow = uow
+        self._settings = settings
+        self._downstream = send
+        self._start: Message | None = None
+        self._open = True  # the unit of work still waits for its outcome
+        self._failure: BaseException | None = None
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+        """Call ``app``; when it is done, the unit of work is finished, one way or the other."""
+        try:
+            await app(scope, receive, self.send)
+        except BaseException as exc:
+            if self._open:
+                self._open = False
+                await self._uow.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        if self._failure is not None:
+            raise self._failure  # recording the outcome failed, and the application swallowed the error
+        if self._open:
+            self._open = False
+            error = UnitOfWorkError("the application returned without completing its response; its writes rolled back")
+            await self._uow.__aexit__(UnitOfWorkError, error, None)
+            raise error
+        await self._check_session_left_alone()
+
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application is given."""
+        if self._failure is not None:
+            raise UnitOfWorkError("the response was abandoned: recording its outcome failed") from self._failure
+        if not self._open:
+            await self._downstream(message)
+            return
+        if self._start is None:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"expected 'http.response.start', got {message['type']!r}")
+            self._start = message
+            return
+        body: bytes | None = None
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            body = bytes(message.get("body", b""))
+            if len(body) > self._settings.max_response_bytes:
+                body = None
+        await self._settle(self._start, body)
+        if body is None:
+            await self._downstream(message)  # the first chunk of a stream, an oversized body, or an extension's
+        else:
+            await self._downstream({"type": "http.response.body", "body": body})
+
+    async def _settle(self, start: Message, body: bytes | None) -> None:
+        """Finish the unit of work for the response ``start`` opened, then send ``start`` on.
+
+        ``body`` is the whole body, or ``None`` when the response is not kept (streamed, or too large).
+        """
+        status = int(start["status"])
+        headers = list(start.get("headers", ()))
+        stored = 200 <= status < 400 or status in self._settings.store_statuses
+        self._open = False
+        try:
+            if stored:
+                kept = select_headers(headers, self._settings.stored_headers)
+                if body is None:
+                    kept = tuple(pair for pair in kept if pair[0] not in _REPRESENTATION)
+                response = HTTPResponse(status=status, headers=kept, body=body or b"", body_stored=body is not None)
+                (self._uow.complete if status < 400 else self._uow.fail)(response)
+                await self._uow.__aexit__(None, None, None)
+            else:
+                await self._uow.__aexit__(_NotStored, _NotStored(), None)
+        except BaseException as exc:
+            self._failure = exc
+            raise
+        if not stored or body is None:
+            headers.append(_NOT_STORED)
+        await self._downstream({**start, "headers": headers})
+
+    async def _check_session_left_alone(self) -> None:
+        """Refuse writes made through the unit of work's session after its outcome was recorded.
+
+        Those writes (a background task's, say) are in no transaction that will commit: roll them back,
+        and say so rather than lose them silently.
+        """
+        session = self._uow.session
+        if session.in_transaction() or session.new or session.dirty or session.deleted:
+            await session.close()
+            raise UnitOfWorkError(
+                "the application used the unit of work's session after its response was recorded; "
+                "what it did there was rolled back"
+            )

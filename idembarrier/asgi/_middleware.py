@@ -1,0 +1,207 @@
+"""The ASGI middleware: the ``Idempotency-Key`` semantics of draft-ietf-httpapi-idempotency-key-header.
+
+For a guarded request (POST and PATCH by default) the middleware reads the key, reads the body (to
+fingerprint it), and opens a unit of work for the key in the request's scope. A finished record answers at
+once (a replay, marked ``Idempotent-Replayed: true``) without calling the application. Otherwise the
+application runs with the unit of work in ``scope["state"]["idembarrier"]`` and writes through its
+session; its response is recorded in the same transaction and sent only once that transaction has
+committed (see `idembarrier.asgi._execution` for what is recorded when).
+
+Every other request (other methods, websockets, lifespan) passes through untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING
+
+from .._exceptions import FingerprintMismatchError, InvalidKeyError, KeyInProgressError, ReconciliationRequiredError
+from ._execution import Execution
+from ._header import parse_key_header
+from ._problems import Problem, send_problem
+from ._request import RequestHead, request_fingerprint
+from ._response import DEFAULT_STORED_HEADERS
+from ._settings import Settings
+from ._state import STATE_KEY
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Collection
+
+    from .._barrier import Barrier
+    from .._config import OnConflict
+    from ._request import FingerprintPart
+    from ._response import HTTPResponse
+    from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["IdempotencyMiddleware"]
+
+
+class IdempotencyMiddleware:
+    """Makes unsafe HTTP requests idempotent by their ``Idempotency-Key``, storing each response in the
+    same transaction as the route's writes.
+
+    Args:
+        app: The ASGI application to guard.
+        barrier: A barrier whose codec stores `HTTPResponse` (``Barrier(sm, codec=HTTPResponseCodec())``).
+        scope_of: Returns the scope of a request's key (sync or async): the tenant or principal, so that
+            one client's key can never replay another client's response. Raise to refuse the request.
+        methods: The guarded methods; the others pass through untouched.
+        require_key: Answer 400 to a guarded request without the key (else it runs unguarded).
+        fingerprint: The parts of the request whose change makes a reused key a 422: any of
+            ``"method"``, ``"path"``, ``"query"``, ``"body"``. Empty: the key alone names the request.
+        normalise_body: Maps the body to what is fingerprinted (bytes or a JSON value), e.g. ``json.loads``
+            so that reordered JSON keys are the same request. A `ValueError` keeps the raw body.
+        max_body_bytes: The largest request body read and fingerprinted; a larger one is a 413.
+        max_response_bytes: The largest response body recorded; a larger one is sent but not stored.
+        on_conflict: While the first request with the key is in progress, wait for it and replay
+            (``OnConflict.WAIT``), or answer 409 at once (``OnConflict.FAIL``); default: the barrier's.
+        retry_after: The ``Retry-After`` seconds sent with a 409.
+        store_statuses: The 4xx statuses that are deterministic business failures: recorded as FAILED
+            with the route's writes, and replayed. Other 4xx, and all 5xx, roll back and are not stored.
+        stored_headers: The response headers a record keeps (never ``Set-Cookie``, ``Authorization``…).
+        header: The name of the key's header.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        barrier: Barrier[HTTPResponse],
+        *,
+        scope_of: Callable[[RequestHead], str | Awaitable[str]],
+        methods: Collection[str] = ("POST", "PATCH"),
+        require_key: bool = True,
+        fingerprint: Collection[FingerprintPart] = ("method", "path", "query", "body"),
+        normalise_body: Callable[[bytes], object] | None = None,
+        max_body_bytes: int = 1 << 20,
+        max_response_bytes: int = 1 << 20,
+        on_conflict: OnConflict | None = None,
+        retry_after: int = 1,
+        store_statuses: Collection[int] = (),
+        stored_headers: Collection[str] = DEFAULT_STORED_HEADERS,
+        header: str = "Idempotency-Key",
+    ) -> None:
+        self.app = app
+        self.barrier = barrier
+        self.settings = Settings(
+            scope_of=scope_of,
+            methods=frozenset(methods),
+            require_key=require_key,
+            fingerprint=frozenset(fingerprint),
+            normalise_body=normalise_body,
+            max_body_bytes=max_body_bytes,
+            max_response_bytes=max_response_bytes,
+            on_conflict=on_conflict,
+            retry_after=retry_after,
+            store_statuses=frozenset(store_statuses),
+            stored_headers=frozenset(stored_headers),
+            header=header,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection: guard it if it is a guarded HTTP request, else pass it on."""
+        if scope["type"] != "http" or str(scope["method"]).upper() not in self.settings.methods:
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        values = [value for name, value in scope.get("headers", ()) if name.lower() == settings.header_name]
+        if not values:
+            if settings.require_key:
+                detail = f"{scope['method']} requests must carry an {settings.header} header"
+                await send_problem(send, Problem.KEY_MISSING, detail)
+            else:
+                await self.app(scope, receive, send)
+            return
+        try:
+            if len(values) > 1:
+                raise InvalidKeyError(", ".join(v.decode("latin-1") for v in values), "the header is sent twice")
+            key = parse_key_header(values[0])
+        except InvalidKeyError as exc:
+            await send_problem(send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}")
+            return
+        try:
+            body = await _read_body(scope, receive, settings.max_body_bytes)
+        except _ClientGone:
+            return  # nothing ran, and there is no one to answer
+        if body is None:
+            detail = f"the request body exceeds {settings.max_body_bytes} bytes"
+            await send_problem(send, Problem.REQUEST_TOO_LARGE, detail)
+            return
+        await self._guard(key, body, scope, receive, send)
+
+    async def _guard(self, key: str, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = self.settings
+        head = RequestHead.from_scope(scope)
+        named = settings.scope_of(head)
+        key_scope: str = await named if inspect.isawaitable(named) else named
+        fingerprint = request_fingerprint(head, body, settings.fingerprint, settings.normalise_body)
+        uow = self.barrier.unit_of_work(key, scope=key_scope, fingerprint=fingerprint, on_conflict=settings.on_conflict)
+        try:
+            await uow.__aenter__()
+        except KeyInProgressError:
+            detail = "the first request with this key has not finished; retry with the same key later"
+            await send_problem(send, Problem.KEY_IN_PROGRESS, detail, retry_after=settings.retry_after)
+            return
+        except FingerprintMismatchError:
+            detail = "this key was already used for a different request; use a new key for a new request"
+            await send_problem(send, Problem.KEY_REUSED, detail)
+            return
+        except ReconciliationRequiredError:
+            detail = "the earlier work for this key may or may not have happened; an operator must resolve it"
+            await send_problem(send, Problem.KEY_UNRESOLVED, detail)
+            return
+        if uow.replayed:
+            try:
+                response = uow.response
+            finally:
+                await uow.__aexit__(None, None, None)  # a replay wrote nothing: this only gives back the session
+            await _send_replay(send, response)
+            return
+        scope.setdefault("state", {})[STATE_KEY] = uow
+        await Execution(uow, settings, send).run(self.app, scope, _replaying(body, receive))
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """Read the whole request body, or return ``None`` as soon as it is known to exceed ``limit``."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length" and value.isdigit() and int(value) > limit:
+            return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone
+        chunk = bytes(message.get("body", b""))
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the application the body already read, then listens to the client."""
+    pending = [body]
+
+    async def replayed() -> Message:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_replay(send: Send, response: HTTPResponse) -> None:
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers]
+    if response.status >= 200 and response.status not in (204, 304):
+        headers.append((b"content-length", str(len(response.body)).encode()))
+    headers.append((b"idempotent-replayed", b"true"))
+    if not response.body_stored:
+        headers.append((b"idempotency-stored", b"false"))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
