@@ -1,21 +1,31 @@
-"""``python -m idembarrier`` (or ``idembarrier``): the command line."""
+"""``idembarrier`` (or ``python -m idembarrier``): the command line.
+
+Exit status: 0 success; 1 the demo saw phantom writes, or ``inspect`` found no record; 2 bad usage or
+configuration (argparse's own); 3 the database failed or its schema is not installed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+    from ._barrier import Barrier
+
+_DB_HELP = "SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 success, 1 the demo saw phantom writes)."""
-    parser = argparse.ArgumentParser(prog="idembarrier", description=__doc__)
+    """Run the command line; return the exit status."""
+    parser = argparse.ArgumentParser(prog="idembarrier", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="send bursts of duplicate payments through the barrier")
     demo.add_argument(
@@ -25,14 +35,120 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--orders", type=int, default=20, help="distinct orders (default 20)")
     demo.add_argument("--duplicates", type=int, default=8, help="concurrent copies of each order (default 8)")
+    for name, text in (
+        ("migrate", "install or update idembarrier's schema"),
+        ("purge", "delete finished records whose expiry has passed"),
+        ("stats", "print the records' status distribution"),
+        ("inspect", "print one record"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--database-url", default=os.environ.get("IDEMBARRIER_DATABASE_URL"), help=_DB_HELP)
+        command.add_argument("--table", default="idempotency_keys", help="records table (default %(default)s)")
+        command.add_argument("--schema", default=None, help="PostgreSQL schema of the records table")
+        command.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if name == "purge":
+            command.add_argument("--batch-size", type=int, default=1000, help="records per transaction")
+        if name == "inspect":
+            command.add_argument("scope")
+            command.add_argument("key")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    if not args.database_url:
+        parser.error("give --database-url or set IDEMBARRIER_DATABASE_URL")
+    return _operate(args)
 
+
+def _demo(args: argparse.Namespace) -> int:
     from ._demo import format_report, run_demo
 
     report = anyio.run(lambda: run_demo(args.database_url, orders=args.orders, duplicates=args.duplicates))
     print(format_report(report))
     return 0 if report.ok else 1
 
+
+def _operate(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from ._barrier import Barrier
+    from ._engines import create_engine
+    from ._exceptions import IdembarrierError
+    from ._migrate import upgrade
+
+    async def run() -> int:
+        engine = create_engine(args.database_url)
+        try:
+            if args.command == "migrate":
+                await upgrade(engine, table=args.table, schema=args.schema)
+                return _print(args, {"migrated": True}, "schema is at head")
+            barrier: Barrier = Barrier(async_sessionmaker(engine), table=args.table, schema=args.schema)
+            return await _COMMANDS[args.command](barrier, args)
+        finally:
+            await engine.dispose()
+
+    try:
+        return anyio.run(run)
+    except IdembarrierError as exc:
+        print(f"idembarrier: {exc}", file=sys.stderr)
+        return 3
+
+
+async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
+    def progress(deleted: int) -> None:
+        if not args.json:
+            print(f"  batch: {deleted} deleted", file=sys.stderr)
+
+    total = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
+    return _print(args, {"deleted": total}, f"deleted {total} expired records")
+
+
+async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
+    stats = await barrier.stats()
+    oldest = stats.oldest_in_progress
+    data = {
+        "statuses": {status.value: count for status, count in sorted(stats.statuses.items())},
+        "oldest_in_progress_seconds": None if oldest is None else oldest.total_seconds(),
+    }
+    lines = [f"  {status:<12}{count:>12}" for status, count in sorted(stats.statuses.items())]
+    lines.append(f"  oldest IN_PROGRESS: {'none' if oldest is None else oldest}")
+    return _print(args, data, "\n".join(["records by status:", *lines]))
+
+
+async def _inspect(barrier: Barrier, args: argparse.Namespace) -> int:
+    found = await barrier.atomically(lambda storage: storage.inspect(args.scope, args.key))
+    if found is None:
+        _print(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
+        return 1
+    record = found.record
+    data = {
+        "found": True,
+        "scope": record.scope,
+        "key": record.key,
+        "status": record.status.value,
+        "attempt": record.attempt,
+        "stale": found.stale,
+        "fingerprint": None if record.fingerprint is None else record.fingerprint.hex(),
+        "response": None if record.response is None else record.response.decode(errors="replace"),
+        "checkpoint": record.checkpoint,
+        **{name: _iso(getattr(record, name)) for name in ("created_at", "completed_at", "expires_at", "locked_until")},
+    }
+    return _print(args, data, "\n".join(f"  {name:<14}{value}" for name, value in data.items()))
+
+
+def _iso(value: datetime | timedelta | None) -> str | None:
+    return None if value is None else str(value) if isinstance(value, timedelta) else value.isoformat()
+
+
+def _print(args: argparse.Namespace, data: Mapping[str, object], text: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[Barrier, argparse.Namespace], Awaitable[int]]] = {
+    "purge": _purge,
+    "stats": _stats,
+    "inspect": _inspect,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

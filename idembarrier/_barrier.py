@@ -309,7 +309,7 @@ class Barrier(Generic[R]):
         except IdembarrierError:
             raise
         except Exception as exc:
-            if (ours := translate(exc, "running a lease operation")) is not None:
+            if (ours := translate(exc, "reading or writing the records table")) is not None:
                 raise ours from exc
             raise
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import anyio
 from sqlalchemy import Integer, MetaData, String, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ._barrier import Barrier
 from ._config import OnConflict
-from ._engines import create_sqlite_engine
+from ._engines import create_engine
 from ._exceptions import FingerprintMismatchError, KeyInProgressError
 from ._migrate import upgrade
 
@@ -64,7 +64,7 @@ async def run_demo(
     """
     with tempfile.TemporaryDirectory(prefix="idembarrier-demo-") as tmp:
         url = database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'demo.db'}"
-        engine = create_sqlite_engine(url) if url.startswith("sqlite") else create_async_engine(url, pool_size=20)
+        engine = create_engine(url)
         try:
             return await _run(engine, url, orders, duplicates, retries)
         finally:

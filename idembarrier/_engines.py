@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["create_sqlite_engine"]
+__all__ = ["create_engine", "create_sqlite_engine"]
 
 
 def create_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine:
@@ -31,3 +31,8 @@ def create_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine
         cursor.close()
 
     return engine
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """Create an engine for ``url``: `create_sqlite_engine` for SQLite, SQLAlchemy's defaults otherwise."""
+    return create_sqlite_engine(url) if url.startswith("sqlite") else create_async_engine(url, pool_size=20)
