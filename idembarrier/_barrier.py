@@ -298,11 +298,17 @@ class Barrier(Generic[R]):
             if deleted < batch_size:
                 return total
 
-    async def atomically(self, operation: Callable[[Storage], Awaitable[T]]) -> T:
-        """Run one storage operation in a session of its own and commit it."""
+    async def atomically(self, operation: Callable[[Storage], Awaitable[T]], *, wait: float | None = None) -> T:
+        """Run one storage operation in a transaction of its own and commit it.
+
+        With ``wait``, the transaction is opened first, waiting at most that long for a database-wide
+        lock (SQLite's write lock); without, the operation's statement opens it (or runs on its own).
+        """
         try:
             async with self.sessionmaker() as session:
                 storage = await self.storage(await session.connection())
+                if wait is not None:
+                    await storage.begin(wait)
                 result = await operation(storage)
                 await session.commit()
                 return result

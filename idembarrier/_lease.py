@@ -17,6 +17,7 @@ import anyio
 
 from ._codec import JSONCodec, decode_response, encode_response
 from ._config import OnConflict
+from ._errors import lock_not_available
 from ._exceptions import (
     FingerprintMismatchError,
     KeyInProgressError,
@@ -205,9 +206,19 @@ class Lease(Generic[R]):
         deadline = anyio.current_time() + self._wait_timeout
         delay = _POLL_FIRST
         while True:
-            claimed = await self._barrier.atomically(
-                lambda storage: storage.lease_claim(self.scope, self.key, self._fingerprint, self.token, self._lease)
-            )
+            try:
+                claimed = await self._barrier.atomically(
+                    lambda storage: storage.lease_claim(
+                        self.scope, self.key, self._fingerprint, self.token, self._lease, self._wait_timeout
+                    ),
+                    wait=self._wait_timeout,
+                )
+            except Exception as exc:
+                # The record is locked by a transaction that outlasted the wait: a holder finishing (or
+                # stopped while finishing). Even failing fast waits this long for it: its outcome is due.
+                if lock_not_available(exc):
+                    raise KeyInProgressError(scope=self.scope, key=self.key, waited=self._wait_timeout) from exc
+                raise
             if claimed is True:
                 return
             if claimed is False:
@@ -222,12 +233,12 @@ class Lease(Generic[R]):
                 raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=record)
             if stale and await self._reclaim(record):
                 return
-            if not stale:
-                waited = self._wait_timeout - (deadline - anyio.current_time())
-                if self._on_conflict is OnConflict.FAIL or anyio.current_time() >= deadline:
-                    raise KeyInProgressError(scope=self.scope, key=self.key, record=record, waited=max(0.0, waited))
-                await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
-                delay = min(delay * 2, _POLL_MAX)
+            # Held: a live lease, or a stale one that its holder or another reclaimer has in hand right now.
+            waited = self._wait_timeout - (deadline - anyio.current_time())
+            if self._on_conflict is OnConflict.FAIL or anyio.current_time() >= deadline:
+                raise KeyInProgressError(scope=self.scope, key=self.key, record=record, waited=max(0.0, waited))
+            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+            delay = min(delay * 2, _POLL_MAX)
 
     async def _reclaim(self, stale: Record) -> bool:
         """Take the stale lease over; return whether this caller now holds it."""

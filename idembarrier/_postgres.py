@@ -169,13 +169,17 @@ def _lease_statements(table: str) -> _LeaseStatements:
         inspect=f"SELECT {_LEASE_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2",
         # Takes over a stale lease. Conditioned on the token the reclaimer saw, so of two reclaimers of the
         # same lease exactly one matches (the other finds the new token); conditioned on staleness by the
-        # database's clock. Past max_reclaims the record becomes UNKNOWN instead, for a person to resolve.
+        # database's clock. SKIP LOCKED: a row another transaction holds (its holder renewing, another
+        # reclaimer) is not waited for; the caller treats it as still held. Past max_reclaims the record
+        # becomes UNKNOWN instead, for a person to resolve.
         reclaim=f"""
             UPDATE {table}
             SET token = $4, attempt = attempt + 1, updated_at = now(),
                 status = CASE WHEN attempt > $6 THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
                 locked_until = CASE WHEN attempt > $6 THEN NULL ELSE now() + $5::interval END
-            WHERE {held} AND locked_until <= now()
+            WHERE ctid = (
+                SELECT ctid FROM {table} WHERE {held} AND locked_until <= now() FOR UPDATE SKIP LOCKED
+            )
             RETURNING {_LEASE_COLUMNS}""",
         # Renewal, checkpoint and release are fenced by the token: a holder whose lease was reclaimed
         # matches no row and learns it lost the lease.
@@ -271,10 +275,10 @@ class PostgresStorage:
     # -- leased work ------------------------------------------------------------------------------------
 
     async def lease_claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
     ) -> bool | Found:
-        """Claim the key with a committed lease; see `Storage.lease_claim`."""
-        row = await self._driver.fetchrow(self._lease.claim, scope, key, fingerprint, token, lease)
+        """Claim the key with a lease; see `Storage.lease_claim` (asyncpg bounds the wait)."""
+        row = await self._driver.fetchrow(self._lease.claim, scope, key, fingerprint, token, lease, timeout=wait)
         if row is None:
             return False
         return True if row[0] else _found(tuple(row)[1:])

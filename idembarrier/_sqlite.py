@@ -129,9 +129,9 @@ class SqliteStorage:
     # Each statement takes the write lock, so none interleaves with another; the caller commits it.
 
     async def lease_claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
     ) -> bool | Found:
-        """Claim the key with a lease; see `Storage.lease_claim`."""
+        """Claim the key with a lease; see `Storage.lease_claim` (`begin` bounded the write lock's wait)."""
         inserted = await self._conn.exec_driver_sql(
             f"""INSERT INTO {self._table} (scope, key, fingerprint, status, token, locked_until)
                 VALUES (?, ?, ?, 'IN_PROGRESS', ?, {_LATER})

@@ -82,10 +82,11 @@ class Storage(Protocol):
     # -- leased work: each statement is its own transaction unless said otherwise ----------------------
 
     async def lease_claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta
+        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
     ) -> bool | Found:
-        """Insert an IN_PROGRESS record whose lease ends ``lease`` from now (database clock), committed.
+        """Insert an IN_PROGRESS record whose lease ends ``lease`` from now (database clock).
 
+        Waits at most ``wait`` seconds for a row another transaction has locked (a holder finishing).
         Returns ``True`` when inserted, else the existing record when visible, else ``False``.
         """
         ...
