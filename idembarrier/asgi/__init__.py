@@ -1,8 +1,30 @@
 """HTTP: the ``Idempotency-Key`` header for ASGI applications (FastAPI, Starlette…); ``idembarrier[asgi]``.
 
-`IdempotencyMiddleware` follows draft-ietf-httpapi-idempotency-key-header and records each response in
-the same transaction as the route's writes. The middleware is plain ASGI; the FastAPI dependencies
-`unit_of_work` and `unit_of_work_session` need Starlette's ``Request`` (FastAPI itself is optional).
+`IdempotencyMiddleware` follows draft-ietf-httpapi-idempotency-key-header. For each guarded request (POST
+and PATCH by default) it claims the key in the request's scope and lets the route write through the unit
+of work's session (`unit_of_work_session`, a FastAPI dependency); the route's response is recorded in the
+same transaction as its writes, and sent to the client only after that transaction has committed. A retry
+replays the recorded status, body and safe headers with ``Idempotent-Replayed: true``.
+
+What is recorded:
+
+- 2xx and 3xx: COMPLETED, replayed. 4xx listed in ``store_statuses`` (a declined card): FAILED, with the
+  route's writes, replayed. Any other 4xx, every 5xx, and any exception: the writes roll back, nothing is
+  recorded, and a retry runs again.
+- A response that is streamed (a body in more than one message) or larger than ``max_response_bytes``
+  cannot be held back whole. Its outcome is still recorded, without the body, and committed with the
+  route's writes before its first byte is sent; it goes out marked ``Idempotency-Stored: false``. A retry
+  then replays the original status and its ``Location``/``Link`` headers with an empty body, marked the
+  same way. Why not roll back, or replay a 409/422? Rolling back would undo writes the stream may already
+  report; and a 4xx replay would tell the client that its payment failed, inviting it to pay again under a
+  new key. The original status is the truth the record can keep.
+
+Scope: keys are chosen by clients, so a key alone must never select a record. ``scope_of`` maps each
+request to its tenant or principal; the same key from two tenants is two records, and one tenant can
+never obtain the response stored for another (the draft's security considerations).
+
+The middleware is plain ASGI; only the FastAPI dependencies need Starlette's ``Request``, and FastAPI
+itself is optional.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ the response go out, so a client never sees a success that could still roll back
 - a 5xx, or a 4xx not chosen for storing → the writes roll back, nothing is recorded, and the response
   goes out marked ``Idempotency-Stored: false``: a retry runs again;
 - an exception before any of that → the writes roll back, nothing is recorded, the exception propagates.
+
+Because the outcome is settled from inside the application's ``send``, while the application is still
+running, the unit of work is entered and exited by hand (``__aenter__``/``__aexit__``) rather than with
+``async with``: no block of the middleware's own spans exactly "until the response is complete".
 """
 
 from __future__ import annotations

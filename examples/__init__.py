@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m examples.payments_api`` and ``python -m examples.retry_session``."""
