@@ -11,7 +11,7 @@ from typing_extensions import TypeVar
 
 from ._codec import JSON, Codec, JSONCodec, encode_response
 from ._config import DEFAULT_RETENTION, OnConflict, Options, check_retention, check_wait_timeout
-from ._errors import translate
+from ._errors import connection_lost, translate
 from ._exceptions import ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
 from ._lease import Lease
@@ -306,11 +306,16 @@ class Barrier(Generic[R]):
         """
         try:
             async with self.sessionmaker() as session:
-                storage = await self.storage(await session.connection())
-                if wait is not None:
-                    await storage.begin(wait)
-                result = await operation(storage)
-                await session.commit()
+                try:
+                    storage = await self.storage(await session.connection())
+                    if wait is not None:
+                        await storage.begin(wait)
+                    result = await operation(storage)
+                    await session.commit()
+                except BaseException as exc:
+                    if connection_lost(exc):
+                        await session.invalidate()  # see UnitOfWork._abandon: never pool a dead connection
+                    raise
                 return result
         except IdembarrierError:
             raise

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlalchemy.exc import DBAPIError
 
 from ._exceptions import ConnectionLostError, SerializationError, StorageError
 
-__all__ = ["lock_not_available", "sqlstate_of", "translate"]
+__all__ = ["connection_lost", "lock_not_available", "sqlstate_of", "translate"]
 
 _LOCK_NOT_AVAILABLE = "55P03"  # a lock wait that ran out of lock_timeout
 
@@ -20,17 +22,32 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 try:  # asyncpg is the PostgreSQL driver; it is optional, and only its raw exceptions need naming here.
     from asyncpg.exceptions import InterfaceError as _AsyncpgInterfaceError
+    from asyncpg.exceptions import PostgresError as _AsyncpgPostgresError
 except ImportError:  # pragma: no cover - asyncpg is installed wherever PostgreSQL is used
-    _AsyncpgInterfaceError = ()
+    _AsyncpgInterfaceError = _AsyncpgPostgresError = ()
+
+
+def _driver_error(exc: BaseException) -> BaseException | None:
+    """The driver's own exception behind ``exc``: itself, SQLAlchemy's ``orig``, or the adapter's cause.
+
+    SQLAlchemy wraps driver errors (``DBAPIError.orig``); its asyncpg adapter, called directly, raises its
+    own error classes with asyncpg's as ``__cause__``. Anything else is not a database error.
+    """
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(candidate, _AsyncpgInterfaceError | _AsyncpgPostgresError | sqlite3.Error):
+            return candidate
+    return exc if isinstance(exc, DBAPIError) else None
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
     """Return the SQLSTATE (PostgreSQL) or ``"sqlite:<code>"`` carried by a driver error, if any."""
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
-    state = getattr(orig, "sqlstate", None)
+    if isinstance(exc, StorageError):
+        return exc.sqlstate
+    driver = _driver_error(exc)
+    state = getattr(driver, "sqlstate", None)
     if isinstance(state, str):
         return state
-    code = getattr(orig, "sqlite_errorcode", None)
+    code = getattr(driver, "sqlite_errorcode", None)
     if isinstance(code, int):
         return f"sqlite:{code}"
     return None
@@ -53,23 +70,33 @@ def lock_not_available(exc: BaseException) -> bool:
     return state == _LOCK_NOT_AVAILABLE
 
 
-def translate(exc: BaseException, doing: str) -> StorageError | None:
-    """Return our exception for a driver error met while ``doing`` something, or ``None`` if not a driver's.
+def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageError | None:
+    """Return our exception for a database error met while ``doing`` something, else ``None``.
 
-    The caller raises the result ``from exc``.
+    With ``ours`` (the failing statement was idembarrier's own), an OS-level connection error counts as a
+    lost database connection too; for the body's exceptions only the drivers' own errors are translated,
+    so a caller's ``ConnectionRefusedError`` from an HTTP call propagates unchanged. The caller raises the
+    result ``from exc``.
     """
+    driver = _driver_error(exc)
+    if driver is None and not (ours and isinstance(exc, ConnectionError)):
+        return None
     state = sqlstate_of(exc)
     invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
     if state is not None and state in _SERIALIZATION:
         return SerializationError(f"{doing}: the database aborted the transaction ({state})", sqlstate=state)
     if (
         invalidated
-        or isinstance(exc, _AsyncpgInterfaceError | ConnectionError)
+        or driver is None  # an OS-level connection error under our own statement
+        or isinstance(driver, _AsyncpgInterfaceError)
         or (state is not None and (state.startswith(_CONNECTION_LOST_PREFIX) or state in _CONNECTION_LOST))
     ):
         return ConnectionLostError(f"{doing}: the database connection was lost ({state or 'closed'})", sqlstate=state)
     if state is not None and state.startswith("sqlite:") and int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return StorageError(f"{doing}: the SQLite database stayed locked past its busy timeout", sqlstate=state)
-    if isinstance(exc, DBAPIError) or state is not None:
-        return StorageError(f"{doing}: the database failed ({state or type(exc).__name__})", sqlstate=state)
-    return None
+    return StorageError(f"{doing}: the database failed ({state or type(driver).__name__})", sqlstate=state)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (ours or a driver's) says the database connection died."""
+    return isinstance(exc, ConnectionLostError) or isinstance(translate(exc, ""), ConnectionLostError)

@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
-# A lease's view of a record adds its lease, its checkpoint, and whether the lease is stale by the
-# database's clock (never the client's).
-_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, locked_until <= now()"
+# A lease's view of a record adds its lease, its checkpoint, and whether the lease is stale.
+# A lease is stale once its end has passed on the database's clock (clock_timestamp(): the wall clock, not
+# the transaction's start). An IN_PROGRESS record without an end is stale too: only a unit of work whose
+# session was committed from inside its body can leave one behind.
+_STALE = "coalesce(locked_until, '-infinity') <= clock_timestamp()"
+_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, {_STALE}"
 
 
 def _found(row: Any) -> Found:
@@ -105,8 +108,8 @@ def _statements(table: str) -> _Statements:
         # was inserted by this same transaction, so no one else can hold it; for leases the token decides.
         finish=f"""
             UPDATE {table}
-            SET status = $4, response = $5, completed_at = now(), updated_at = now(),
-                expires_at = now() + $6::interval, locked_until = NULL
+            SET status = $4, response = $5, completed_at = clock_timestamp(), updated_at = clock_timestamp(),
+                expires_at = clock_timestamp() + $6::interval, locked_until = NULL
             WHERE scope = $1 AND key = $2 AND token = $3
             RETURNING 1""",
     )
@@ -116,14 +119,14 @@ def _statements(table: str) -> _Statements:
 def _operations(table: str) -> tuple[str, str]:
     """The statements of `distribution` and `purge` on ``table``."""
     distribution = f"""
-        SELECT status, count(*), now() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS')
+        SELECT status, count(*), clock_timestamp() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS')
         FROM {table} GROUP BY status"""
     # SKIP LOCKED: a purger never waits for, nor deletes under, a row another transaction holds; the
     # partial index on expires_at serves the scan. IN_PROGRESS and UNKNOWN records are never selected.
     purge = f"""
         WITH doomed AS (
             SELECT scope, key FROM {table}
-            WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= now()
+            WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= clock_timestamp()
             ORDER BY expires_at LIMIT $1
             FOR UPDATE SKIP LOCKED
         ), deleted AS (
@@ -158,7 +161,7 @@ def _lease_statements(table: str) -> _LeaseStatements:
         claim=f"""
             WITH claimed AS (
                 INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
-                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, now() + $5::interval)
+                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, clock_timestamp() + $5::interval)
                 ON CONFLICT (scope, key) DO NOTHING
                 RETURNING token
             )
@@ -174,36 +177,37 @@ def _lease_statements(table: str) -> _LeaseStatements:
         # becomes UNKNOWN instead, for a person to resolve.
         reclaim=f"""
             UPDATE {table}
-            SET token = $4, attempt = attempt + 1, updated_at = now(),
+            SET token = $4, updated_at = clock_timestamp(),
+                attempt = CASE WHEN attempt > $6 THEN attempt ELSE attempt + 1 END,
                 status = CASE WHEN attempt > $6 THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
-                locked_until = CASE WHEN attempt > $6 THEN NULL ELSE now() + $5::interval END
+                locked_until = CASE WHEN attempt > $6 THEN NULL ELSE clock_timestamp() + $5::interval END
             WHERE ctid = (
-                SELECT ctid FROM {table} WHERE {held} AND locked_until <= now() FOR UPDATE SKIP LOCKED
+                SELECT ctid FROM {table} WHERE {held} AND {_STALE} FOR UPDATE SKIP LOCKED
             )
             RETURNING {_LEASE_COLUMNS}""",
         # Renewal, checkpoint and release are fenced by the token: a holder whose lease was reclaimed
         # matches no row and learns it lost the lease.
         renew=f"""
-            UPDATE {table} SET locked_until = now() + $4::interval, updated_at = now()
+            UPDATE {table} SET locked_until = clock_timestamp() + $4::interval, updated_at = clock_timestamp()
             WHERE {held} RETURNING 1""",
         checkpoint=f"""
-            UPDATE {table} SET checkpoint_name = $4, checkpoint_data = $5, updated_at = now()
+            UPDATE {table} SET checkpoint_name = $4, checkpoint_data = $5, updated_at = clock_timestamp()
             WHERE {held} RETURNING 1""",
-        # Inside the completing transaction: the row lock keeps a reclaimer (whose UPDATE would wait on
-        # it) out until the outcome commits, after which the record is no longer IN_PROGRESS.
+        # Inside the completing transaction: the row lock keeps a reclaimer out (its SKIP LOCKED passes the
+        # row by) until the outcome commits, after which the record is no longer IN_PROGRESS.
         fence=f"SELECT 1 FROM {table} WHERE {held} FOR UPDATE",
         release=f"DELETE FROM {table} WHERE {held} RETURNING 1",
         unresolved=f"""
-            SELECT {_LEASE_COLUMNS}, now() - created_at FROM {table}
-            WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= now())
+            SELECT {_LEASE_COLUMNS}, clock_timestamp() - created_at FROM {table}
+            WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE})
             ORDER BY created_at LIMIT $1""",
         # An operator's resolution: only of an UNKNOWN record or a stale lease, never of a live holder's.
         resolve=f"""
             UPDATE {table}
-            SET status = $3, response = $4, completed_at = now(), updated_at = now(),
-                expires_at = now() + $5::interval, locked_until = NULL
+            SET status = $3, response = $4, completed_at = clock_timestamp(), updated_at = clock_timestamp(),
+                expires_at = clock_timestamp() + $5::interval, locked_until = NULL
             WHERE scope = $1 AND key = $2
-              AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= now()))
+              AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
             RETURNING 1""",
     )
 

@@ -23,7 +23,8 @@ _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_a
 # Lease ends are written and compared in one text format with milliseconds, so text order is time order.
 _NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 _LATER = "strftime('%Y-%m-%d %H:%M:%f', 'now', ?)"
-_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, locked_until <= {_NOW}"
+_STALE = f"coalesce(locked_until, '') <= {_NOW}"  # no end at all counts as stale, as on PostgreSQL
+_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, {_STALE}"
 
 
 def _timestamp(value: str | None) -> datetime | None:
@@ -155,12 +156,13 @@ class SqliteStorage:
         row: Any = (
             await self._conn.exec_driver_sql(
                 f"""UPDATE {self._table}
-                    SET token = ?, attempt = attempt + 1, updated_at = CURRENT_TIMESTAMP,
+                    SET token = ?, updated_at = CURRENT_TIMESTAMP,
+                        attempt = CASE WHEN attempt > ? THEN attempt ELSE attempt + 1 END,
                         status = CASE WHEN attempt > ? THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
                         locked_until = CASE WHEN attempt > ? THEN NULL ELSE {_LATER} END
-                    WHERE {_HELD} AND locked_until <= {_NOW}
+                    WHERE {_HELD} AND {_STALE}
                     RETURNING {_LEASE_COLUMNS}""",
-                (token.hex, max_reclaims, max_reclaims, _later(lease), scope, key, stale.hex),
+                (token.hex, max_reclaims, max_reclaims, max_reclaims, _later(lease), scope, key, stale.hex),
             )
         ).first()
         return None if row is None else _record(row)
@@ -187,7 +189,7 @@ class SqliteStorage:
     async def unresolved(self, limit: int) -> list[tuple[Record, timedelta]]:
         """List records that need a person; see `Storage.unresolved`."""
         sql = f"""SELECT {_LEASE_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400 FROM {self._table}
-                  WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= {_NOW})
+                  WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE})
                   ORDER BY created_at LIMIT ?"""
         rows: list[Any] = list(await self._conn.exec_driver_sql(sql, (limit,)))
         return [(_record(row), timedelta(seconds=row[14])) for row in rows]
@@ -198,7 +200,7 @@ class SqliteStorage:
                   SET status = ?, response = ?, completed_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP,
                       expires_at = datetime('now', ?), locked_until = NULL
                   WHERE scope = ? AND key = ?
-                    AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND locked_until <= {_NOW}))
+                    AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
                   RETURNING 1"""
         return await self._one(sql, status.value, response, _later(retention), scope, key)
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import InvalidRequestError
 
 from ._codec import decode_response, encode_response
 from ._config import OnConflict
-from ._errors import lock_not_available, translate
+from ._errors import connection_lost, lock_not_available, translate
 from ._exceptions import (
     ConnectionLostError,
     FingerprintMismatchError,
@@ -361,6 +361,10 @@ class UnitOfWork(Generic[R]):
                 if self._savepoint is not None:
                     await self._release_savepoint(commit=False)
                 if self._owned and session is not None:
+                    if cause is not None and connection_lost(cause):
+                        # Our own statements bypass SQLAlchemy, which then cannot see that the connection
+                        # died: discard it rather than hand a dead connection back to the pool.
+                        await session.invalidate()
                     await session.close()  # rolls back whatever is open
             except Exception as cleanup:
                 if cause is None:
@@ -381,5 +385,5 @@ def _body_error(exc: BaseException) -> StorageError | None:
     A lost connection or a serialization failure is translated; anything else (an IntegrityError from the
     business tables, say) is the caller's and propagates unchanged.
     """
-    lost = translate(exc, "running the unit of work's body")
+    lost = translate(exc, "running the unit of work's body", ours=False)
     return lost if isinstance(lost, ConnectionLostError | SerializationError) else None

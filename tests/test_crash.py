@@ -226,3 +226,23 @@ async def test_unreachable_database_raises_connection_lost_chained_to_the_os_err
         await engine.dispose()
     assert isinstance(caught.value, IdembarrierError)
     assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+
+async def test_pooled_connection_killed_while_idle_raises_connection_lost(pg_db: Database) -> None:
+    """A pooled connection whose backend died while idle fails the next claim with ConnectionLostError."""
+    engine = create_async_engine(pg_db.url, pool_size=1, max_overflow=0)
+    try:
+        barrier = Barrier(async_sessionmaker(engine))
+        async with barrier.unit_of_work("warm", scope="s") as uow:
+            pid = (await uow.session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            uow.complete(None)
+        async with pg_db.engine.connect() as admin:
+            await admin.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+        with pytest.raises(ConnectionLostError):
+            async with barrier.unit_of_work("after", scope="s") as uow:
+                uow.complete(None)
+        async with barrier.unit_of_work("after", scope="s") as uow:  # the pool replaced the connection
+            uow.complete("ran")
+        assert uow.response == "ran"
+    finally:
+        await engine.dispose()

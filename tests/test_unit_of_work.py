@@ -431,3 +431,15 @@ async def test_lock_timeout_of_the_body_is_the_callers(pg_db: Database) -> None:
     async with pg_db.sessionmaker() as session:
         default = (await session.execute(text("SHOW lock_timeout"))).scalar_one()
     assert seen == default == "0"
+
+
+async def test_callers_own_connection_error_propagates_unchanged(db: Database) -> None:
+    """An OS connection error raised by the body itself (a card gateway refusing) is the caller's, unchanged."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    refused = ConnectionRefusedError("the card gateway refused the connection")
+    with pytest.raises(ConnectionRefusedError) as caught:
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=1))
+            raise refused
+    assert caught.value is refused
+    assert await db.records(key) == []
