@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
+from ._exceptions import UnitOfWorkError
 from ._record import Record, Status
 from ._storage import Found, pool_connection
 
@@ -250,6 +251,15 @@ class PostgresStorage:
             await start()
         else:  # pragma: no cover - SQLAlchemy versions without the adapter's entry point
             await self._conn.exec_driver_sql(";")
+        if not self.in_transaction():
+            raise UnitOfWorkError(
+                "the barrier needs a transaction, but this connection is in AUTOCOMMIT mode: "
+                "use an engine or session without isolation_level='AUTOCOMMIT'"
+            )
+
+    def in_transaction(self) -> bool:
+        """Whether the connection is inside a transaction; see `Storage.in_transaction`."""
+        return bool(self._driver.is_in_transaction())
 
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None

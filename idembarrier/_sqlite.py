@@ -109,6 +109,10 @@ class SqliteStorage:
         finally:
             await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(busy_timeout)}")
 
+    def in_transaction(self) -> bool:
+        """Whether the connection is inside a transaction; see `Storage.in_transaction`."""
+        return bool(self._driver.in_transaction)
+
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
     ) -> bool:

@@ -60,6 +60,10 @@ class Storage(Protocol):
         """
         ...
 
+    def in_transaction(self) -> bool:
+        """Whether the connection is inside a transaction (the unit of work's, or the caller's)."""
+        ...
+
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
     ) -> bool | Record:

@@ -326,6 +326,12 @@ class UnitOfWork(Generic[R]):
         session, storage = self.session, self._storage
         assert storage is not None  # claimed in __aenter__
         status, response = outcome
+        if not storage.in_transaction():
+            raise UnitOfWorkError(
+                f"the unit of work's transaction for key {self._key!r} was ended inside its body "
+                "(session.commit() or rollback()); nothing more was written. Whatever the body committed stays, "
+                "and the key is left IN_PROGRESS: Barrier.unresolved() lists it"
+            )
         try:
             finished = await storage.finish(self._scope, self._key, self._token, status, response, self._retention)
         except Exception as exc:

@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from idembarrier import (
     JSON,
@@ -443,3 +444,27 @@ async def test_callers_own_connection_error_propagates_unchanged(db: Database) -
             raise refused
     assert caught.value is refused
     assert await db.records(key) == []
+
+
+async def test_autocommit_engine_is_refused(pg_db: Database) -> None:
+    """On an AUTOCOMMIT engine the claim could not share a transaction: UnitOfWorkError, nothing written."""
+    engine = create_async_engine(pg_db.url, isolation_level="AUTOCOMMIT")
+    try:
+        barrier, key = Barrier(async_sessionmaker(engine)), new_key()
+        with pytest.raises(UnitOfWorkError, match="AUTOCOMMIT"):
+            async with barrier.unit_of_work(key, scope="payments") as uow:
+                uow.complete(None)
+    finally:
+        await engine.dispose()
+    assert await pg_db.records(key) == []
+
+
+async def test_body_that_commits_the_session_is_reported(db: Database) -> None:
+    """A body that commits its unit of work's session gets UnitOfWorkError; the stuck key is listed."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    with pytest.raises(UnitOfWorkError, match="ended inside its body"):
+        async with barrier.unit_of_work(key, scope="payments") as uow:
+            uow.session.add(Payment(key=key, amount=1))
+            await uow.session.commit()
+            uow.complete(None)
+    assert [u.record.key for u in await barrier.unresolved()] == [key]
