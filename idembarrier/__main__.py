@@ -115,7 +115,7 @@ async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
 
 
 async def _inspect(barrier: Barrier, args: argparse.Namespace) -> int:
-    found = await barrier.atomically(lambda storage: storage.inspect(args.scope, args.key))
+    found = await barrier._atomically(lambda storage: storage.inspect(args.scope, args.key))
     if found is None:
         _print(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
         return 1

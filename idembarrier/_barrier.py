@@ -155,12 +155,20 @@ class Barrier(Generic[R]):
             raise RecordedFailureError(uow.record, uow.response, replayed=True)
         return uow.response
 
-    async def storage(self, conn: AsyncConnection) -> Storage:
-        """Return the records table's storage on ``conn``, checking the schema on first use."""
+    async def _storage_on(self, conn: AsyncConnection, *, check: bool = True) -> Storage:
+        """Return the records table's storage on ``conn``, checking the schema on first use.
+
+        ``check=False`` defers the check to `_check_schema`, for callers that must first open a savepoint.
+        """
+        if check:
+            await self._check_schema(conn)
+        return await open_storage(conn, self._table)
+
+    async def _check_schema(self, conn: AsyncConnection) -> None:
+        """Raise `SchemaError` unless the schema is at head; reads the version table once per barrier."""
         if not self._schema_checked:
             await check_schema_on(conn, schema=self._table.schema)
             self._schema_checked = True
-        return await open_storage(conn, self._table)
 
     # -- leased work ------------------------------------------------------------------------------------
 
@@ -212,9 +220,15 @@ class Barrier(Generic[R]):
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
         )
 
+    async def inspect(self, key: str, *, scope: str) -> Record | None:
+        """Read the record of ``key`` in ``scope`` as it stands (``None`` if there is none)."""
+        scope, key = validate_key(scope, what="scope"), validate_key(key)
+        found = await self._atomically(lambda storage: storage.inspect(scope, key))
+        return None if found is None else found.record
+
     async def unresolved(self, *, limit: int = 100) -> list[Unresolved]:
         """List the keys that need a person, oldest first: UNKNOWN records and leases gone stale."""
-        found = await self.atomically(lambda storage: storage.unresolved(limit))
+        found = await self._atomically(lambda storage: storage.unresolved(limit))
         return [Unresolved(record, age) for record, age in found]
 
     async def resolve(
@@ -231,9 +245,9 @@ class Barrier(Generic[R]):
         encoded = encode_response(self.codec, response)
         keep = self.options.retention if retention is None else check_retention(retention)
         scope, key = validate_key(scope, what="scope"), validate_key(key)
-        if await self.atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
+        if await self._atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
             return
-        found = await self.atomically(lambda storage: storage.inspect(scope, key))
+        found = await self._atomically(lambda storage: storage.inspect(scope, key))
         if found is not None and found.record.status is Status.IN_PROGRESS:
             raise KeyInProgressError(scope=scope, key=key, record=found.record)
         state = "has no record" if found is None else f"is already {found.record.status}"
@@ -244,7 +258,7 @@ class Barrier(Generic[R]):
             record=None if found is None else found.record,
         )
 
-    def fenced_unit_of_work(self, lease: Lease[R], *, session: AsyncSession | None) -> UnitOfWork[R]:
+    def _fenced_unit_of_work(self, lease: Lease[R], *, session: AsyncSession | None) -> UnitOfWork[R]:
         """The unit of work that completes ``lease``, conditioned on its token (see `Lease.finish`)."""
         return UnitOfWork(
             self,
@@ -259,13 +273,13 @@ class Barrier(Generic[R]):
             lease_token=lease.token,
         )
 
-    def reclaimed(self, record: Record) -> None:
+    def _reclaimed(self, record: Record) -> None:
         """Count a reclaimed (or UNKNOWN-turned) lease and report it to the ``on_reclaim`` hook."""
         self._outcomes[Outcome.STALE_RECLAIM] += 1
         if self._on_reclaim is not None:
             self._on_reclaim(record)
 
-    def count(self, outcome: Outcome | BaseException) -> None:
+    def _count(self, outcome: Outcome | BaseException) -> None:
         """Count a call's outcome, given as such or as the exception its claim raised."""
         if isinstance(outcome, BaseException):
             if (counted := outcome_of(outcome)) is None:
@@ -277,7 +291,7 @@ class Barrier(Generic[R]):
 
     async def stats(self) -> Stats:
         """This process's outcome counts, and the table's status distribution (one query)."""
-        statuses, oldest = await self.atomically(lambda storage: storage.distribution())
+        statuses, oldest = await self._atomically(lambda storage: storage.distribution())
         return Stats(outcomes=Counter(self._outcomes), statuses=statuses, oldest_in_progress=oldest)
 
     async def purge(self, *, batch_size: int = 1000, on_batch: Callable[[int], object] | None = None) -> int:
@@ -291,14 +305,14 @@ class Barrier(Generic[R]):
             raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
         total = 0
         while True:
-            deleted = await self.atomically(lambda storage: storage.purge(batch_size))
+            deleted = await self._atomically(lambda storage: storage.purge(batch_size))
             total += deleted
             if on_batch is not None:
                 on_batch(deleted)
             if deleted < batch_size:
                 return total
 
-    async def atomically(self, operation: Callable[[Storage], Awaitable[T]], *, wait: float | None = None) -> T:
+    async def _atomically(self, operation: Callable[[Storage], Awaitable[T]], *, wait: float | None = None) -> T:
         """Run one storage operation in a transaction of its own and commit it.
 
         With ``wait``, the transaction is opened first, waiting at most that long for a database-wide
@@ -307,7 +321,7 @@ class Barrier(Generic[R]):
         try:
             async with self.sessionmaker() as session:
                 try:
-                    storage = await self.storage(await session.connection())
+                    storage = await self._storage_on(await session.connection())
                     if wait is not None:
                         await storage.begin(wait)
                     result = await operation(storage)

@@ -132,7 +132,7 @@ class Lease(Generic[R]):
             LeaseLostError: The lease was reclaimed or released meanwhile.
         """
         self._check_held()
-        if not await self._barrier.atomically(
+        if not await self._barrier._atomically(
             lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
         ):
             self._lose()
@@ -145,7 +145,7 @@ class Lease(Generic[R]):
         """
         self._check_held()
         encoded = encode_response(_CHECKPOINTS, data)
-        if not await self._barrier.atomically(
+        if not await self._barrier._atomically(
             lambda storage: storage.checkpoint(self.scope, self.key, self.token, name, encoded)
         ):
             self._lose()
@@ -160,7 +160,7 @@ class Lease(Generic[R]):
             LeaseLostError: The lease was reclaimed or released meanwhile.
         """
         self._check_held()
-        if not await self._barrier.atomically(lambda storage: storage.release(self.scope, self.key, self.token)):
+        if not await self._barrier._atomically(lambda storage: storage.release(self.scope, self.key, self.token)):
             self._lose()
         self._finished = True
 
@@ -172,7 +172,7 @@ class Lease(Generic[R]):
         """
         self._check_held()
         self._finished = True
-        return self._barrier.fenced_unit_of_work(self, session=session)
+        return self._barrier._fenced_unit_of_work(self, session=session)
 
     def _check_held(self) -> None:
         if not self._entered or self.replayed:
@@ -193,9 +193,9 @@ class Lease(Generic[R]):
         try:
             await self._acquire()
         except BaseException as exc:
-            self._barrier.count(exc)
+            self._barrier._count(exc)
             raise
-        self._barrier.count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED)
+        self._barrier._count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED)
         if self._heartbeat is not None and not self.replayed:
             self._tasks = anyio.create_task_group()
             await self._tasks.__aenter__()
@@ -207,7 +207,7 @@ class Lease(Generic[R]):
         delay = _POLL_FIRST
         while True:
             try:
-                claimed = await self._barrier.atomically(
+                claimed = await self._barrier._atomically(
                     lambda storage: storage.lease_claim(
                         self.scope, self.key, self._fingerprint, self.token, self._lease, self._wait_timeout
                     ),
@@ -242,14 +242,14 @@ class Lease(Generic[R]):
 
     async def _reclaim(self, stale: Record) -> bool:
         """Take the stale lease over; return whether this caller now holds it."""
-        taken = await self._barrier.atomically(
+        taken = await self._barrier._atomically(
             lambda storage: storage.reclaim(
                 self.scope, self.key, stale.token, self.token, self._lease, self._max_reclaims
             )
         )
         if taken is None:
             return False  # another caller reclaimed it first, or its holder renewed it
-        self._barrier.reclaimed(taken)
+        self._barrier._reclaimed(taken)
         if taken.status is Status.UNKNOWN:
             raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=taken)
         self.attempt = taken.attempt
@@ -263,7 +263,7 @@ class Lease(Generic[R]):
             if self._finished:
                 return
             try:
-                held = await self._barrier.atomically(
+                held = await self._barrier._atomically(
                     lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
                 )
             except Exception:

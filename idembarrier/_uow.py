@@ -197,6 +197,10 @@ class UnitOfWork(Generic[R]):
         if self._entered:
             raise UnitOfWorkError("a unit of work is entered once; ask the barrier for another")
         self._entered = True
+        if not self._owned:
+            # The caller's pending writes are the caller's: flushed here, their errors propagate unchanged.
+            assert self._session is not None
+            await self._session.flush()
         for attempt in range(1, _CLAIM_ATTEMPTS + 1):
             if self._owned:
                 self._session = self._barrier.sessionmaker()
@@ -205,7 +209,7 @@ class UnitOfWork(Generic[R]):
                 await self._replay_or_claim(self._session)
             except BaseException as exc:
                 await self._abandon(exc)
-                self._barrier.count(exc)
+                self._barrier._count(exc)
                 ours = _storage_error(exc, "claiming the key")
                 # Under REPEATABLE READ or SERIALIZABLE a claim that waited for a duplicate which then
                 # committed fails to serialize; a fresh transaction of our own sees that duplicate's record.
@@ -214,7 +218,7 @@ class UnitOfWork(Generic[R]):
                 if ours is not None:
                     raise ours from exc
                 raise
-            self._barrier.count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED)
+            self._barrier._count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED)
             return self
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
@@ -223,11 +227,19 @@ class UnitOfWork(Generic[R]):
             conn = await session.connection()
         except InvalidRequestError as exc:
             raise UnitOfWorkError(f"the session cannot run the unit of work: {exc}") from exc
-        storage = await self._barrier.storage(conn)
+        # With the caller's session the schema check waits for our savepoint: a missing table must not
+        # abort the caller's transaction.
+        storage = await self._barrier._storage_on(conn, check=self._owned)
         if self._fenced:
             await self._fence(session, storage)
             return
-        if storage.lookup_first and (record := await storage.lookup(self._scope, self._key)) is not None:
+        # A lookup before the claim pays off where claims serialize (SQLite's write lock). Not with the
+        # caller's session: a replay keeps its savepoint open, so that nothing the body writes survives.
+        if (
+            self._owned
+            and storage.lookup_first
+            and (record := await storage.lookup(self._scope, self._key)) is not None
+        ):
             self._settle(record)
             return
         waits = self._on_conflict is OnConflict.WAIT
@@ -252,7 +264,8 @@ class UnitOfWork(Generic[R]):
             # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
             # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
             self._savepoint = await session.begin_nested()
-            await session.connection()  # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now
+            # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now.
+            await self._barrier._check_schema(await session.connection())
 
     async def _claim(self, session: AsyncSession, storage: Storage, wait: float | None) -> None:
         """Claim the key, waiting at most ``wait`` seconds (None: not at all) for a concurrent holder.
@@ -269,8 +282,7 @@ class UnitOfWork(Generic[R]):
             # Someone else holds a committed record: seen by the claim, or committed while it waited.
             record = claimed or await storage.lookup(self._scope, self._key)
             if record is not None:
-                self._settle(record)
-                await self._release_savepoint(commit=False)
+                self._settle(record)  # a replay: the savepoint stays open until the block ends
                 return
         # The key kept changing hands (claimed, then rolled back or deleted) faster than we could look.
         raise KeyInProgressError(scope=self._scope, key=self._key)

@@ -23,6 +23,7 @@ from idembarrier import (
     PydanticCodec,
     RecordedFailureError,
     ResponseEncodingError,
+    SchemaError,
     Status,
     UnitOfWorkError,
 )
@@ -468,3 +469,41 @@ async def test_body_that_commits_the_session_is_reported(db: Database) -> None:
             await uow.session.commit()
             uow.complete(None)
     assert [u.record.key for u in await barrier.unresolved()] == [key]
+
+
+async def test_caller_session_replay_writes_nothing(db: Database) -> None:
+    """In a replay with the caller's session, whatever the body writes is rolled back with the savepoint."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    await pay(barrier, key)
+    async with db.sessionmaker() as session:
+        async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
+            assert uow.replayed
+            await uow.session.execute(text("INSERT INTO payments (key, amount) VALUES (:key, 7)"), {"key": key})
+        await session.commit()
+    assert await db.payments(key) == 1
+
+
+async def test_callers_pending_integrity_error_propagates_unchanged(db: Database) -> None:
+    """The caller's own pending writes are flushed first; their IntegrityError is the caller's, unchanged."""
+    barrier = Barrier(db.sessionmaker)
+    await pay(barrier, new_key())  # payment id 1 exists
+    async with db.sessionmaker() as session:
+        session.add(Payment(id=1, key="dup", amount=1))
+        with pytest.raises(IntegrityError):
+            async with barrier.unit_of_work(new_key(), scope="payments", session=session):
+                pass
+
+
+async def test_missing_schema_leaves_the_callers_transaction_usable(pg_db: Database) -> None:
+    """With the caller's session, a missing schema raises SchemaError and the caller can still commit."""
+    async with pg_db.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE idembarrier_alembic_version"))
+    barrier = Barrier(pg_db.sessionmaker)
+    async with pg_db.sessionmaker() as session:
+        session.add(Payment(key="caller", amount=1))
+        await session.flush()
+        with pytest.raises(SchemaError):
+            async with barrier.unit_of_work(new_key(), scope="payments", session=session):
+                pass
+        await session.commit()
+    assert await pg_db.payments("caller") == 1
