@@ -257,7 +257,12 @@ class Lease(Generic[R]):
         return True
 
     async def _beat(self, every: float) -> None:
-        """Renew the lease every ``every`` seconds until the block ends or the lease is lost."""
+        """Renew the lease every ``every`` seconds until the block ends or a renewal finds it gone.
+
+        A renewal that fails (the database unreachable for a moment) is tried again at the next beat; only
+        a renewal that finds another token, or no record, marks the lease lost. Whether a lease that was
+        not renewed in time still holds is decided where it matters: at the fenced completion.
+        """
         while not self._finished:
             await anyio.sleep(every)
             if self._finished:
@@ -267,7 +272,7 @@ class Lease(Generic[R]):
                     lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
                 )
             except Exception:
-                held = False  # a renewal that cannot reach the database may already have lost the lease
+                continue
             if not held:
                 self._lost = True
                 return

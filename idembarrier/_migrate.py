@@ -43,9 +43,24 @@ async def upgrade(
         revision: The revision to reach.
         table: Name of the records table (match the `Barrier`'s ``table``).
         schema: PostgreSQL schema to put it in (created if missing).
+
+    Raises:
+        SchemaError: The schema already holds idembarrier's version table for another records table:
+            one records table per database schema (put a second one in another schema).
     """
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade, revision, table, schema)
+        if revision == "head" and not await conn.run_sync(_has_table, table, schema):
+            raise SchemaError(
+                f"idembarrier's version table in schema {schema or 'default'!r} is at head for another records "
+                f"table, so {table!r} was not created: keep one records table per schema"
+            )
+
+
+def _has_table(connection: Connection, name: str, schema: str | None) -> bool:
+    from sqlalchemy import inspect
+
+    return inspect(connection).has_table(name, schema=schema)
 
 
 def _upgrade(connection: Connection, revision: str, table_name: str, schema: str | None) -> None:

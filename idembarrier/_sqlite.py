@@ -11,6 +11,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self
 
+import anyio
+
 from ._record import Record, Status
 from ._storage import Found, pool_connection
 
@@ -104,10 +106,20 @@ class SqliteStorage:
             return
         busy_timeout = (await self._conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
         await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {max(1, round((wait or 0) * 1000))}")
+        restore = f"PRAGMA busy_timeout = {int(busy_timeout)}"
         try:
             await self._conn.exec_driver_sql("BEGIN IMMEDIATE")
-        finally:
-            await self._conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(busy_timeout)}")
+        except BaseException as exc:
+            # Straight on the driver and shielded: after a failed or cancelled BEGIN, SQLAlchemy's side of
+            # the connection refuses statements (or has closed the connection), and the BEGIN's own error
+            # or cancellation must be what propagates.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._driver.execute(restore)
+                except Exception as cleanup:
+                    exc.add_note(f"idembarrier: the connection's busy timeout was not restored: {cleanup!r}")
+            raise
+        await self._conn.exec_driver_sql(restore)
 
     def in_transaction(self) -> bool:
         """Whether the connection is inside a transaction; see `Storage.in_transaction`."""

@@ -474,3 +474,27 @@ async def test_repeatable_read_duplicates_replay_instead_of_failing_to_serialize
         await engine.dispose()
     assert responses == [winner.response] * 5
     assert await pg_db.payments(key) == 1
+
+
+async def test_cancelled_wait_for_sqlites_write_lock_stays_a_cancellation(sqlite_db: Database) -> None:
+    """A duplicate cancelled while it waits for SQLite's write lock ends cancelled; nothing else escapes.
+
+    aiosqlite cannot abandon a blocked BEGIN IMMEDIATE: the cancellation completes once the lock frees.
+    """
+    barrier, key = Barrier(sqlite_db.sessionmaker), new_key()
+    winner = Winner(barrier, key)
+    waiting = anyio.CancelScope()
+
+    async def duplicate() -> None:
+        with waiting:
+            await barrier.execute(key, write_never, scope=SCOPE, wait_timeout=30)
+
+    async with Waiters(sqlite_db) as waiters, anyio.create_task_group() as tg:
+        await tg.start(winner.run)
+        tg.start_soon(duplicate)
+        await waiters.until(1)
+        waiting.cancel()
+        winner.release.set()
+    assert waiting.cancelled_caught
+    assert await barrier.execute(key, write_never, scope=SCOPE) == winner.response
+    assert await sqlite_db.payments(key) == 1

@@ -389,3 +389,10 @@ async def test_built_wheel_carries_and_runs_migrations(empty_pg: Empty, tmp_path
     assert Path(scripts).is_relative_to(venv)
     assert Path(scripts).name == "_migrations"
     assert await versions(empty_pg.engine) == [HEAD]
+
+
+async def test_a_second_records_table_in_the_same_schema_is_refused(empty: Empty) -> None:
+    """Upgrading for another table name where the version table is already at head raises SchemaError."""
+    await idembarrier.upgrade(empty.engine)
+    with pytest.raises(idembarrier.SchemaError, match="one records table per schema"):
+        await idembarrier.upgrade(empty.engine, table="other_keys")
