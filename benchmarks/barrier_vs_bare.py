@@ -204,7 +204,7 @@ async def setup(url: URL, prefill: int) -> list[str]:
 
         # The bulk rows must be what the barrier writes: same digest and encoding, same shape.
         check = f"""SELECT key, fingerprint, response, status, attempt, completed_at IS NOT NULL,
-                           expires_at - completed_at, updated_at = created_at, locked_until IS NULL
+                           expires_at - completed_at, locked_until IS NULL
                     FROM {RECORDS} WHERE scope = $1 AND key = ANY($2::text[]) ORDER BY key = $3 DESC"""
         async with engine.connect() as conn:
             raw = await raw_connection(conn)

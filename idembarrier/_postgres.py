@@ -109,8 +109,9 @@ def _statements(table: str) -> _Statements:
         # was inserted by this same transaction, so no one else can hold it; for leases the token decides.
         finish=f"""
             UPDATE {table}
-            SET status = $4, response = $5, completed_at = clock_timestamp(), updated_at = clock_timestamp(),
-                expires_at = clock_timestamp() + $6::interval, locked_until = NULL
+            SET status = $4, response = $5, completed_at = at.now, updated_at = at.now,
+                expires_at = at.now + $6::interval, locked_until = NULL
+            FROM (SELECT clock_timestamp() AS now) AS at
             WHERE scope = $1 AND key = $2 AND token = $3
             RETURNING 1""",
     )
@@ -205,8 +206,9 @@ def _lease_statements(table: str) -> _LeaseStatements:
         # An operator's resolution: only of an UNKNOWN record or a stale lease, never of a live holder's.
         resolve=f"""
             UPDATE {table}
-            SET status = $3, response = $4, completed_at = clock_timestamp(), updated_at = clock_timestamp(),
-                expires_at = clock_timestamp() + $5::interval, locked_until = NULL
+            SET status = $3, response = $4, completed_at = at.now, updated_at = at.now,
+                expires_at = at.now + $5::interval, locked_until = NULL
+            FROM (SELECT clock_timestamp() AS now) AS at
             WHERE scope = $1 AND key = $2
               AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
             RETURNING 1""",
