@@ -66,6 +66,7 @@ class Barrier(Generic[R]):
         self.sessionmaker = sessionmaker
         self._on_reclaim = on_reclaim
         self._outcomes: Counter[Outcome] = Counter()
+        self._observers: list[Callable[[Outcome, str], object]] = []
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]
         self.options = Options(
             table=table,
@@ -273,19 +274,28 @@ class Barrier(Generic[R]):
             lease_token=lease.token,
         )
 
+    def observe(self, observer: Callable[[Outcome, str], object]) -> None:
+        """Call ``observer(outcome, scope)`` for every outcome this barrier counts (metrics exporters use it).
+
+        Observers run inline and must be quick; an exception from one propagates to the call it observes.
+        """
+        self._observers.append(observer)
+
     def _reclaimed(self, record: Record) -> None:
         """Count a reclaimed (or UNKNOWN-turned) lease and report it to the ``on_reclaim`` hook."""
-        self._outcomes[Outcome.STALE_RECLAIM] += 1
+        self._count(Outcome.STALE_RECLAIM, record.scope)
         if self._on_reclaim is not None:
             self._on_reclaim(record)
 
-    def _count(self, outcome: Outcome | BaseException) -> None:
+    def _count(self, outcome: Outcome | BaseException, scope: str) -> None:
         """Count a call's outcome, given as such or as the exception its claim raised."""
         if isinstance(outcome, BaseException):
             if (counted := outcome_of(outcome)) is None:
                 return
             outcome = counted
         self._outcomes[outcome] += 1
+        for observer in self._observers:
+            observer(outcome, scope)
 
     # -- operations -------------------------------------------------------------------------------------
 

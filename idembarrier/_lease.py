@@ -193,9 +193,9 @@ class Lease(Generic[R]):
         try:
             await self._acquire()
         except BaseException as exc:
-            self._barrier._count(exc)
+            self._barrier._count(exc, self.scope)
             raise
-        self._barrier._count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED)
+        self._barrier._count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED, self.scope)
         if self._heartbeat is not None and not self.replayed:
             self._tasks = anyio.create_task_group()
             await self._tasks.__aenter__()

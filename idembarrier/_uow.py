@@ -209,7 +209,7 @@ class UnitOfWork(Generic[R]):
                 await self._replay_or_claim(self._session)
             except BaseException as exc:
                 await self._abandon(exc)
-                self._barrier._count(exc)
+                self._barrier._count(exc, self._scope)
                 ours = _storage_error(exc, "claiming the key")
                 # Under REPEATABLE READ or SERIALIZABLE a claim that waited for a duplicate which then
                 # committed fails to serialize; a fresh transaction of our own sees that duplicate's record.
@@ -218,7 +218,7 @@ class UnitOfWork(Generic[R]):
                 if ours is not None:
                     raise ours from exc
                 raise
-            self._barrier._count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED)
+            self._barrier._count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED, self._scope)
             return self
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 

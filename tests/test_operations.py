@@ -150,3 +150,13 @@ async def test_purge_refuses_a_useless_batch_size(db: Database) -> None:
     """A batch size below 1 raises ValueError."""
     with pytest.raises(ValueError, match="batch_size"):
         await Barrier(db.sessionmaker).purge(batch_size=0)
+
+
+async def test_observers_see_every_counted_outcome_with_its_scope(db: Database) -> None:
+    """observe() receives each outcome as it is counted, with the call's scope."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    seen: list[tuple[Outcome, str]] = []
+    barrier.observe(lambda outcome, scope: seen.append((outcome, scope)))
+    await run(barrier, key)
+    await run(barrier, key)
+    assert seen == [(Outcome.EXECUTED, SCOPE), (Outcome.REPLAYED, SCOPE)]
