@@ -6,11 +6,12 @@ the business writes, so the writes and the key's outcome commit, or roll back, t
 
 from __future__ import annotations
 
-from ._barrier import DEFAULT_LEASE, Barrier, Unresolved
+from ._barrier import DEFAULT_LEASE, Barrier, Purged, Unresolved
 from ._codec import JSON, Codec, DataclassCodec, JSONCodec, PydanticCodec
-from ._config import DEFAULT_RETENTION, OnConflict
+from ._config import DEFAULT_RECORD_RETENTION, DEFAULT_RETENTION, ExpiredReplay, OnConflict, Retention
 from ._engines import create_sqlite_engine
 from ._exceptions import (
+    ConfigurationError,
     ConflictError,
     ConnectionLostError,
     FingerprintMismatchError,
@@ -22,6 +23,7 @@ from ._exceptions import (
     ReconciliationRequiredError,
     RecordedFailureError,
     ResponseEncodingError,
+    ResponseExpiredError,
     SchemaError,
     SerializationError,
     StorageError,
@@ -36,14 +38,17 @@ from ._uow import UnitOfWork
 
 __all__ = [
     "DEFAULT_LEASE",
+    "DEFAULT_RECORD_RETENTION",
     "DEFAULT_RETENTION",
     "JSON",
     "MAX_KEY_LENGTH",
     "Barrier",
     "Codec",
+    "ConfigurationError",
     "ConflictError",
     "ConnectionLostError",
     "DataclassCodec",
+    "ExpiredReplay",
     "FingerprintMismatchError",
     "IdembarrierError",
     "InvalidFingerprintError",
@@ -54,11 +59,14 @@ __all__ = [
     "LeaseLostError",
     "OnConflict",
     "Outcome",
+    "Purged",
     "PydanticCodec",
     "ReconciliationRequiredError",
     "Record",
     "RecordedFailureError",
     "ResponseEncodingError",
+    "ResponseExpiredError",
+    "Retention",
     "SchemaError",
     "SerializationError",
     "Stats",

@@ -5,14 +5,22 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Generic
+from typing import TYPE_CHECKING, Generic, NamedTuple
 
 from typing_extensions import TypeVar
 
 from ._codec import JSON, Codec, JSONCodec, encode_response
-from ._config import DEFAULT_RETENTION, OnConflict, Options, check_retention, check_wait_timeout
+from ._config import (
+    DEFAULT_RETENTION,
+    ExpiredReplay,
+    OnConflict,
+    Options,
+    Retention,
+    as_retention,
+    check_wait_timeout,
+)
 from ._errors import connection_lost, translate
-from ._exceptions import ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
+from ._exceptions import ConfigurationError, ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
 from ._lease import Lease
 from ._metrics import Outcome, Stats, outcome_of
@@ -22,7 +30,7 @@ from ._storage import Storage, TableName, open_storage
 from ._uow import UnitOfWork
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
@@ -45,7 +53,12 @@ class Barrier(Generic[R]):
         schema: PostgreSQL schema of the records table.
         on_conflict: What a concurrent duplicate does by default: wait for the holder, or fail fast.
         wait_timeout: Longest wait for a concurrent holder, in seconds.
-        retention: How long finished records are kept before cleanup may delete them.
+        retention: The horizons of finished records: a `Retention`, or a timedelta for the response's
+            (the compact record then stays at least 30 days).
+        retention_by_scope: `Retention` per scope, overriding ``retention``.
+        on_expired_replay: What a replay that finds only the compact record does (default: reject).
+        max_replay_window: The longest a replay may lag its request (Kafka retention, consumer-lag bound);
+            refused with `ConfigurationError` when some record retention is shorter.
         check_schema: On first use, raise `SchemaError` unless the table is at the migrations' head.
         on_reclaim: Called with the record each time a stale lease is reclaimed (or turned UNKNOWN).
     """
@@ -59,7 +72,10 @@ class Barrier(Generic[R]):
         schema: str | None = None,
         on_conflict: OnConflict = OnConflict.WAIT,
         wait_timeout: float = 10.0,
-        retention: timedelta = DEFAULT_RETENTION,
+        retention: timedelta | Retention = DEFAULT_RETENTION,
+        retention_by_scope: Mapping[str, Retention] | None = None,
+        on_expired_replay: ExpiredReplay = ExpiredReplay.REJECT,
+        max_replay_window: timedelta | None = None,
         check_schema: bool = True,
         on_reclaim: Callable[[Record], object] | None = None,
     ) -> None:
@@ -73,7 +89,10 @@ class Barrier(Generic[R]):
             schema=schema,
             on_conflict=on_conflict,
             wait_timeout=wait_timeout,
-            retention=retention,
+            retention=as_retention(retention),
+            retention_by_scope=retention_by_scope or {},
+            on_expired_replay=on_expired_replay,
+            max_replay_window=max_replay_window,
             check_schema=check_schema,
         )
         self._table = TableName(table, schema)
@@ -88,7 +107,7 @@ class Barrier(Generic[R]):
         session: AsyncSession | None = None,
         on_conflict: OnConflict | None = None,
         wait_timeout: float | None = None,
-        retention: timedelta | None = None,
+        retention: timedelta | Retention | None = None,
     ) -> UnitOfWork[R]:
         """Return the unit of work for ``key`` in ``scope``, to be entered with ``async with``.
 
@@ -103,7 +122,7 @@ class Barrier(Generic[R]):
                 body raises, the savepoint is rolled back and the caller's transaction stays usable.
             on_conflict: Overrides the barrier's choice for a concurrent duplicate.
             wait_timeout: Overrides the barrier's longest wait, in seconds.
-            retention: Overrides how long this record is kept once finished.
+            retention: Overrides the horizons of this record (see `Barrier`'s ``retention``).
 
         Raises:
             InvalidKeyError: The key or scope is unusable; raised here, before any SQL.
@@ -117,7 +136,8 @@ class Barrier(Generic[R]):
             session=session,
             on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
-            retention=self.options.retention if retention is None else check_retention(retention),
+            retention=self.options.retention_for(scope) if retention is None else as_retention(retention),
+            on_expired_replay=self.options.on_expired_replay,
             codec=self.codec,
         )
 
@@ -131,7 +151,7 @@ class Barrier(Generic[R]):
         session: AsyncSession | None = None,
         on_conflict: OnConflict | None = None,
         wait_timeout: float | None = None,
-        retention: timedelta | None = None,
+        retention: timedelta | Retention | None = None,
     ) -> R:
         """Run ``handler(session)`` once per key and return its response; replays return the stored one.
 
@@ -233,7 +253,7 @@ class Barrier(Generic[R]):
         return [Unresolved(record, age) for record, age in found]
 
     async def resolve(
-        self, key: str, *, scope: str, status: Status, response: R, retention: timedelta | None = None
+        self, key: str, *, scope: str, status: Status, response: R, retention: timedelta | Retention | None = None
     ) -> None:
         """Record an operator's outcome for an UNKNOWN record or a stale lease.
 
@@ -244,7 +264,7 @@ class Barrier(Generic[R]):
         if not status.finished:
             raise ValueError(f"a key is resolved to COMPLETED or FAILED, not {status}")
         encoded = encode_response(self.codec, response)
-        keep = self.options.retention if retention is None else check_retention(retention)
+        keep = self.options.retention_for(scope) if retention is None else as_retention(retention)
         scope, key = validate_key(scope, what="scope"), validate_key(key)
         if await self._atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
             return
@@ -269,7 +289,8 @@ class Barrier(Generic[R]):
             session=session,
             on_conflict=self.options.on_conflict,
             wait_timeout=self.options.wait_timeout,
-            retention=self.options.retention,
+            retention=self.options.retention_for(lease.scope),
+            on_expired_replay=self.options.on_expired_replay,
             codec=self.codec,
             lease_token=lease.token,
         )
@@ -304,22 +325,37 @@ class Barrier(Generic[R]):
         statuses, oldest = await self._atomically(lambda storage: storage.distribution())
         return Stats(outcomes=Counter(self._outcomes), statuses=statuses, oldest_in_progress=oldest)
 
-    async def purge(self, *, batch_size: int = 1000, on_batch: Callable[[int], object] | None = None) -> int:
-        """Delete finished records whose ``expires_at`` has passed, in batches; return how many.
+    async def purge(self, *, batch_size: int = 1000, on_batch: Callable[[str, int], object] | None = None) -> Purged:
+        """Apply retention, in batches: drop responses past their horizon, then delete expired records.
 
-        Only COMPLETED and FAILED records are ever deleted, never IN_PROGRESS or UNKNOWN ones. Each batch is
-        its own short transaction and skips rows another purger (or a claim) has locked, so several purgers
-        and live traffic run side by side. ``on_batch`` is called with each batch's count.
+        A record whose response is dropped stays as a compact record until ``expires_at``, so a late replay
+        is still recognised (see ``on_expired_replay``). Only COMPLETED and FAILED records are touched, never
+        IN_PROGRESS or UNKNOWN ones. Each batch is its own short transaction and skips rows another purger
+        (or a claim) has locked, so several purgers and live traffic run side by side. ``on_batch`` is
+        called with ``"compacted"`` or ``"deleted"`` and each batch's count.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+            raise ConfigurationError(f"batch_size must be at least 1, not {batch_size!r}")
+        compacted = await self._in_batches(
+            "compacted", lambda storage: storage.compact(batch_size), batch_size, on_batch
+        )
+        deleted = await self._in_batches("deleted", lambda storage: storage.purge(batch_size), batch_size, on_batch)
+        return Purged(compacted=compacted, deleted=deleted)
+
+    async def _in_batches(
+        self,
+        kind: str,
+        batch: Callable[[Storage], Awaitable[int]],
+        size: int,
+        on_batch: Callable[[str, int], object] | None,
+    ) -> int:
         total = 0
         while True:
-            deleted = await self._atomically(lambda storage: storage.purge(batch_size))
-            total += deleted
+            done = await self._atomically(batch)
+            total += done
             if on_batch is not None:
-                on_batch(deleted)
-            if deleted < batch_size:
+                on_batch(kind, done)
+            if done < size:
                 return total
 
     async def _atomically(self, operation: Callable[[Storage], Awaitable[T]], *, wait: float | None = None) -> T:
@@ -347,6 +383,15 @@ class Barrier(Generic[R]):
             if (ours := translate(exc, "reading or writing the records table")) is not None:
                 raise ours from exc
             raise
+
+
+class Purged(NamedTuple):
+    """What `Barrier.purge` did."""
+
+    compacted: int
+    """Records whose response was dropped (past the response retention); they stay as compact records."""
+    deleted: int
+    """Records deleted (past the record retention)."""
 
 
 @dataclass(frozen=True, slots=True)

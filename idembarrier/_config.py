@@ -3,14 +3,73 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
+from types import MappingProxyType
 
-__all__ = ["DEFAULT_RETENTION", "OnConflict", "Options"]
+from ._exceptions import ConfigurationError
+
+__all__ = [
+    "DEFAULT_RECORD_RETENTION",
+    "DEFAULT_RETENTION",
+    "ExpiredReplay",
+    "OnConflict",
+    "Options",
+    "Retention",
+    "as_retention",
+]
 
 DEFAULT_RETENTION = timedelta(days=7)
-"""How long a finished record is kept before cleanup may delete it: the minimum for Kafka-fed systems."""
+"""How long a finished record keeps its response: the article's minimum for Kafka-fed systems."""
+DEFAULT_RECORD_RETENTION = timedelta(days=30)
+"""How long the compact record (scope, key, fingerprint, status, timestamps) outlives its response."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retention:
+    """The two horizons of a finished record, counted from its completion.
+
+    Attributes:
+        response: Until then the record replays its response; after it cleanup drops the response.
+        record: Until then the compact record remains, so a late replay is detected (never silently run
+            again); after it cleanup deletes the record and the key is new again.
+    """
+
+    response: timedelta = DEFAULT_RETENTION
+    record: timedelta = DEFAULT_RECORD_RETENTION
+
+    def __post_init__(self) -> None:
+        for name in ("response", "record"):
+            value = getattr(self, name)
+            if not isinstance(value, timedelta) or value < timedelta(0):
+                raise ConfigurationError(f"retention {name} must be a non-negative timedelta, not {value!r}")
+        if self.record < self.response:
+            raise ConfigurationError(
+                f"the record retention ({self.record}) is shorter than the response retention "
+                f"({self.response}): a record cannot go before its response"
+            )
+
+
+def as_retention(value: timedelta | Retention) -> Retention:
+    """A `Retention` from itself, or from a response retention (the record kept at least 30 days)."""
+    if isinstance(value, Retention):
+        return value
+    if not isinstance(value, timedelta):
+        raise ConfigurationError(f"retention must be a timedelta or a Retention, not {value!r}")
+    return Retention(response=value, record=max(value, DEFAULT_RECORD_RETENTION))
+
+
+class ExpiredReplay(StrEnum):
+    """What a call does when its key's record remains but its response was dropped (past retention)."""
+
+    REJECT = "reject"
+    """Raise `ResponseExpiredError` (HTTP 409): the request was made, its answer is gone."""
+    ALLOW = "allow"
+    """Run again, as a new request, in the same transaction that takes the record over."""
+    ALERT = "alert"
+    """Run again, and count it as a late replay (``Outcome.LATE_REPLAY``) for alerting."""
 
 
 class OnConflict(StrEnum):
@@ -31,7 +90,11 @@ class Options:
         schema: PostgreSQL schema of the records table (``None``: the search path).
         on_conflict: What a concurrent duplicate does.
         wait_timeout: Longest wait, in seconds, for a concurrent holder under ``OnConflict.WAIT``.
-        retention: How long a finished record is kept before cleanup may delete it (from completion).
+        retention: The horizons of finished records.
+        retention_by_scope: Horizons for particular scopes, overriding ``retention``.
+        on_expired_replay: What a replay that finds only the compact record does.
+        max_replay_window: The longest a replay may come after its request (Kafka retention, the bound on
+            consumer lag, a DLQ's redrive horizon). Refused when a record retention is shorter.
         check_schema: Verify on first use that the table is at the migrations' head.
     """
 
@@ -39,13 +102,30 @@ class Options:
     schema: str | None = None
     on_conflict: OnConflict = OnConflict.WAIT
     wait_timeout: float = 10.0
-    retention: timedelta = DEFAULT_RETENTION
+    retention: Retention = field(default_factory=Retention)
+    retention_by_scope: Mapping[str, Retention] = field(default_factory=dict)
+    on_expired_replay: ExpiredReplay = ExpiredReplay.REJECT
+    max_replay_window: timedelta | None = None
     check_schema: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_conflict", OnConflict(self.on_conflict))
+        object.__setattr__(self, "on_expired_replay", ExpiredReplay(self.on_expired_replay))
+        object.__setattr__(self, "retention_by_scope", MappingProxyType(dict(self.retention_by_scope)))
         check_wait_timeout(self.wait_timeout)
-        check_retention(self.retention)
+        window = self.max_replay_window
+        if window is not None:
+            for scope, retention in [("every scope", self.retention), *self.retention_by_scope.items()]:
+                if retention.record < window:
+                    raise ConfigurationError(
+                        f"records of {scope} are kept {retention.record}, less than the maximum replay window "
+                        f"{window}: a replay arriving after {retention.record} would find no record and run "
+                        "again. Keep records at least as long as replays can come (Retention(record=...))"
+                    )
+
+    def retention_for(self, scope: str) -> Retention:
+        """The horizons of ``scope``'s records."""
+        return self.retention_by_scope.get(scope, self.retention)
 
 
 def check_wait_timeout(seconds: float) -> float:
@@ -56,7 +136,7 @@ def check_wait_timeout(seconds: float) -> float:
 
 
 def check_retention(retention: timedelta) -> timedelta:
-    """Return ``retention`` if it is a usable retention, else raise `ValueError`."""
+    """Return ``retention`` if it is a usable retention, else raise `ConfigurationError`."""
     if not isinstance(retention, timedelta) or retention < timedelta(0):
-        raise ValueError(f"retention must be a non-negative timedelta, not {retention!r}")
+        raise ConfigurationError(f"retention must be a non-negative timedelta, not {retention!r}")
     return retention

@@ -6,10 +6,12 @@ An exception raised by your own code inside a unit of work is never wrapped: it 
     IdembarrierError
     ├── InvalidKeyError              the key is empty, too long or has control characters (no SQL ran)
     ├── InvalidFingerprintError      the fingerprint is neither bytes nor a JSON value (no SQL ran)
+    ├── ConfigurationError           the barrier's settings contradict each other (refused at start-up)
     ├── ConflictError                the key's record stands in the way of running the body
     │   ├── KeyInProgressError       a concurrent duplicate holds the key (HTTP 409)
     │   ├── FingerprintMismatchError the key was used for a different request (HTTP 422)
     │   ├── ReconciliationRequiredError the key is UNKNOWN: a person must resolve it
+    │   ├── ResponseExpiredError     only the compact record remains: the response is past retention
     │   └── LeaseLostError           a lease was taken over or released: its holder may no longer write
     ├── RecordedFailureError         ``execute()`` met a record whose outcome is FAILED
     ├── ResponseEncodingError        the codec cannot encode or decode a response
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from ._record import Record
 
 __all__ = [
+    "ConfigurationError",
     "ConflictError",
     "ConnectionLostError",
     "FingerprintMismatchError",
@@ -39,6 +42,7 @@ __all__ = [
     "ReconciliationRequiredError",
     "RecordedFailureError",
     "ResponseEncodingError",
+    "ResponseExpiredError",
     "SchemaError",
     "SerializationError",
     "StorageError",
@@ -64,6 +68,10 @@ class InvalidKeyError(IdembarrierError, ValueError):
 
 class InvalidFingerprintError(IdembarrierError, TypeError):
     """Raised when a fingerprint is neither bytes nor a JSON value; raised before any SQL runs."""
+
+
+class ConfigurationError(IdembarrierError, ValueError):
+    """Raised when a barrier's settings are unusable or contradict each other; raised when it is built."""
 
 
 class ConflictError(IdembarrierError):
@@ -120,6 +128,22 @@ class ReconciliationRequiredError(ConflictError):
         super().__init__(
             f"key {key!r} in scope {scope!r} needs reconciliation: its work died after "
             f"{record.attempt if record else '?'} attempts; resolve it with Barrier.resolve()",
+            scope=scope,
+            key=key,
+            record=record,
+        )
+
+
+class ResponseExpiredError(ConflictError):
+    """Raised when a replay finds the key's compact record but its response is past retention.
+
+    The request was made (``record`` says when and how it ended); its response is gone. Under the default
+    ``ExpiredReplay.REJECT`` policy nothing runs again. Maps to HTTP 409.
+    """
+
+    def __init__(self, *, scope: str, key: str, record: Record | None) -> None:
+        super().__init__(
+            f"key {key!r} in scope {scope!r} was used already, and its response is past retention",
             scope=scope,
             key=key,
             record=record,

@@ -23,6 +23,7 @@ from ._exceptions import (
     KeyInProgressError,
     LeaseLostError,
     ReconciliationRequiredError,
+    ResponseExpiredError,
     UnitOfWorkError,
 )
 from ._metrics import Outcome
@@ -227,6 +228,8 @@ class Lease(Generic[R]):
             if record.fingerprint != self._fingerprint:
                 raise FingerprintMismatchError(scope=self.scope, key=self.key, record=record)
             if record.status.finished:
+                if record.response is None:  # leases never take a compact record over
+                    raise ResponseExpiredError(scope=self.scope, key=self.key, record=record)
                 self.record = record
                 return
             if record.status is Status.UNKNOWN:

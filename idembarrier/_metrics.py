@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
 
-from ._exceptions import FingerprintMismatchError, KeyInProgressError, ReconciliationRequiredError
+from ._exceptions import (
+    FingerprintMismatchError,
+    KeyInProgressError,
+    ReconciliationRequiredError,
+    ResponseExpiredError,
+)
 from ._record import Status
 
 __all__ = ["Outcome", "Stats", "outcome_of"]
@@ -26,6 +31,8 @@ class Outcome(StrEnum):
     """The key was used for another request (`FingerprintMismatchError`)."""
     UNRESOLVED = "unresolved"
     """The key is UNKNOWN (`ReconciliationRequiredError`)."""
+    LATE_REPLAY = "late_replay"
+    """A replay found only the compact record: its response was past retention."""
     STALE_RECLAIM = "stale_reclaim"
     """A stale lease was taken over (counted in addition to the caller's own outcome)."""
 
@@ -38,6 +45,8 @@ def outcome_of(exc: BaseException) -> Outcome | None:
         return Outcome.FINGERPRINT_MISMATCH
     if isinstance(exc, ReconciliationRequiredError):
         return Outcome.UNRESOLVED
+    if isinstance(exc, ResponseExpiredError):
+        return Outcome.LATE_REPLAY
     return None
 
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from ._config import Retention
+
 __all__ = ["PostgresStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
@@ -62,6 +64,7 @@ class _Statements(NamedTuple):
     claim: str
     claim_nowait: str
     finish: str
+    retake: str
 
 
 @cache
@@ -110,16 +113,26 @@ def _statements(table: str) -> _Statements:
         finish=f"""
             UPDATE {table}
             SET status = $4, response = $5, completed_at = at.now, updated_at = at.now,
-                expires_at = at.now + $6::interval, locked_until = NULL
+                response_expires_at = at.now + $6::interval, expires_at = at.now + $7::interval,
+                locked_until = NULL
             FROM (SELECT clock_timestamp() AS now) AS at
             WHERE scope = $1 AND key = $2 AND token = $3
+            RETURNING 1""",
+        # Takes over a compact record (its response dropped past retention) for a late request that the
+        # policy lets run again: inside the unit of work's transaction, so a rollback restores it. The row
+        # lock makes a concurrent late duplicate wait, then find the record IN_PROGRESS no more.
+        retake=f"""
+            UPDATE {table}
+            SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
+                completed_at = NULL, response_expires_at = NULL, expires_at = NULL
+            WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
             RETURNING 1""",
     )
 
 
 @cache
-def _operations(table: str) -> tuple[str, str]:
-    """The statements of `distribution` and `purge` on ``table``."""
+def _operations(table: str) -> tuple[str, str, str]:
+    """The statements of `distribution`, `purge` and `compact` on ``table``."""
     distribution = f"""
         SELECT status, count(*), clock_timestamp() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS')
         FROM {table} GROUP BY status"""
@@ -137,7 +150,21 @@ def _operations(table: str) -> tuple[str, str]:
             RETURNING 1
         )
         SELECT count(*) FROM deleted"""
-    return distribution, purge
+    # Drops responses past their horizon, keeping the compact record; the same SKIP LOCKED discipline.
+    compact = f"""
+        WITH due AS (
+            SELECT scope, key FROM {table}
+            WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+              AND response_expires_at <= clock_timestamp()
+            ORDER BY response_expires_at LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ), compacted AS (
+            UPDATE {table} AS t SET response = NULL, updated_at = clock_timestamp() FROM due
+            WHERE t.scope = due.scope AND t.key = due.key
+            RETURNING 1
+        )
+        SELECT count(*) FROM compacted"""
+    return distribution, purge, compact
 
 
 class _LeaseStatements(NamedTuple):
@@ -207,7 +234,8 @@ def _lease_statements(table: str) -> _LeaseStatements:
         resolve=f"""
             UPDATE {table}
             SET status = $3, response = $4, completed_at = at.now, updated_at = at.now,
-                expires_at = at.now + $5::interval, locked_until = NULL
+                response_expires_at = at.now + $5::interval, expires_at = at.now + $6::interval,
+                locked_until = NULL
             FROM (SELECT clock_timestamp() AS now) AS at
             WHERE scope = $1 AND key = $2
               AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
@@ -280,13 +308,17 @@ class PostgresStorage:
         return True if row[0] else _record(row, 1)
 
     async def finish(
-        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
+        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention
     ) -> bool:
         """Record the outcome; see `Storage.finish`."""
-        updated: object = await self._driver.fetchval(
-            self._sql.finish, scope, key, token, status.value, response, retention
+        return await self._one(
+            self._sql.finish, scope, key, token, status.value, response, retention.response, retention.record
         )
-        return updated == 1
+
+    async def retake(self, scope: str, key: str, token: uuid.UUID, wait: float | None) -> bool:
+        """Take a compact record over for a late request; see `Storage.retake`."""
+        matched: object = await self._driver.fetchval(self._sql.retake, scope, key, token, timeout=wait)
+        return matched == 1
 
     # -- leased work ------------------------------------------------------------------------------------
 
@@ -331,9 +363,11 @@ class PostgresStorage:
         """List records that need a person; see `Storage.unresolved`."""
         return [(_record(row), row[14]) for row in await self._driver.fetch(self._lease.unresolved, limit)]
 
-    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: timedelta) -> bool:
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: Retention) -> bool:
         """Record an operator's outcome; see `Storage.resolve`."""
-        return await self._one(self._lease.resolve, scope, key, status.value, response, retention)
+        return await self._one(
+            self._lease.resolve, scope, key, status.value, response, retention.response, retention.record
+        )
 
     async def _one(self, sql: str, *args: object) -> bool:
         """Run a statement that returns ``1`` when it matched its row."""
@@ -352,3 +386,8 @@ class PostgresStorage:
         """Delete expired finished records; see `Storage.purge`."""
         deleted: int = await self._driver.fetchval(_operations(self._table)[1], limit)
         return deleted
+
+    async def compact(self, limit: int) -> int:
+        """Drop responses past retention; see `Storage.compact`."""
+        compacted: int = await self._driver.fetchval(_operations(self._table)[2], limit)
+        return compacted

@@ -41,6 +41,7 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
         attempt: how many times the key was claimed; above 1 only after a lease was reclaimed.
         created_at / updated_at / completed_at: database-clock timestamps.
         expires_at: from when cleanup may delete the record; never read for deduplication.
+        response_expires_at: from when cleanup may drop the response, keeping the compact record.
         locked_until: end of a lease (leased work only); a reclaim may take the key after it.
         checkpoint_name / checkpoint_data: the last progress a lease holder recorded, for a reclaimer.
     """
@@ -61,6 +62,7 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
         Column("locked_until", DateTime(timezone=True), nullable=True),
         Column("checkpoint_name", String(255), nullable=True),
         Column("checkpoint_data", LargeBinary, nullable=True),
+        Column("response_expires_at", DateTime(timezone=True), nullable=True),
         PrimaryKeyConstraint("scope", "key", name=f"pk_{name}"),
         CheckConstraint(f"status IN ({_STATUSES})", name=f"ck_{name}_status"),
         CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{name}_key_length"),
@@ -70,6 +72,12 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
             "expires_at",
             postgresql_where=text("status IN ('COMPLETED', 'FAILED')"),
             sqlite_where=text("status IN ('COMPLETED', 'FAILED')"),
+        ),
+        Index(
+            f"ix_{name}_response_expires_at",
+            "response_expires_at",
+            postgresql_where=text("response IS NOT NULL"),
+            sqlite_where=text("response IS NOT NULL"),
         ),
         Index(
             f"ix_{name}_locked_until",

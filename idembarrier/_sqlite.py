@@ -19,6 +19,8 @@ from ._storage import Found, pool_connection
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from ._config import Retention
+
 __all__ = ["SqliteStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
@@ -82,7 +84,7 @@ class SqliteStorage:
         self._finish = f"""
             UPDATE {table}
             SET status = ?, response = ?, completed_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP,
-                expires_at = datetime('now', ?), locked_until = NULL
+                response_expires_at = datetime('now', ?), expires_at = datetime('now', ?), locked_until = NULL
             WHERE scope = ? AND key = ? AND token = ?
             RETURNING 1"""
 
@@ -133,14 +135,28 @@ class SqliteStorage:
         return result.first() is not None
 
     async def finish(
-        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
+        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention
     ) -> bool:
         """Record the outcome; see `Storage.finish`."""
-        modifier = _later(retention)
-        result = await self._conn.exec_driver_sql(
-            self._finish, (status.value, response, modifier, scope, key, token.hex)
+        return await self._one(
+            self._finish,
+            status.value,
+            response,
+            _later(retention.response),
+            _later(retention.record),
+            scope,
+            key,
+            token.hex,
         )
-        return result.first() is not None
+
+    async def retake(self, scope: str, key: str, token: uuid.UUID, wait: float | None) -> bool:
+        """Take a compact record over for a late request (under the write lock); see `Storage.retake`."""
+        sql = f"""UPDATE {self._table}
+                  SET status = 'IN_PROGRESS', token = ?, attempt = attempt + 1, updated_at = CURRENT_TIMESTAMP,
+                      completed_at = NULL, response_expires_at = NULL, expires_at = NULL
+                  WHERE scope = ? AND key = ? AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
+                  RETURNING 1"""
+        return await self._one(sql, token.hex, scope, key)
 
     # -- leased work ------------------------------------------------------------------------------------
     # Each statement takes the write lock, so none interleaves with another; the caller commits it.
@@ -210,15 +226,18 @@ class SqliteStorage:
         rows: list[Any] = list(await self._conn.exec_driver_sql(sql, (limit,)))
         return [(_record(row), timedelta(seconds=row[14])) for row in rows]
 
-    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: timedelta) -> bool:
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: Retention) -> bool:
         """Record an operator's outcome; see `Storage.resolve`."""
         sql = f"""UPDATE {self._table}
                   SET status = ?, response = ?, completed_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP,
-                      expires_at = datetime('now', ?), locked_until = NULL
+                      response_expires_at = datetime('now', ?), expires_at = datetime('now', ?),
+                      locked_until = NULL
                   WHERE scope = ? AND key = ?
                     AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
                   RETURNING 1"""
-        return await self._one(sql, status.value, response, _later(retention), scope, key)
+        return await self._one(
+            sql, status.value, response, _later(retention.response), _later(retention.record), scope, key
+        )
 
     async def _one(self, sql: str, *args: object) -> bool:
         """Run a statement that returns a row when it matched its record."""
@@ -235,6 +254,15 @@ class SqliteStorage:
         statuses = {Status(row[0]): row[1] for row in rows}
         oldest = [timedelta(seconds=row[2]) for row in rows if row[0] == Status.IN_PROGRESS]
         return statuses, (oldest[0] if oldest else None)
+
+    async def compact(self, limit: int) -> int:
+        """Drop responses past retention (under the write lock); see `Storage.compact`."""
+        sql = f"""UPDATE {self._table} SET response = NULL, updated_at = CURRENT_TIMESTAMP WHERE rowid IN (
+                      SELECT rowid FROM {self._table}
+                      WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+                        AND response_expires_at <= datetime('now')
+                      ORDER BY response_expires_at LIMIT ?)"""
+        return (await self._conn.exec_driver_sql(sql, (limit,))).rowcount
 
     async def purge(self, limit: int) -> int:
         """Delete expired finished records (under the write lock, so nothing is locked to skip)."""

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from ._config import Retention
     from ._postgres import PostgresStorage
     from ._record import Record, Status
     from ._sqlite import SqliteStorage
@@ -78,9 +79,16 @@ class Storage(Protocol):
         ...
 
     async def finish(
-        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: timedelta
+        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention
     ) -> bool:
-        """Record the outcome, conditioned on ``token``; return whether the record was still ours."""
+        """Record the outcome and its two horizons, conditioned on ``token``; return whether it was ours."""
+        ...
+
+    async def retake(self, scope: str, key: str, token: uuid.UUID, wait: float | None) -> bool:
+        """In the open transaction: make a compact record (response dropped) IN_PROGRESS under ``token``.
+
+        Returns whether it was still compact (a concurrent late request may have taken it first).
+        """
         ...
 
     # -- leased work: each statement is its own transaction unless said otherwise ----------------------
@@ -128,7 +136,7 @@ class Storage(Protocol):
         """UNKNOWN records and stale leases, oldest first, each with its age (database clock)."""
         ...
 
-    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: timedelta) -> bool:
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: Retention) -> bool:
         """Finish an UNKNOWN record or a stale lease with an operator's outcome; return whether it matched."""
         ...
 
@@ -136,6 +144,10 @@ class Storage(Protocol):
 
     async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
         """Records per status, and the age of the oldest IN_PROGRESS one (database clock), in one query."""
+        ...
+
+    async def compact(self, limit: int) -> int:
+        """Drop up to ``limit`` responses past ``response_expires_at``, skipping locked rows; return how many."""
         ...
 
     async def purge(self, limit: int) -> int:

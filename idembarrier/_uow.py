@@ -15,7 +15,7 @@ import anyio
 from sqlalchemy.exc import InvalidRequestError
 
 from ._codec import decode_response, encode_response
-from ._config import OnConflict
+from ._config import ExpiredReplay, OnConflict
 from ._errors import connection_lost, lock_not_available, translate
 from ._exceptions import (
     ConnectionLostError,
@@ -24,6 +24,7 @@ from ._exceptions import (
     KeyInProgressError,
     LeaseLostError,
     ReconciliationRequiredError,
+    ResponseExpiredError,
     SerializationError,
     StorageError,
     UnitOfWorkError,
@@ -32,13 +33,13 @@ from ._metrics import Outcome
 from ._record import Record, Status
 
 if TYPE_CHECKING:
-    from datetime import timedelta
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
     from ._barrier import Barrier
     from ._codec import Codec
+    from ._config import Retention
     from ._storage import Storage
 
 __all__ = ["UnitOfWork"]
@@ -69,6 +70,7 @@ class UnitOfWork(Generic[R]):
         "_fingerprint",
         "_key",
         "_on_conflict",
+        "_on_expired_replay",
         "_outcome",
         "_owned",
         "_record",
@@ -92,7 +94,8 @@ class UnitOfWork(Generic[R]):
         session: AsyncSession | None,
         on_conflict: OnConflict,
         wait_timeout: float,
-        retention: timedelta,
+        retention: Retention,
+        on_expired_replay: ExpiredReplay,
         codec: Codec[R],
         lease_token: uuid.UUID | None = None,
     ) -> None:
@@ -105,6 +108,7 @@ class UnitOfWork(Generic[R]):
         self._on_conflict = on_conflict
         self._wait_timeout = wait_timeout
         self._retention = retention
+        self._on_expired_replay = on_expired_replay
         self._codec = codec
         self._token = lease_token or uuid.uuid4()
         self._fenced = lease_token is not None
@@ -239,8 +243,8 @@ class UnitOfWork(Generic[R]):
             self._owned
             and storage.lookup_first
             and (record := await storage.lookup(self._scope, self._key)) is not None
+            and self._settle(record)
         ):
-            self._settle(record)
             return
         waits = self._on_conflict is OnConflict.WAIT
         wait = self._wait_timeout if waits else None
@@ -281,21 +285,33 @@ class UnitOfWork(Generic[R]):
                 return
             # Someone else holds a committed record: seen by the claim, or committed while it waited.
             record = claimed or await storage.lookup(self._scope, self._key)
-            if record is not None:
-                self._settle(record)  # a replay: the savepoint stays open until the block ends
+            if record is None:
+                continue
+            if self._settle(record):
+                return  # a replay: the savepoint stays open until the block ends
+            # A late request the policy lets run again: take the compact record over, in our transaction.
+            if await storage.retake(self._scope, self._key, self._token, wait):
+                if self._on_expired_replay is ExpiredReplay.ALERT:
+                    self._barrier._count(Outcome.LATE_REPLAY, self._scope)
+                self._storage = storage
                 return
         # The key kept changing hands (claimed, then rolled back or deleted) faster than we could look.
         raise KeyInProgressError(scope=self._scope, key=self._key)
 
-    def _settle(self, record: Record) -> None:
-        """Adopt an existing record as a replay, or raise why it cannot be replayed."""
+    def _settle(self, record: Record) -> bool:
+        """Adopt an existing record as a replay (True), let a late request run again (False), or raise why not."""
         if record.fingerprint != self._fingerprint:
             raise FingerprintMismatchError(scope=self._scope, key=self._key, record=record)
         if record.status is Status.UNKNOWN:
             raise ReconciliationRequiredError(scope=self._scope, key=self._key, record=record)
         if not record.status.finished:
             raise KeyInProgressError(scope=self._scope, key=self._key, record=record)
+        if record.response is None:  # a compact record: the request was made, its response is gone
+            if self._on_expired_replay is ExpiredReplay.REJECT:
+                raise ResponseExpiredError(scope=self._scope, key=self._key, record=record)
+            return False
         self._record = record
+        return True
 
     # -- leaving: commit, or roll back ------------------------------------------------------------------
 

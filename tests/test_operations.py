@@ -10,7 +10,15 @@ import anyio
 import pytest
 from sqlalchemy import text
 
-from idembarrier import Barrier, FingerprintMismatchError, KeyInProgressError, OnConflict, Outcome, Status
+from idembarrier import (
+    Barrier,
+    ConfigurationError,
+    FingerprintMismatchError,
+    KeyInProgressError,
+    OnConflict,
+    Outcome,
+    Status,
+)
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -105,15 +113,16 @@ async def test_purge_deletes_only_expired_finished_records(db: Database) -> None
     await run(barrier, fresh)  # finished, expires in 7 days
     await left_behind(db, "old", "unknown", "UNKNOWN")
     await left_behind(db, "old", "stale", "IN_PROGRESS")
-    batches: list[int] = []
-    assert await barrier.purge(batch_size=1000, on_batch=batches.append) == 2_500
-    assert batches == [1000, 1000, 500]
+    batches: list[tuple[str, int]] = []
+    done = await barrier.purge(batch_size=1000, on_batch=lambda kind, count: batches.append((kind, count)))
+    assert done.deleted == 2_500
+    assert [count for kind, count in batches if kind == "deleted"] == [1000, 1000, 500]
     assert sorted(await db.records()) == [
         ("old", "stale", "IN_PROGRESS"),
         ("old", "unknown", "UNKNOWN"),
         (SCOPE, fresh, "COMPLETED"),
     ]
-    assert await barrier.purge() == 0
+    assert (await barrier.purge()).deleted == 0
 
 
 async def test_purge_under_live_traffic_from_several_purgers(pg_db: Database) -> None:
@@ -125,7 +134,7 @@ async def test_purge_under_live_traffic_from_several_purgers(pg_db: Database) ->
     done = anyio.Event()
 
     async def purger() -> None:
-        purged.append(await barrier.purge(batch_size=2_000))
+        purged.append((await barrier.purge(batch_size=2_000)).deleted)
 
     async def traffic() -> None:
         while not done.is_set():
@@ -148,7 +157,7 @@ async def test_purge_under_live_traffic_from_several_purgers(pg_db: Database) ->
 
 async def test_purge_refuses_a_useless_batch_size(db: Database) -> None:
     """A batch size below 1 raises ValueError."""
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ConfigurationError, match="batch_size"):
         await Barrier(db.sessionmaker).purge(batch_size=0)
 
 

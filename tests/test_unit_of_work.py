@@ -334,23 +334,22 @@ async def test_business_integrity_error_propagates_unchanged(db: Database) -> No
     assert await db.records(other) == []
 
 
-async def test_retention_sets_expires_at_after_completion(db: Database) -> None:
-    """expires_at is the completion time plus the retention, per barrier and per call."""
+async def test_retention_sets_both_horizons_after_completion(db: Database) -> None:
+    """The response horizon (7 days, or the call's) and the record horizon (30 days) count from completion."""
     barrier, key, short = Barrier(db.sessionmaker), new_key(), new_key()
     await pay(barrier, key)
     async with barrier.unit_of_work(short, scope="payments", retention=timedelta(hours=1)) as uow:
         uow.complete(None)
+    if db.dialect == "postgresql":
+        sql = """SELECT key, extract(epoch FROM response_expires_at - completed_at),
+                        extract(epoch FROM expires_at - completed_at) FROM idempotency_keys"""
+    else:
+        sql = """SELECT key, (julianday(response_expires_at) - julianday(completed_at)) * 86400,
+                        (julianday(expires_at) - julianday(completed_at)) * 86400 FROM idempotency_keys"""
     async with db.engine.connect() as conn:
-        sql = (
-            "SELECT key, expires_at - completed_at FROM idempotency_keys"
-            if db.dialect == "postgresql"
-            else "SELECT key, (julianday(expires_at) - julianday(completed_at)) * 86400 FROM idempotency_keys"
-        )
         result: list[Any] = list(await conn.exec_driver_sql(sql))
-        rows: dict[str, Any] = {str(row[0]): row[1] for row in result}
-    as_seconds = {k: v.total_seconds() if isinstance(v, timedelta) else round(v) for k, v in rows.items()}
-    assert as_seconds == {key: 7 * 86400, short: 3600}
-
+    horizons = {str(row[0]): (round(float(row[1])), round(float(row[2]))) for row in result}
+    assert horizons == {key: (7 * 86400, 30 * 86400), short: (3600, 30 * 86400)}
 
 async def test_caller_session_commit_is_the_callers(db: Database) -> None:
     """With session=, the barrier never commits: the caller's commit makes the record and rows durable."""
