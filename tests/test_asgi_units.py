@@ -233,6 +233,7 @@ def test_problem_types_are_distinct_and_stable() -> None:
         "KEY_REUSED": 422,
         "KEY_IN_PROGRESS": 409,
         "KEY_UNRESOLVED": 409,
+        "KEY_EXPIRED": 409,
         "REQUEST_TOO_LARGE": 413,
     }
 
@@ -430,6 +431,19 @@ async def test_key_held_by_leased_work_or_unresolved_is_409(pg_db: Database) -> 
     assert held.headers[b"retry-after"] == b"1"
     assert Problem.KEY_UNRESOLVED.type.encode() in lost.sent[1]["body"]
     assert b"retry-after" not in lost.headers
+
+
+async def test_key_whose_response_expired_is_409_expired(pg_db: Database) -> None:
+    """A compact record (its response past retention) answers 409 key-expired and runs nothing."""
+    async with pg_db.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "INSERT INTO idempotency_keys (scope, key, status, token) VALUES ($1, $2, 'COMPLETED', $3)",
+            ("public", "old", uuid.uuid4()),
+        )
+    exchange = Exchange(key=b"old")
+    await exchange.through(guard(pg_db, inner_app, fingerprint=()))
+    assert exchange.status == 409
+    assert Problem.KEY_EXPIRED.type.encode() in exchange.sent[1]["body"]
 
 
 async def test_app_swallowing_a_failed_commit_still_fails(pg_db: Database) -> None:

@@ -15,7 +15,13 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
-from .._exceptions import FingerprintMismatchError, InvalidKeyError, KeyInProgressError, ReconciliationRequiredError
+from .._exceptions import (
+    FingerprintMismatchError,
+    InvalidKeyError,
+    KeyInProgressError,
+    ReconciliationRequiredError,
+    ResponseExpiredError,
+)
 from ._execution import Execution
 from ._header import parse_key_header
 from ._problems import Problem, send_problem
@@ -148,6 +154,10 @@ class IdempotencyMiddleware:
         except ReconciliationRequiredError:
             detail = "the earlier work for this key may or may not have happened; an operator must resolve it"
             await send_problem(send, Problem.KEY_UNRESOLVED, detail)
+            return
+        except ResponseExpiredError:
+            detail = "this key was used already and its response is past retention; nothing was run again"
+            await send_problem(send, Problem.KEY_EXPIRED, detail)
             return
         if uow.replayed:
             try:

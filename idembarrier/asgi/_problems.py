@@ -39,6 +39,8 @@ class Problem(Enum):
     """The first request with the key has not finished; retry after ``Retry-After`` seconds (409)."""
     KEY_UNRESOLVED = _Kind(409, "key-unresolved", "The outcome of this Idempotency-Key needs reconciliation")
     """The key's earlier work died too often to be retried blindly; an operator must resolve it (409)."""
+    KEY_EXPIRED = _Kind(409, "key-expired", "The response of this Idempotency-Key is past retention")
+    """The key was used already and its stored response has expired; nothing runs again (409)."""
     REQUEST_TOO_LARGE = _Kind(413, "request-too-large", "Request body too large to guard")
     """The request body exceeds the middleware's ``max_body_bytes`` (413)."""
 
