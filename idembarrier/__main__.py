@@ -1,7 +1,7 @@
 """``idembarrier`` (or ``python -m idembarrier``): the command line.
 
-Exit status: 0 success; 1 the demo saw phantom writes, or ``inspect`` found no record; 2 bad usage or
-configuration (argparse's own); 3 the database failed or its schema is not installed.
+Exit status: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, or ``inspect`` found no record;
+2 bad usage or configuration (argparse's own); 3 the database failed or its schema is not installed.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--orders", type=int, default=20, help="distinct orders (default 20)")
     demo.add_argument("--duplicates", type=int, default=8, help="concurrent copies of each order (default 8)")
+    lab = commands.add_parser(
+        "lab", help="reproduce the four phantom-write failure modes: naive designs vs the barrier"
+    )
+    lab.add_argument(
+        "--database-url",
+        default=os.environ.get("IDEMBARRIER_DATABASE_URL"),
+        help="SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL, else a temporary SQLite file)",
+    )
+    lab.add_argument("--json", action="store_true", help="print JSON instead of text")
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
         ("purge", "delete finished records whose expiry has passed"),
@@ -54,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "lab":
+        return _lab(args)
     if not args.database_url:
         parser.error("give --database-url or set IDEMBARRIER_DATABASE_URL")
     return _operate(args)
@@ -64,6 +75,17 @@ def _demo(args: argparse.Namespace) -> int:
 
     report = anyio.run(lambda: run_demo(args.database_url, orders=args.orders, duplicates=args.duplicates))
     print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from ._lab import format_report, run_lab
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = anyio.run(lambda: run_lab(args.database_url, on_progress=progress))
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
 
 
@@ -94,12 +116,13 @@ def _operate(args: argparse.Namespace) -> int:
 
 
 async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
-    def progress(deleted: int) -> None:
+    def progress(kind: str, count: int) -> None:
         if not args.json:
-            print(f"  batch: {deleted} deleted", file=sys.stderr)
+            print(f"  batch: {count} {kind}", file=sys.stderr)
 
-    total = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
-    return _print(args, {"deleted": total}, f"deleted {total} expired records")
+    done = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
+    text = f"dropped {done.compacted} expired responses (compact records kept), deleted {done.deleted} records"
+    return _print(args, done._asdict(), text)
 
 
 async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:

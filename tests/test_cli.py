@@ -50,7 +50,7 @@ async def test_purge_and_migrate(db: Database) -> None:
     assert (migrated.returncode, migrated.stdout.strip()) == (0, "schema is at head")
     purged = cli("purge", "--database-url", db.url, "--json", "--batch-size", "10")
     assert purged.returncode == 0, purged.stderr
-    assert json.loads(purged.stdout) == {"deleted": 0}
+    assert json.loads(purged.stdout) == {"compacted": 0, "deleted": 0}
 
 
 def test_a_dead_database_exits_3_with_our_message() -> None:

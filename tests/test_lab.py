@@ -1,0 +1,93 @@
+"""The phantom-write lab: every naive design shows its failure mode, the barrier shows none, on both engines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from idembarrier.__main__ import main
+from idembarrier._lab import DesignResult, LabReport, ScenarioResult, format_report, run_lab
+
+if TYPE_CHECKING:
+    import pytest
+
+    from tests.conftest import Database
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS, CONCURRENCY = 3, 6
+
+# (duplicates, lost) of each naive design, in the lab's order: the failure modes are deterministic.
+NAIVE = {
+    "ttl-expiry": [(KEYS, 0)],
+    "partial-execution": [(0, KEYS), (KEYS, 0)],
+    "concurrent-race": [(KEYS * (CONCURRENCY - 1), 0)],
+    "layer-mismatch": [(KEYS, 0)],
+}
+
+
+def assert_naive_fails_and_barrier_holds(report: LabReport) -> None:
+    """Check the report against the failure modes each naive design must show."""
+    assert report.ok
+    assert [s.name for s in report.scenarios] == list(NAIVE)
+    for scenario in report.scenarios:
+        naive = [(d.duplicates, d.lost) for d in scenario.designs if not d.barrier]
+        assert naive == NAIVE[scenario.name], scenario.title
+        (barrier,) = (d for d in scenario.designs if d.barrier)
+        assert (barrier.duplicates, barrier.lost, barrier.written) == (0, 0, barrier.expected), scenario.title
+
+
+async def test_lab_shows_phantom_writes_only_for_naive_designs_on_sqlite() -> None:
+    """On the default embedded SQLite every naive design loses or duplicates writes and the barrier does neither."""
+    progress: list[str] = []
+    report = await run_lab(keys=KEYS, concurrency=CONCURRENCY, on_progress=progress.append)
+    assert report.database.startswith("sqlite+aiosqlite:///")
+    assert_naive_fails_and_barrier_holds(report)
+    assert progress == [
+        "[1/4] TTL expiry",
+        "[2/4] partial execution",
+        "[3/4] concurrent check race",
+        "[4/4] layer mismatch",
+    ]
+    assert format_report(report).endswith("OK: the barrier made no duplicate and lost no write")
+
+
+async def test_lab_shows_phantom_writes_only_for_naive_designs_on_postgresql(pg_db: Database) -> None:
+    """On PostgreSQL the lab shows the same counts, and a second run on the same database stays apart."""
+    for _ in range(2):
+        report = await run_lab(pg_db.url, keys=KEYS, concurrency=CONCURRENCY)
+        assert report.database.startswith("postgresql+asyncpg://")
+        assert_naive_fails_and_barrier_holds(report)
+    assert await pg_db.payments() == 0  # the lab writes its own tables only
+
+
+def test_report_fails_when_the_barrier_shows_a_phantom_write() -> None:
+    """A barrier design with a duplicate makes the report not ok and its text say FAILED."""
+    leaky = DesignResult("barrier", barrier=True, expected=1, written=2, duplicates=1, lost=0)
+    report = LabReport("sqlite", [ScenarioResult("x", "X", (leaky,))])
+    assert not report.ok
+    assert "FAILED" in format_report(report)
+
+
+def test_command_line_runs_the_lab_and_exits_zero() -> None:
+    """`python -m idembarrier lab` prints the table, reports progress on stderr and exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "idembarrier", "lab"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "naive: SELECT then INSERT" in done.stdout
+    assert done.stdout.rstrip().endswith("OK: the barrier made no duplicate and lost no write")
+    assert "[4/4] layer mismatch" in done.stderr
+
+
+def test_lab_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lab --json` prints JSON with every design's duplicate and lost writes, and exits 0."""
+    assert main(["lab", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True
+    assert len(data["scenarios"]) == 4
+    designs = [d for s in data["scenarios"] for d in s["designs"]]
+    assert all(d["phantom_writes"] > 0 for d in designs if not d["barrier"])
+    assert all(d["duplicates"] == d["lost"] == 0 for d in designs if d["barrier"])
