@@ -136,10 +136,19 @@ class Barrier(Generic[R]):
             session=session,
             on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
-            retention=self.options.retention_for(scope) if retention is None else as_retention(retention),
+            retention=self.options.retention_for(scope) if retention is None else self._checked(retention),
             on_expired_replay=self.options.on_expired_replay,
             codec=self.codec,
         )
+
+    def _checked(self, retention: timedelta | Retention) -> Retention:
+        """A per-call retention, refused if it would drop records inside the declared replay window."""
+        horizons, window = as_retention(retention), self.options.max_replay_window
+        if window is not None and horizons.record < window:
+            raise ConfigurationError(
+                f"this call keeps its record {horizons.record}, less than the maximum replay window {window}"
+            )
+        return horizons
 
     async def execute(
         self,

@@ -170,3 +170,12 @@ async def test_retention_by_scope_applies_to_its_scope(db: Database) -> None:
     async with barrier.unit_of_work(new_key(), scope="other") as uow:
         uow.complete(None)
     assert (await barrier.purge()).compacted == 0
+
+
+async def test_a_per_call_retention_inside_the_replay_window_is_refused(db: Database) -> None:
+    """A call whose record retention is shorter than the declared replay window raises ConfigurationError."""
+    barrier = Barrier(db.sessionmaker, max_replay_window=timedelta(days=14))
+    with pytest.raises(ConfigurationError, match="replay window"):
+        barrier.unit_of_work(
+            new_key(), scope=SCOPE, retention=Retention(record=timedelta(days=2), response=timedelta(0))
+        )
