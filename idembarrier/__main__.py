@@ -116,9 +116,17 @@ def _operate(args: argparse.Namespace) -> int:
 
 
 async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
+    totals = {"compacted": 0, "deleted": 0}
+    live = sys.stderr.isatty()
+
     def progress(kind: str, count: int) -> None:
-        if not args.json:
-            print(f"  batch: {count} {kind}", file=sys.stderr)
+        """A progress line on stderr: redrawn in place on a terminal, one line per batch otherwise."""
+        totals[kind] += count
+        if args.json:
+            return
+        bar = "#" * min(40, totals[kind] // max(1, args.batch_size))
+        line = f"  {kind:<9} {totals[kind]:>10} [{bar:<40}]"
+        print(f"\r{line}" if live else line, end="" if live and count == args.batch_size else "\n", file=sys.stderr)
 
     done = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
     text = f"dropped {done.compacted} expired responses (compact records kept), deleted {done.deleted} records"
