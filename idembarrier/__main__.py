@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab.add_argument("--json", action="store_true", help="print JSON instead of text")
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
-        ("purge", "delete finished records whose expiry has passed"),
+        ("purge", "drop expired responses (keeping compact records), then delete expired records"),
         ("stats", "print the records' status distribution"),
         ("inspect", "print one record"),
     ):
@@ -90,15 +90,21 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 def _operate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import ArgumentError
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     from ._barrier import Barrier
     from ._engines import create_engine
-    from ._exceptions import IdembarrierError
+    from ._exceptions import ConfigurationError, IdembarrierError
     from ._migrate import upgrade
 
-    async def run() -> int:
+    try:
         engine = create_engine(args.database_url)
+    except ArgumentError as exc:  # SQLAlchemy could not parse the URL
+        print(f"idembarrier: not a database URL: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
         try:
             if args.command == "migrate":
                 await upgrade(engine, table=args.table, schema=args.schema)
@@ -110,6 +116,9 @@ def _operate(args: argparse.Namespace) -> int:
 
     try:
         return anyio.run(run)
+    except ConfigurationError as exc:
+        print(f"idembarrier: {exc}", file=sys.stderr)
+        return 2
     except IdembarrierError as exc:
         print(f"idembarrier: {exc}", file=sys.stderr)
         return 3

@@ -273,7 +273,7 @@ class Barrier(Generic[R]):
         if not status.finished:
             raise ValueError(f"a key is resolved to COMPLETED or FAILED, not {status}")
         encoded = encode_response(self.codec, response)
-        keep = self.options.retention_for(scope) if retention is None else as_retention(retention)
+        keep = self.options.retention_for(scope) if retention is None else self._checked(retention)
         scope, key = validate_key(scope, what="scope"), validate_key(key)
         if await self._atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
             return

@@ -19,6 +19,7 @@ __all__ = [
     "Options",
     "Retention",
     "as_retention",
+    "check_wait_timeout",
 ]
 
 DEFAULT_RETENTION = timedelta(days=7)
@@ -114,6 +115,8 @@ class Options:
         object.__setattr__(self, "retention_by_scope", MappingProxyType(dict(self.retention_by_scope)))
         check_wait_timeout(self.wait_timeout)
         window = self.max_replay_window
+        if window is not None and not (isinstance(window, timedelta) and window >= timedelta(0)):
+            raise ConfigurationError(f"max_replay_window must be a non-negative timedelta, not {window!r}")
         if window is not None:
             for scope, retention in [("every scope", self.retention), *self.retention_by_scope.items()]:
                 if retention.record < window:
@@ -133,10 +136,3 @@ def check_wait_timeout(seconds: float) -> float:
     if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"wait_timeout must be a positive number of seconds, not {seconds!r}")
     return float(seconds)
-
-
-def check_retention(retention: timedelta) -> timedelta:
-    """Return ``retention`` if it is a usable retention, else raise `ConfigurationError`."""
-    if not isinstance(retention, timedelta) or retention < timedelta(0):
-        raise ConfigurationError(f"retention must be a non-negative timedelta, not {retention!r}")
-    return retention

@@ -124,7 +124,8 @@ def _statements(table: str) -> _Statements:
         retake=f"""
             UPDATE {table}
             SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
-                completed_at = NULL, response_expires_at = NULL, expires_at = NULL
+                completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
+                checkpoint_name = NULL, checkpoint_data = NULL
             WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
             RETURNING 1""",
     )

@@ -153,7 +153,8 @@ class SqliteStorage:
         """Take a compact record over for a late request (under the write lock); see `Storage.retake`."""
         sql = f"""UPDATE {self._table}
                   SET status = 'IN_PROGRESS', token = ?, attempt = attempt + 1, updated_at = CURRENT_TIMESTAMP,
-                      completed_at = NULL, response_expires_at = NULL, expires_at = NULL
+                      completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
+                checkpoint_name = NULL, checkpoint_data = NULL
                   WHERE scope = ? AND key = ? AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
                   RETURNING 1"""
         return await self._one(sql, token.hex, scope, key)

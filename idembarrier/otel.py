@@ -20,8 +20,8 @@ Instruments (the names follow the article's ``idempotency.*`` metrics):
 - ``idempotency.stale.reclaim.count`` counts stale leases taken over; such a call is also counted under
   ``idempotency.requests`` with its own outcome.
 - ``idempotency.late.replay.count`` counts requests that found only a compact record (their response past
-  retention), whatever the barrier's ``on_expired_replay`` policy: rejected (``reject``, counted here
-  only) or run again (``alert``, also counted under ``idempotency.requests`` as ``executed``).
+  retention) under the ``reject`` policy (refused; counted here only) and the ``alert`` policy (run again;
+  also counted under ``idempotency.requests`` as ``executed``). ``allow`` runs them again uncounted.
 - ``idempotency.hit.rate`` is that division over this process's calls since `instrument` (no value until
   a call executed or replayed).
 - ``idempotency.status.distribution`` and ``idempotency.in_progress.oldest.age`` describe the whole table

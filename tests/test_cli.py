@@ -67,3 +67,13 @@ def test_a_missing_url_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(SystemExit) as caught:
         main(["stats"])
     assert caught.value.code == 2
+
+
+def test_bad_usage_exits_2_without_a_traceback() -> None:
+    """A batch size below 1 or a URL SQLAlchemy cannot parse exits 2 with a one-line error."""
+    batch = cli("purge", "--database-url", "sqlite+aiosqlite:///:memory:", "--batch-size", "0")
+    url = cli("stats", "--database-url", "nonsense")
+    for done in (batch, url):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("idembarrier: ")
+        assert "Traceback" not in done.stderr

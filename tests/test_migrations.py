@@ -396,3 +396,28 @@ async def test_a_second_records_table_in_the_same_schema_is_refused(empty: Empty
     await idembarrier.upgrade(empty.engine)
     with pytest.raises(idembarrier.SchemaError, match="one records table per schema"):
         await idembarrier.upgrade(empty.engine, table="other_keys")
+
+
+async def test_records_finished_before_0003_get_both_horizons(empty: Empty) -> None:
+    """0003 turns an old record's expiry into its response horizon and keeps the record 30 days from completion."""
+    await run_command(empty.engine, "upgrade", "0002")
+    pg = empty.engine.dialect.name == "postgresql"
+    token = "gen_random_uuid()" if pg else "lower(hex(randomblob(16)))"
+    old = "now() - interval '1 day'" if pg else "datetime('now', '-1 day')"
+    expiry = "now() + interval '6 days'" if pg else "datetime('now', '+6 days')"
+    null = "'null'::bytea" if pg else "X'6e756c6c'"
+    async with empty.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            f"""INSERT INTO idempotency_keys (scope, key, status, token, response, completed_at, expires_at)
+                VALUES ('s', 'k', 'COMPLETED', {token}, {null}, {old}, {expiry})"""
+        )
+    await idembarrier.upgrade(empty.engine)
+    days = (
+        "extract(epoch FROM response_expires_at - completed_at) / 86400, "
+        "extract(epoch FROM expires_at - completed_at) / 86400"
+        if pg
+        else "julianday(response_expires_at) - julianday(completed_at), julianday(expires_at) - julianday(completed_at)"
+    )
+    async with empty.engine.connect() as conn:
+        row = (await conn.exec_driver_sql(f"SELECT {days} FROM idempotency_keys")).one()
+    assert (round(float(row[0])), round(float(row[1]))) == (7, 30)

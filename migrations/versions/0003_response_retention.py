@@ -4,7 +4,9 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-27
 
-Records finished before this revision keep their single horizon: their response stays until expires_at.
+Records finished before this revision had one horizon, expires_at (completion + 7 days): it becomes their
+response horizon, and their record horizon moves to completion + 30 days, the new default, so that a late
+replay of an old request meets a compact record rather than nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ def upgrade() -> None:
     table, schema = _placement()
     with op.batch_alter_table(table, schema=schema) as batch:
         batch.add_column(sa.Column("response_expires_at", sa.DateTime(timezone=True), nullable=True))
+    qualified = f'"{schema}"."{table}"' if schema else f'"{table}"'
+    thirty_days = (
+        "completed_at + interval '30 days'"
+        if op.get_bind().dialect.name == "postgresql"
+        else "datetime(completed_at, '+30 days')"
+    )
+    op.execute(
+        f"""UPDATE {qualified}
+            SET response_expires_at = expires_at,
+                expires_at = CASE WHEN expires_at > {thirty_days} THEN expires_at ELSE {thirty_days} END
+            WHERE status IN ('COMPLETED', 'FAILED') AND completed_at IS NOT NULL"""
+    )
     op.create_index(
         f"ix_{table}_response_expires_at",
         table,
