@@ -13,7 +13,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -419,5 +419,5 @@ async def test_records_finished_before_0003_get_both_horizons(empty: Empty) -> N
         else "julianday(response_expires_at) - julianday(completed_at), julianday(expires_at) - julianday(completed_at)"
     )
     async with empty.engine.connect() as conn:
-        row = (await conn.exec_driver_sql(f"SELECT {days} FROM idempotency_keys")).one()
+        row: Any = (await conn.exec_driver_sql(f"SELECT {days} FROM idempotency_keys")).one()
     assert (round(float(row[0])), round(float(row[1]))) == (7, 30)
