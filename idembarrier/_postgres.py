@@ -64,6 +64,7 @@ class _Statements(NamedTuple):
     claim: str
     claim_nowait: str
     finish: str
+    retake_nowait: str
     retake: str
 
 
@@ -121,6 +122,23 @@ def _statements(table: str) -> _Statements:
         # Takes over a compact record (its response dropped past retention) for a late request that the
         # policy lets run again: inside the unit of work's transaction, so a rollback restores it. The row
         # lock makes a concurrent late duplicate wait, then find the record IN_PROGRESS no more.
+        # The same, failing fast: a 1 ms lock_timeout for this statement only (see claim_nowait).
+        retake_nowait=f"""
+            WITH saved AS MATERIALIZED (
+                SELECT current_setting('lock_timeout') AS lock_timeout
+            ), applied AS MATERIALIZED (
+                SELECT set_config('lock_timeout', '1ms', true) AS lock_timeout FROM saved
+            ), retaken AS (
+                UPDATE {table}
+                SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
+                    completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
+                    checkpoint_name = NULL, checkpoint_data = NULL
+                WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
+                  AND EXISTS (SELECT FROM applied)
+                RETURNING 1 AS one
+            )
+            SELECT retaken.one, set_config('lock_timeout', saved.lock_timeout, true)
+            FROM saved LEFT JOIN retaken ON true""",
         retake=f"""
             UPDATE {table}
             SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
@@ -318,7 +336,11 @@ class PostgresStorage:
 
     async def retake(self, scope: str, key: str, token: uuid.UUID, wait: float | None) -> bool:
         """Take a compact record over for a late request; see `Storage.retake`."""
-        matched: object = await self._driver.fetchval(self._sql.retake, scope, key, token, timeout=wait)
+        matched: object
+        if wait is None:
+            matched = await self._driver.fetchval(self._sql.retake_nowait, scope, key, token)
+        else:
+            matched = await self._driver.fetchval(self._sql.retake, scope, key, token, timeout=wait)
         return matched == 1
 
     # -- leased work ------------------------------------------------------------------------------------

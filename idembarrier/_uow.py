@@ -251,9 +251,24 @@ class UnitOfWork(Generic[R]):
         try:
             await self._claim(session, storage, wait)
         except Exception as exc:
-            if lock_not_available(exc):
-                raise KeyInProgressError(scope=self._scope, key=self._key, waited=wait or 0.0) from exc
-            raise
+            if not lock_not_available(exc):
+                raise
+            # The wait ran out: on a concurrent holder, or on cleanup busy with a finished record (its
+            # compaction holds the row). A plain read, which waits for nobody, tells which.
+            record = await self._look_again(session, storage)
+            if record is not None and record.status.finished and self._settle(record):
+                await self._open_savepoint(session)  # a replay keeps a savepoint until the block ends
+                return
+            raise KeyInProgressError(scope=self._scope, key=self._key, waited=wait or 0.0) from exc
+
+    async def _look_again(self, session: AsyncSession, storage: Storage) -> Record | None:
+        """Read the record after a claim that gave up waiting, its failed transaction rolled back first."""
+        if self._owned:
+            await session.rollback()
+            storage = await self._barrier._storage_on(await session.connection(), check=False)
+        else:
+            await self._release_savepoint(commit=False)
+        return await storage.lookup(self._scope, self._key)
 
     async def _fence(self, session: AsyncSession, storage: Storage) -> None:
         """Hold the record for a lease's completion, if the lease's token still holds the key."""

@@ -498,3 +498,28 @@ async def test_cancelled_wait_for_sqlites_write_lock_stays_a_cancellation(sqlite
     assert waiting.cancelled_caught
     assert await barrier.execute(key, write_never, scope=SCOPE) == winner.response
     assert await sqlite_db.payments(key) == 1
+
+
+@pytest.mark.parametrize("on_conflict", [OnConflict.FAIL, OnConflict.WAIT])
+@pytest.mark.parametrize("callers", [False, True])
+async def test_finished_key_busy_with_cleanup_still_replays(
+    pg_db: Database, on_conflict: OnConflict, callers: bool
+) -> None:
+    """A finished record that cleanup holds (an uncommitted compaction) replays instead of answering 409."""
+    barrier, key = Barrier(pg_db.sessionmaker, wait_timeout=0.2), new_key()
+    first = await barrier.execute(key, lambda session: write_payment(session, key, "first"), scope=SCOPE)
+    async with pg_db.engine.connect() as cleanup:  # holds the row as a compaction batch would
+        await cleanup.execute(
+            text("UPDATE idempotency_keys SET updated_at = clock_timestamp() WHERE key = :key"), {"key": key}
+        )
+        if callers:
+            async with pg_db.sessionmaker() as session:
+                replayed = await barrier.execute(
+                    key, write_never, scope=SCOPE, session=session, on_conflict=on_conflict
+                )
+                await session.commit()
+        else:
+            replayed = await barrier.execute(key, write_never, scope=SCOPE, on_conflict=on_conflict)
+        await cleanup.rollback()
+    assert replayed == first
+    assert await pg_db.payments(key) == 1
