@@ -191,20 +191,21 @@ async def setup(url: URL, prefill: int) -> list[str]:
             )
             await raw.execute(
                 f"""INSERT INTO {RECORDS} (scope, key, fingerprint, status, response, token, completed_at,
-                                           expires_at)
-                    SELECT $1, k, f, 'COMPLETED', r, t, now(), now() + $6::interval
+                                           response_expires_at, expires_at)
+                    SELECT $1, k, f, 'COMPLETED', r, t, now(), now() + $6::interval, now() + $7::interval
                     FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) AS u(k, f, r, t)""",
                 SCOPE,
                 keys[1:],
                 [f for f, _ in rows],
                 [r for _, r in rows],
                 [uuid.uuid4() for _ in rows],
-                barrier.options.retention,
+                barrier.options.retention.response,
+                barrier.options.retention.record,
             )
 
         # The bulk rows must be what the barrier writes: same digest and encoding, same shape.
         check = f"""SELECT key, fingerprint, response, status, attempt, completed_at IS NOT NULL,
-                           expires_at - completed_at, locked_until IS NULL
+                           expires_at - completed_at, response_expires_at - completed_at, locked_until IS NULL
                     FROM {RECORDS} WHERE scope = $1 AND key = ANY($2::text[]) ORDER BY key = $3 DESC"""
         async with engine.connect() as conn:
             raw = await raw_connection(conn)
