@@ -68,9 +68,35 @@ class _Statements(NamedTuple):
     retake: str
 
 
+def _failing_fast(dml: str) -> str:
+    """``dml`` with its lock waits bounded by a 1 ms lock_timeout (PostgreSQL's smallest), for it alone.
+
+    ``dml`` reads the CTE ``applied`` (so the timeout is set before it runs) and returns a ``result``
+    column. The outer SELECT restores the caller's lock_timeout after ``done`` has produced its row, so the
+    statements that follow keep the caller's value. A timeout raises 55P03 and aborts the statement. Always
+    one row: ``result`` is NULL when ``dml`` matched nothing.
+    """
+    return f"""
+        WITH saved AS MATERIALIZED (
+            SELECT current_setting('lock_timeout') AS lock_timeout
+        ), applied AS MATERIALIZED (
+            SELECT set_config('lock_timeout', '1ms', true) AS lock_timeout FROM saved
+        ), done AS (
+            {dml}
+        )
+        SELECT done.result, set_config('lock_timeout', saved.lock_timeout, true)
+        FROM saved LEFT JOIN done ON true"""
+
+
 @cache
 def _statements(table: str) -> _Statements:
     """The statements on ``table``, built once per table."""
+    retake = f"""
+        UPDATE {table}
+        SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
+            completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
+            checkpoint_name = NULL, checkpoint_data = NULL
+        WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL"""
     return _Statements(
         # Read committed: each statement sees what committed before it started, so this sees a record
         # committed while our claim waited for it.
@@ -92,23 +118,13 @@ def _statements(table: str) -> _Statements:
             UNION ALL
             SELECT false, {_COLUMNS} FROM {table}
             WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT FROM claimed)""",
-        # The same claim, failing fast: its wait is bounded by a 1 ms lock_timeout (PostgreSQL's smallest)
-        # instead, set for this statement only: `applied` runs before the insert that reads it, and the
-        # outer SELECT restores the caller's value after `claimed` has produced its row, so the body's own
-        # statements keep the caller's lock_timeout. A timeout raises 55P03 and aborts the statement.
-        claim_nowait=f"""
-            WITH saved AS MATERIALIZED (
-                SELECT current_setting('lock_timeout') AS lock_timeout
-            ), applied AS MATERIALIZED (
-                SELECT set_config('lock_timeout', '1ms', true) AS lock_timeout FROM saved
-            ), claimed AS (
-                INSERT INTO {table} (scope, key, fingerprint, status, token)
+        # The same claim, failing fast (see `_failing_fast`).
+        claim_nowait=_failing_fast(
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token)
                 SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid FROM applied
                 ON CONFLICT (scope, key) DO NOTHING
-                RETURNING token
-            )
-            SELECT claimed.token, set_config('lock_timeout', saved.lock_timeout, true)
-            FROM saved LEFT JOIN claimed ON true""",
+                RETURNING token AS result"""
+        ),
         # Fenced completion: only the holder of `token` may record the outcome. In a unit of work the row
         # was inserted by this same transaction, so no one else can hold it; for leases the token decides.
         finish=f"""
@@ -122,30 +138,8 @@ def _statements(table: str) -> _Statements:
         # Takes over a compact record (its response dropped past retention) for a late request that the
         # policy lets run again: inside the unit of work's transaction, so a rollback restores it. The row
         # lock makes a concurrent late duplicate wait, then find the record IN_PROGRESS no more.
-        # The same, failing fast: a 1 ms lock_timeout for this statement only (see claim_nowait).
-        retake_nowait=f"""
-            WITH saved AS MATERIALIZED (
-                SELECT current_setting('lock_timeout') AS lock_timeout
-            ), applied AS MATERIALIZED (
-                SELECT set_config('lock_timeout', '1ms', true) AS lock_timeout FROM saved
-            ), retaken AS (
-                UPDATE {table}
-                SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
-                    completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
-                    checkpoint_name = NULL, checkpoint_data = NULL
-                WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
-                  AND EXISTS (SELECT FROM applied)
-                RETURNING 1 AS one
-            )
-            SELECT retaken.one, set_config('lock_timeout', saved.lock_timeout, true)
-            FROM saved LEFT JOIN retaken ON true""",
-        retake=f"""
-            UPDATE {table}
-            SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
-                completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
-                checkpoint_name = NULL, checkpoint_data = NULL
-            WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL
-            RETURNING 1""",
+        retake=f"{retake} RETURNING 1",
+        retake_nowait=_failing_fast(f"{retake} AND EXISTS (SELECT FROM applied) RETURNING 1 AS result"),
     )
 
 

@@ -14,6 +14,7 @@ from idembarrier import (
     ConfigurationError,
     ExpiredReplay,
     FingerprintMismatchError,
+    OnConflict,
     Outcome,
     ResponseExpiredError,
     Retention,
@@ -179,3 +180,11 @@ async def test_a_per_call_retention_inside_the_replay_window_is_refused(db: Data
         barrier.unit_of_work(
             new_key(), scope=SCOPE, retention=Retention(record=timedelta(days=2), response=timedelta(0))
         )
+
+
+async def test_allow_takes_over_failing_fast_too(db: Database) -> None:
+    """Under ALLOW a fail-fast late request takes the compact record over and runs once more."""
+    barrier = Barrier(db.sessionmaker, on_expired_replay=ExpiredReplay.ALLOW, on_conflict=OnConflict.FAIL)
+    key = await expired(db, barrier)
+    assert await pay(barrier, key)
+    assert await db.payments(key) == 2

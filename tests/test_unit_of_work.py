@@ -20,6 +20,7 @@ from idembarrier import (
     FingerprintMismatchError,
     InvalidFingerprintError,
     InvalidKeyError,
+    OnConflict,
     PydanticCodec,
     RecordedFailureError,
     ResponseEncodingError,
@@ -351,6 +352,7 @@ async def test_retention_sets_both_horizons_after_completion(db: Database) -> No
     horizons = {str(row[0]): (round(float(row[1])), round(float(row[2]))) for row in result}
     assert horizons == {key: (7 * 86400, 30 * 86400), short: (3600, 30 * 86400)}
 
+
 async def test_caller_session_commit_is_the_callers(db: Database) -> None:
     """With session=, the barrier never commits: the caller's commit makes the record and rows durable."""
     barrier, key = Barrier(db.sessionmaker), new_key()
@@ -506,3 +508,12 @@ async def test_missing_schema_leaves_the_callers_transaction_usable(pg_db: Datab
                 pass
         await session.commit()
     assert await pg_db.payments("caller") == 1
+
+
+async def test_fail_fast_claim_leaves_the_callers_lock_timeout(pg_db: Database) -> None:
+    """A fail-fast claim's 1 ms lock_timeout is its own: the body runs with the caller's setting."""
+    barrier = Barrier(pg_db.sessionmaker, on_conflict=OnConflict.FAIL)
+    async with barrier.unit_of_work(new_key(), scope="payments") as uow:
+        seen = (await uow.session.execute(text("SHOW lock_timeout"))).scalar_one()
+        uow.complete(None)
+    assert seen == "0"
