@@ -1,8 +1,9 @@
-"""The records table, declared once: the migrations must produce exactly this (a test checks it)."""
+"""The records table and its outbox, declared once: the migrations must produce exactly this (a test checks it)."""
 
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -13,6 +14,8 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
+    UniqueConstraint,
     Uuid,
     func,
     text,
@@ -20,7 +23,7 @@ from sqlalchemy import (
 
 from ._record import Status
 
-__all__ = ["VERSION_TABLE", "records_table"]
+__all__ = ["VERSION_TABLE", "outbox_name", "outbox_table", "records_table"]
 
 VERSION_TABLE = "idembarrier_alembic_version"
 """idembarrier's own Alembic version table, so it never collides with the application's history."""
@@ -29,7 +32,7 @@ _STATUSES = ", ".join(f"'{status.value}'" for status in Status)
 
 
 def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: str | None = None) -> Table:
-    """Declare the records table on ``metadata``.
+    """Declare the records table, and its outbox (see `outbox_table`), on ``metadata``.
 
     Columns:
         scope: namespace of the key (tenant, operation, consumer group); part of the primary key.
@@ -45,6 +48,7 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
         locked_until: end of a lease (leased work only); a reclaim may take the key after it.
         checkpoint_name / checkpoint_data: the last progress a lease holder recorded, for a reclaimer.
     """
+    outbox_table(metadata, name, schema)
     return Table(
         name,
         metadata,
@@ -84,6 +88,50 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
             "locked_until",
             postgresql_where=text("status = 'IN_PROGRESS'"),
             sqlite_where=text("status = 'IN_PROGRESS'"),
+        ),
+        schema=schema,
+    )
+
+
+def outbox_name(records: str) -> str:
+    """The outbox table's name for the records table ``records``."""
+    return f"{records}_outbox"
+
+
+def outbox_table(metadata: MetaData, records: str = "idempotency_keys", schema: str | None = None) -> Table:
+    """Declare the outbox of the records table ``records`` on ``metadata``: ``<records>_outbox``.
+
+    Columns:
+        id: insertion order; the relay publishes in this order.
+        message_id: the deterministic message id (see `message_id`), unique.
+        topic / key / value: the Kafka message; key is NULL for an unkeyed message.
+        headers: the message's headers as JSON, ``[[name, base64 value], ...]``, ours included.
+        scope / record_key / position: the record whose unit of work published it, and the message's
+            place among that unit of work's messages.
+        created_at: database clock at insertion; sent_at: when a relay marked it published (NULL: pending).
+    """
+    name = outbox_name(records)
+    return Table(
+        name,
+        metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("message_id", String(64), nullable=False),
+        Column("topic", String(255), nullable=False),
+        Column("key", LargeBinary, nullable=True),
+        Column("value", LargeBinary, nullable=False),
+        Column("headers", Text, nullable=False),
+        Column("scope", String(255), nullable=False),
+        Column("record_key", String(255), nullable=False),
+        Column("position", Integer, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("sent_at", DateTime(timezone=True), nullable=True),
+        UniqueConstraint("message_id", name=f"uq_{name}_message_id"),
+        # The relay scans pending messages in insertion order.
+        Index(
+            f"ix_{name}_pending",
+            "id",
+            postgresql_where=text("sent_at IS NULL"),
+            sqlite_where=text("sent_at IS NULL"),
         ),
         schema=schema,
     )

