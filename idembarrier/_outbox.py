@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from sqlalchemy import MetaData, Table, insert
+from sqlalchemy import MetaData, Table, func, insert, select
 
 from ._exceptions import UnitOfWorkError
 from ._schema import outbox_table
@@ -39,6 +39,7 @@ __all__ = [
     "decode_headers",
     "encode_headers",
     "message_id",
+    "notify_channel",
     "outbox_for",
     "write_outbox",
 ]
@@ -105,11 +106,21 @@ def outbox_for(table: TableName) -> Table:
     return outbox_table(MetaData(), table.name, table.schema)
 
 
+def notify_channel(table: TableName) -> str:
+    """The PostgreSQL channel a commit that wrote to the outbox of ``table`` notifies: the outbox's name."""
+    outbox = outbox_for(table)
+    return outbox.fullname
+
+
 async def write_outbox(session: AsyncSession, table: TableName, rows: Sequence[Mapping[str, object]]) -> None:
     """Insert ``rows`` into the outbox through ``session``'s connection, in its transaction (or savepoint).
 
-    On the connection, not the session: the body's pending objects are flushed by the commit, where their
-    errors are told apart from ours.
+    On PostgreSQL, also notify the outbox's channel (see `notify_channel`) in the same transaction: the
+    notification is delivered at its commit, and never if it rolls back, so a listening relay wakes exactly
+    when there is something to relay. On the connection, not the session: the body's pending objects are
+    flushed by the commit, where their errors are told apart from ours.
     """
     conn = await session.connection()
     await conn.execute(insert(outbox_for(table)), list(rows))
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_notify(notify_channel(table), "")))

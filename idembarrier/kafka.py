@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import anyio
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from ._exceptions import ConfigurationError, IdembarrierError
 from ._outbox import (
@@ -28,14 +29,17 @@ from ._outbox import (
     Message,
     decode_headers,
     message_id,
+    notify_channel,
     outbox_for,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+    from datetime import timedelta
 
     from aiokafka import AIOKafkaProducer
-    from sqlalchemy import Select, Table
+    from anyio.abc import TaskStatus
+    from sqlalchemy import Delete, Select, Table
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from ._barrier import Barrier
@@ -50,14 +54,18 @@ __all__ = [
     "Message",
     "MissingMessageId",
     "MissingMessageIdError",
+    "OffsetConsumer",
     "OutboxRelay",
     "Publisher",
     "consume",
     "message_id",
+    "run_consumer",
 ]
 
 R = TypeVar("R")
 M = TypeVar("M", bound="ConsumerMessage")
+P = TypeVar("P")
+M_co = TypeVar("M_co", bound="ConsumerMessage", covariant=True)
 
 _log = logging.getLogger(__name__)
 
@@ -103,8 +111,11 @@ class OutboxRelay:
     (topic, key) only while no other relay holds it, so each key's messages are published in order. On
     SQLite the write lock serializes relays.
 
-    Wakes by polling, with a backoff between ``poll_interval`` and ``max_poll_interval`` while the outbox
-    is empty or the publisher fails. (PostgreSQL LISTEN/NOTIFY wake-ups are not implemented yet.)
+    Between batches `run` waits, with a backoff between ``poll_interval`` and ``max_poll_interval`` while
+    the outbox is empty or the publisher fails. On PostgreSQL it also listens, on a connection of its own,
+    to the channel named after the outbox table: every unit of work that published notifies it in its
+    commit, so the relay wakes at once and polling is only the fallback (a lost notification, a listener
+    that could not start). On SQLite it polls.
 
     Args:
         barrier: The barrier whose records table's outbox is relayed.
@@ -163,27 +174,118 @@ class OutboxRelay:
             await session.commit()
         return len(messages)
 
-    async def run(self, *, stop: anyio.Event | None = None) -> None:
+    async def run(
+        self,
+        *,
+        stop: anyio.Event | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Relay until ``stop`` is set (or the task is cancelled), backing off while idle or failing.
 
-        A failed batch is logged and retried after the backoff; it stays pending meanwhile.
+        A failed batch is logged and retried after the backoff; it stays pending meanwhile. Started with
+        ``task_group.start(relay.run)``, it reports started once it listens for notifications (PostgreSQL).
         """
-        delay = self._poll_interval
-        while stop is None or not stop.is_set():
+        wake = _Wake()
+        async with anyio.create_task_group() as tg, self._listening(wake.set):
+            if stop is not None:
+                tg.start_soon(_set_on, stop, wake.set)
+            task_status.started()
+            delay = self._poll_interval
+            while stop is None or not stop.is_set():
+                wake.arm()  # before the batch: a notification that arrives during it wakes the next wait
+                try:
+                    sent = await self.relay_once()
+                except Exception:
+                    _log.exception("idembarrier: relaying the outbox failed; retrying in %.2fs", delay)
+                    sent = 0
+                if sent:
+                    delay = self._poll_interval
+                    continue
+                with anyio.move_on_after(delay):
+                    await wake.wait()
+                delay = min(delay * 2, self._max_poll_interval)
+            tg.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _listening(self, wake: Callable[[], object]) -> AsyncIterator[None]:
+        """LISTEN on the outbox's channel on a dedicated connection, calling ``wake`` per NOTIFY.
+
+        PostgreSQL through asyncpg only; elsewhere, and after any failure to listen (logged), the relay polls.
+        A listening connection that dies later leaves the relay polling until it is restarted.
+        """
+        engine = self._barrier.sessionmaker.kw.get("bind")
+        if engine is None or engine.dialect.name != "postgresql" or engine.dialect.driver != "asyncpg":
+            yield
+            return
+        channel = notify_channel(self._barrier._table)
+
+        def on_notify(*_: object) -> None:
+            wake()
+
+        async with AsyncExitStack() as stack:
+            driver = None
             try:
-                sent = await self.relay_once()
+                conn = await stack.enter_async_context(engine.connect())
+                driver = (await conn.get_raw_connection()).driver_connection
+                await driver.add_listener(channel, on_notify)
             except Exception:
-                _log.exception("idembarrier: relaying the outbox failed; retrying in %.2fs", delay)
-                sent = 0
-            if sent:
-                delay = self._poll_interval
-                continue
-            with anyio.move_on_after(delay):
-                if stop is not None:
-                    await stop.wait()
-                else:
-                    await anyio.sleep(delay)
-            delay = min(delay * 2, self._max_poll_interval)
+                _log.exception("idembarrier: listening on %r failed; the relay polls", channel)
+                driver = None
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):  # give the connection back clean, even when cancelled
+                    if driver is not None:
+                        try:
+                            await driver.remove_listener(channel, on_notify)
+                        except Exception:  # pragma: no cover - a dead connection: never pool it
+                            await conn.invalidate()
+                    await stack.aclose()
+
+    async def purge_sent(self, older_than: timedelta, *, batch_size: int = 1000) -> int:
+        """Delete the messages marked sent more than ``older_than`` ago (database clock); return how many.
+
+        Pending messages are never deleted. Each batch of at most ``batch_size`` rows is a transaction of its
+        own; on PostgreSQL it skips rows a relay holds, so purging runs beside the relays.
+        """
+        if batch_size < 1:
+            raise ConfigurationError(f"batch_size must be at least 1, not {batch_size!r}")
+        if older_than.total_seconds() < 0:
+            raise ConfigurationError(f"older_than must not be negative, not {older_than!r}")
+        barrier, total = self._barrier, 0
+        while True:
+            async with barrier.sessionmaker() as session:
+                conn = await session.connection()
+                storage = await barrier._storage_on(conn)
+                await storage.begin(barrier.options.wait_timeout)
+                purge = _purge_sent(conn.dialect.name, self._outbox, older_than, batch_size)
+                deleted: int = (await conn.execute(purge)).rowcount
+                await session.commit()
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+
+class _Wake:
+    """A wake-up that can be re-armed: `set` wakes the current (or next) `wait` once."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def arm(self) -> None:
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+async def _set_on(event: anyio.Event, wake: Callable[[], object]) -> None:
+    await event.wait()
+    wake()
 
 
 def _claim(dialect: str, outbox: Table, limit: int) -> Select[tuple[object, ...]]:
@@ -202,6 +304,20 @@ def _claim(dialect: str, outbox: Table, limit: int) -> Select[tuple[object, ...]
     # (topic, key) keeps the other relays off that key's later rows until this one commits: order per key.
     partition = func.hashtextextended(c.topic + ":" + func.coalesce(func.encode(c.key, "hex"), ""), 0)
     return query.where(func.pg_try_advisory_xact_lock(partition)).with_for_update(skip_locked=True)
+
+
+def _purge_sent(dialect: str, outbox: Table, older_than: timedelta, limit: int) -> Delete:
+    """The statement that deletes the oldest sent rows marked sent before the retention, ``limit`` at most."""
+    c = outbox.c
+    if dialect == "postgresql":
+        cutoff = func.now() - older_than
+    else:  # SQLite stores the database clock as text, 'YYYY-MM-DD HH:MM:SS'
+        cutoff = func.datetime("now", f"-{older_than.total_seconds()} seconds")
+    oldest = select(c.id).where(c.sent_at.is_not(None), c.sent_at <= cutoff).order_by(c.id).limit(limit)
+    if dialect == "postgresql":
+        # SKIP LOCKED: a row a relay claimed is pending in its eyes; never wait for it nor delete under it.
+        oldest = oldest.with_for_update(skip_locked=True)
+    return delete(outbox).where(c.id.in_(oldest.scalar_subquery()))
 
 
 # -- consumer barrier -------------------------------------------------------------------------------------
@@ -276,6 +392,75 @@ async def consume(
         if not uow.replayed:
             uow.complete(await handler(uow.session, message))
     return Consumed(message_id=key, duplicate=uow.replayed, response=uow.response)
+
+
+class OffsetConsumer(Protocol[P, M_co]):
+    """The part of an ``aiokafka.AIOKafkaConsumer`` that `run_consumer` uses (started, auto-commit off)."""
+
+    async def getmany(self, *, timeout_ms: int = 0) -> Mapping[P, Sequence[M_co]]:
+        """Up to a batch of messages per partition, waiting at most ``timeout_ms`` for the first."""
+        ...
+
+    async def commit(self, offsets: dict[P, int]) -> None:
+        """Commit, per partition, the offset of the next message to consume."""
+        ...
+
+
+async def run_consumer(
+    consumer: OffsetConsumer[P, M],
+    barrier: Barrier[R],
+    handler: Callable[[AsyncSession, M], Awaitable[R]],
+    *,
+    group: str,
+    stop: anyio.Event | None = None,
+    on_missing_id: MissingMessageId = MissingMessageId.REJECT,
+    poll_timeout: float = 1.0,
+) -> int:
+    """Consume until ``stop`` is set: each message through `consume`, then its offset committed.
+
+    The offset is committed only after the database commit, one message at a time: a crash in between means
+    a redelivery, which `consume` recognises as a duplicate. When ``stop`` is set, the loop stops fetching,
+    finishes the message in flight, commits its offset and returns; the rest of a fetched batch is not
+    committed and is delivered again to whoever consumes the partitions next (stop ``consumer`` then, or
+    seek it to the committed offsets before consuming again: its position moved past that rest). An
+    exception (the handler's, `MissingMessageIdError`, `FingerprintMismatchError`) propagates with the
+    failing message's offset uncommitted. The caller starts and stops ``consumer``, with
+    ``enable_auto_commit=False``.
+
+    Args:
+        consumer: A started consumer, e.g. ``aiokafka.AIOKafkaConsumer``.
+        barrier: The consumer's barrier.
+        handler: Called as ``handler(session, message)`` once per message id; see `consume`.
+        group: The consumer group: the barrier's scope is ``consumer:<group>``.
+        stop: Set it to shut down gracefully; without it, cancel the task.
+        on_missing_id: The policy for a message without the id header.
+        poll_timeout: Longest wait, in seconds, for one fetch.
+
+    Returns:
+        How many messages the handler applied (duplicates not counted).
+    """
+    applied = 0
+    while stop is None or not stop.is_set():
+        batches = await _fetch(consumer, stop, int(poll_timeout * 1000))
+        for partition, messages in batches.items():
+            for message in messages:
+                if stop is not None and stop.is_set():
+                    return applied
+                done = await consume(barrier, message, handler, group=group, on_missing_id=on_missing_id)
+                applied += not done.duplicate
+                await consumer.commit({partition: message.offset + 1})
+    return applied
+
+
+async def _fetch(consumer: OffsetConsumer[P, M], stop: anyio.Event | None, timeout_ms: int) -> Mapping[P, Sequence[M]]:
+    """One fetch, given up (nothing fetched) as soon as ``stop`` is set."""
+    fetched: Mapping[P, Sequence[M]] = {}
+    async with anyio.create_task_group() as tg:
+        if stop is not None:
+            tg.start_soon(_set_on, stop, tg.cancel_scope.cancel)
+        fetched = await consumer.getmany(timeout_ms=timeout_ms)
+        tg.cancel_scope.cancel()
+    return fetched
 
 
 def _message_key(message: ConsumerMessage, policy: MissingMessageId) -> str:

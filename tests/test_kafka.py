@@ -23,6 +23,8 @@ from idembarrier.kafka import (
     MissingMessageIdError,
     OutboxRelay,
     consume,
+    message_id,
+    run_consumer,
 )
 from tests.models import Payment
 
@@ -252,3 +254,128 @@ async def test_end_to_end_every_duplicate_has_one_consumer_effect(
     async with pg_db.engine.connect() as conn:
         consumer_rows = (await conn.execute(select(func.count()).select_from(Payment))).scalar_one()
     assert consumer_rows == 1
+
+
+# -- the consumer loop -----------------------------------------------------------------------------------
+
+
+class Batches:
+    """A consumer that hands out fixed batches, then nothing; it records the offsets committed."""
+
+    def __init__(self, *batches: dict[str, list[Delivered]]) -> None:
+        self.batches = list(batches)
+        self.committed: list[dict[str, int]] = []
+
+    async def getmany(self, *, timeout_ms: int = 0) -> dict[str, list[Delivered]]:
+        if self.batches:
+            return self.batches.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def commit(self, offsets: dict[str, int]) -> None:
+        self.committed.append(dict(offsets))
+
+
+def delivered(value: bytes, mid: bytes, offset: int, partition: int = 0) -> Delivered:
+    return Delivered(value, [(MESSAGE_ID_HEADER, mid)], offset=offset, partition=partition)
+
+
+async def test_run_consumer_commits_each_offset_after_its_database_commit(db: Database) -> None:
+    """Each message, duplicates included, is consumed then committed; a stop while fetching returns at once."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    consumer = Batches(
+        {"p0": [delivered(b"o-1", b"m-1", 0), delivered(b"o-1", b"m-1", 1)], "p1": [delivered(b"o-2", b"m-2", 0, 1)]}
+    )
+    stop = anyio.Event()
+    applied = 0
+
+    async def run() -> None:
+        nonlocal applied
+        applied = await run_consumer(consumer, barrier, record_payment, group="g", stop=stop)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            while len(consumer.committed) < 3:
+                await anyio.wait_all_tasks_blocked()
+            stop.set()
+    assert applied == 2
+    assert consumer.committed == [{"p0": 1}, {"p0": 2}, {"p1": 1}]
+    assert await db.payments() == 2
+
+
+async def test_run_consumer_leaves_a_failing_message_uncommitted(db: Database) -> None:
+    """A handler error propagates; the offsets before it are committed, its own is not."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    consumer = Batches({"p0": [delivered(b"o-1", b"m-1", 0), delivered(b"boom", b"m-2", 1)]})
+
+    async def fragile(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        if message.value == b"boom":
+            raise RuntimeError("boom")
+        return await record_payment(session, message)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await run_consumer(consumer, barrier, fragile, group="g")
+    assert consumer.committed == [{"p0": 1}]
+    assert await db.payments() == 1
+
+
+async def test_run_consumer_stops_after_the_message_in_flight(db: Database) -> None:
+    """A stop set during a message finishes and commits it, and leaves the rest of the batch uncommitted."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    stop = anyio.Event()
+    consumer = Batches({"p0": [delivered(b"o-1", b"m-1", 0), delivered(b"o-2", b"m-2", 1)]})
+
+    async def stopping(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        stop.set()
+        return await record_payment(session, message)
+
+    with anyio.fail_after(10):
+        assert await run_consumer(consumer, barrier, stopping, group="g", stop=stop) == 1
+    assert consumer.committed == [{"p0": 1}]
+    assert await db.payments() == 1
+
+
+async def test_run_consumer_through_tansu_has_one_effect_per_message(
+    pg_db: Database, broker: str, publisher: AIOKafkaPublisher
+) -> None:
+    """Relayed messages plus a duplicate, through Tansu: one effect each, offsets committed, stop returns."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic, group = f"orders-{uuid.uuid4().hex[:8]}", f"billing-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    for key in ("o-1", "o-2"):
+        async with barrier.unit_of_work(key, scope="orders") as uow:
+            uow.publish(topic, key.encode(), key=b"k")
+            uow.complete(None)
+    assert await OutboxRelay(barrier, publisher).relay_once() == 2
+    duplicate = await publisher.producer.send_and_wait(
+        topic, b"o-1", key=b"k", headers=[(MESSAGE_ID_HEADER, message_id("orders", "o-1", 0).encode())]
+    )
+    await publisher.producer.send_and_wait(topic, b"last", key=b"k", headers=[(MESSAGE_ID_HEADER, b"m-last")])
+    stop = anyio.Event()
+
+    async def until_last(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        if message.value == b"last":
+            stop.set()  # the loop finishes this message, commits its offset, and returns
+        return await record_payment(session, message)
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=broker,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+    )
+    await consumer.start()
+    try:
+        with anyio.fail_after(30):
+            applied = await run_consumer(consumer, barrier, until_last, group=group, stop=stop, poll_timeout=0.2)
+        committed = await consumer.committed(TopicPartition(topic, duplicate.partition))
+    finally:
+        await consumer.stop()
+    assert applied == 3  # o-1, o-2, last; the duplicate of o-1 was skipped
+    assert committed == 4
+    assert await pg_db.payments() == 3

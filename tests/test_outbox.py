@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -240,3 +242,105 @@ async def test_two_racing_relays_publish_each_message_once_in_key_order(pg_db: D
     assert sorted(published) == sorted(mid for ids in expected.values() for mid in ids)
     for key, ids in expected.items():
         assert [m.message_id for m in log.messages if m.key == key] == ids
+
+
+async def backdate_sent(db: Database, hours: int, *, below_id: int) -> None:
+    """Mark the outbox rows with an id below ``below_id`` as sent ``hours`` ago (database clock)."""
+    past = f"now() - interval '{hours} hours'" if db.dialect == "postgresql" else f"datetime('now', '-{hours} hours')"
+    async with db.engine.begin() as conn:
+        await conn.exec_driver_sql(f"UPDATE idempotency_keys_outbox SET sent_at = {past} WHERE id < {below_id}")
+
+
+async def test_purge_sent_deletes_only_sent_rows_past_the_retention(db: Database) -> None:
+    """Sent rows older than the retention go, in batches; recently sent and pending rows stay."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    for n in range(5):
+        await order(barrier, f"o-{n}", "a")
+    relay = OutboxRelay(barrier, Collecting())
+    assert await relay.relay_once() == 5
+    await backdate_sent(db, 2, below_id=4)  # rows 1-3 sent two hours ago; 4 and 5 just now
+    pending = await order(barrier, "o-pending", "a")
+    async with db.engine.begin() as conn:  # a pending row older than any retention still stays
+        await conn.exec_driver_sql("UPDATE idempotency_keys_outbox SET created_at = '2000-01-01' WHERE sent_at IS NULL")
+    assert await relay.purge_sent(timedelta(hours=3)) == 0
+    assert await relay.purge_sent(timedelta(hours=1), batch_size=2) == 3
+    left = await outbox(db)
+    assert [(key, sent) for _, _, key, _, sent in left] == [("o-3", True), ("o-4", True), ("o-pending", False)]
+    assert left[-1][0] == pending[0]
+    assert await relay.purge_sent(timedelta(0)) == 2
+    assert [key for _, _, key, _, _ in await outbox(db)] == ["o-pending"]
+
+
+async def test_purge_sent_refuses_bad_settings(db: Database) -> None:
+    """A batch size below 1 or a negative retention is refused."""
+    relay = OutboxRelay(idembarrier.Barrier(db.sessionmaker), Collecting())
+    with pytest.raises(ValueError, match="batch_size"):
+        await relay.purge_sent(timedelta(hours=1), batch_size=0)
+    with pytest.raises(ValueError, match="negative"):
+        await relay.purge_sent(timedelta(hours=-1))
+
+
+async def test_purge_sent_skips_rows_a_relay_holds(pg_db: Database) -> None:
+    """On PostgreSQL a purge skips the rows a relay has claimed, instead of waiting for them."""
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await order(barrier, "o-1", "a")
+    await OutboxRelay(barrier, Collecting()).relay_once()
+    await backdate_sent(pg_db, 2, below_id=2)
+    async with pg_db.engine.begin() as conn:
+        await conn.exec_driver_sql("SELECT id FROM idempotency_keys_outbox FOR UPDATE")
+        with anyio.fail_after(10):
+            assert await OutboxRelay(barrier, Collecting()).purge_sent(timedelta(hours=1)) == 0
+    assert await OutboxRelay(barrier, Collecting()).purge_sent(timedelta(hours=1)) == 1
+
+
+async def test_relay_wakes_on_notify_long_before_its_poll_interval(pg_db: Database) -> None:
+    """A relay idling on a 30 s poll interval delivers a freshly committed message at once (LISTEN/NOTIFY)."""
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    idle, delivered, stop = anyio.Event(), anyio.Event(), anyio.Event()
+    publisher = Collecting()
+
+    class Watched(OutboxRelay):
+        async def relay_once(self) -> int:
+            sent = await super().relay_once()
+            if sent:
+                delivered.set()
+            else:
+                idle.set()
+            return sent
+
+    relay = Watched(barrier, publisher, poll_interval=30, max_poll_interval=30)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(relay.run, stop=stop))
+            await idle.wait()  # found the outbox empty: now waiting up to 30 s, or for a notification
+            ids = await order(barrier, "o-1", "a")
+            await delivered.wait()
+            stop.set()
+    assert [m.message_id for m in publisher.messages] == ids
+
+
+async def test_relay_polls_when_it_cannot_listen(
+    pg_db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay whose LISTEN fails logs it and falls back to polling."""
+    import asyncpg
+
+    async def refuse(*_: object) -> None:
+        raise asyncpg.PostgresError("LISTEN refused")
+
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", refuse)
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    ids = await order(barrier, "o-1", "a")
+    stop = anyio.Event()
+
+    class Stopping(Collecting):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            await super().publish(messages)
+            stop.set()
+
+    publisher = Stopping()
+    relay = OutboxRelay(barrier, publisher, poll_interval=0.01, max_poll_interval=0.02)
+    with anyio.fail_after(10):
+        await relay.run(stop=stop)
+    assert [m.message_id for m in publisher.messages] == ids
+    assert "the relay polls" in caplog.text
