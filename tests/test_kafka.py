@@ -9,7 +9,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -195,13 +195,11 @@ async def publisher(broker: str) -> AsyncIterator[AIOKafkaPublisher]:
         await producer.stop()
 
 
-async def _consume_all(
-    broker: str, topic: str, group: str, barrier: idembarrier.Barrier, count: int, *, commit: bool
-) -> int:
-    """Consume ``count`` messages from the start of ``topic`` through the barrier; return how many were new."""
+def make_consumer(broker: str, topic: str, group: str) -> Any:
+    """An aiokafka consumer for the tests: from the start of ``topic``, manual commits, short group timeouts."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(
+    return AIOKafkaConsumer(
         topic,
         bootstrap_servers=broker,
         group_id=group,
@@ -210,6 +208,13 @@ async def _consume_all(
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
     )
+
+
+async def _consume_all(
+    broker: str, topic: str, group: str, barrier: idembarrier.Barrier, count: int, *, commit: bool
+) -> int:
+    """Consume ``count`` messages from the start of ``topic`` through the barrier; return how many were new."""
+    consumer = make_consumer(broker, topic, group)
     await consumer.start()
     applied = 0
     try:
@@ -340,7 +345,7 @@ async def test_run_consumer_through_tansu_has_one_effect_per_message(
     pg_db: Database, broker: str, publisher: AIOKafkaPublisher
 ) -> None:
     """Relayed messages plus a duplicate, through Tansu: one effect each, offsets committed, stop returns."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     topic, group = f"orders-{uuid.uuid4().hex[:8]}", f"billing-{uuid.uuid4().hex[:8]}"
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
@@ -360,15 +365,7 @@ async def test_run_consumer_through_tansu_has_one_effect_per_message(
             stop.set()  # the loop finishes this message, commits its offset, and returns
         return await record_payment(session, message)
 
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=broker,
-        group_id=group,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        session_timeout_ms=2000,
-        heartbeat_interval_ms=500,
-    )
+    consumer = make_consumer(broker, topic, group)
     await consumer.start()
     try:
         with anyio.fail_after(30):
