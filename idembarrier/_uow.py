@@ -3,8 +3,8 @@
 Sequence (first request): open the transaction → claim the key with an IN_PROGRESS row → the body writes
 through the same session → the outcome is recorded → one COMMIT makes the business rows and the finished
 record visible together (with the messages the body published, in the outbox). Any failure before that
-COMMIT rolls them all back. A claim that finds a finished
-record replays it and rolls back its (empty) transaction.
+COMMIT rolls them all back. A claim that finds a finished record replays it and rolls back its (empty)
+transaction.
 """
 
 from __future__ import annotations
