@@ -18,7 +18,7 @@ An exception raised by your own code inside a unit of work is never wrapped: it 
     ├── UnitOfWorkError              the unit of work was used against its contract
     ├── SchemaError                  the table is missing or not at the migrations' head
     └── StorageError                 the database failed; classified by SQLSTATE / SQLite error code
-        ├── ConnectionLostError      the connection or its backend died (outcome of a COMMIT unknown)
+        ├── ConnectionLostError      the connection or its backend died (``outcome_unknown``: mid-COMMIT)
         └── SerializationError       the database aborted the transaction to keep it serializable
 """
 
@@ -212,9 +212,15 @@ class StorageError(IdembarrierError):
 class ConnectionLostError(StorageError):
     """Raised when the connection or its server process died during the unit of work.
 
-    Raised from the commit itself, the outcome is unknown; retrying with the same key is safe and tells
-    (it replays if the commit happened, and runs otherwise).
+    ``outcome_unknown`` is true when the connection died while the COMMIT was in flight: the business writes
+    and the record may or may not have committed (together). Retrying with the same key is then the only
+    safe move: it replays if the commit happened, and runs otherwise. When false, nothing committed.
     """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, outcome_unknown: bool = False) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.outcome_unknown = outcome_unknown
+        """Whether the COMMIT was in flight when the connection died, so that it may have committed."""
 
 
 class SerializationError(StorageError):
