@@ -107,3 +107,19 @@ def decode_response(codec: Codec[T], data: bytes) -> T:
         return codec.decode(data)
     except Exception as exc:
         raise ResponseEncodingError(f"the stored response cannot be decoded by {type(codec).__name__}: {exc}") from exc
+
+
+def round_trip(codec: Codec[T], value: T) -> tuple[bytes, T]:
+    """Encode ``value`` with ``codec`` and decode it again: the bytes to store, and the response they replay.
+
+    Raises:
+        ResponseEncodingError: The codec cannot encode ``value``, or cannot decode what it encoded (a
+            response that would record, then fail every replay).
+    """
+    data = encode_response(codec, value)
+    try:
+        return data, codec.decode(data)
+    except Exception as exc:
+        raise ResponseEncodingError(
+            f"the response would never replay: {type(codec).__name__} cannot decode what it encoded: {exc}"
+        ) from exc
