@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
@@ -34,7 +34,7 @@ from idembarrier.asgi import (
 from tests.models import Payment
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
 
     from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
@@ -219,9 +219,13 @@ class Recorder:
             self.raised.set()
 
 
-@contextmanager
-def serve(app: Recorder) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a loopback port in a thread; yield its base URL."""
+@asynccontextmanager
+async def serve(app: Recorder) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port in a thread; yield its base URL.
+
+    The caller's loop keeps running while uvicorn stops: a `tests.faultproxy.FaultProxy` on it must go on
+    forwarding while the app's engine closes its connections.
+    """
     # The socket listens before uvicorn starts: early requests queue in its backlog until it serves them.
     sock = socket.create_server(("127.0.0.1", 0), backlog=512)
     config = uvicorn.Config(app, lifespan="on", log_config=None, log_level="critical", ws="none", http="h11")
@@ -232,7 +236,7 @@ def serve(app: Recorder) -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(30)
+        await anyio.to_thread.run_sync(thread.join, 30)
         sock.close()
     assert not thread.is_alive(), "uvicorn did not stop"
 
@@ -242,11 +246,11 @@ async def running(db: Database, **options: object) -> AsyncIterator[Site]:
     """Run the payments app on ``db`` with the middleware's ``options``; yield it with a client."""
     gate, crashes = Gate(), list[str]()
     recorder = Recorder(build_app(db.url, gate, crashes, **options))
-    with serve(recorder) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)) as client:
-            health = await client.get("/payments")  # answers once uvicorn serves: no polling
-            assert health.status_code == 200
-            try:
-                yield Site(client, gate, recorder, crashes)
-            finally:
-                gate.release.set()  # never leave a held route, and so the server, waiting
+    limits = httpx.Limits(max_connections=200)
+    async with serve(recorder) as url, httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        health = await client.get("/payments")  # answers once uvicorn serves: no polling
+        assert health.status_code == 200
+        try:
+            yield Site(client, gate, recorder, crashes)
+        finally:
+            gate.release.set()  # never leave a held route, and so the server, waiting

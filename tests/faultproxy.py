@@ -13,7 +13,8 @@ open), `blackhole` (forward nothing, connect nothing upstream), `refuse` (stop l
 refused) and `heal` (back to normal, for the connections open and those to come).
 
 The proxy answers a client's SSLRequest (and GSSENCRequest) with ``N`` itself, so the stream it reads is
-always plaintext. It runs on the loop of whoever starts it; its clients may be on any loop or process::
+always plaintext. It runs on the loop of whoever starts it, which must keep running (never block it on a
+thread's join) while clients use it; the clients may be on any loop, thread or process::
 
     async with FaultProxy("127.0.0.1", 5432) as proxy:
         engine = create_async_engine(proxy.url(database_url))
