@@ -349,7 +349,8 @@ async def test_one_key_in_two_tenants_runs_twice_and_never_leaks(db: Database) -
 
 
 async def test_route_crashing_mid_write_leaves_nothing_and_its_retry_runs_once(db: Database) -> None:
-    """A route that raises after writing answers 500 and leaves no row nor record; the retry runs, once."""
+    """A route that raises after writing answers a 500 problem marked not stored, its exception reaches the
+    server's error handling, and it leaves no row nor record; the retry runs, once."""
     key = new_key()
     async with running(db) as site:
         site.crashes.append("the processor vanished")
@@ -359,7 +360,8 @@ async def test_route_crashing_mid_write_leaves_nothing_and_its_retry_runs_once(d
         retried = await site.client.post("/payments/crash", json={"amount": 1}, headers=keyed(key))
         replayed = await site.client.post("/payments/crash", json={"amount": 1}, headers=keyed(key))
         errors = site.errors
-    assert crashed.status_code == 500
+    assert_problem(crashed, Problem.APPLICATION_ERROR)
+    assert crashed.headers["idempotency-stored"] == "false"
     assert [type(e) for e in errors] == [Boom]
     assert retried.status_code == 201
     assert "idempotent-replayed" not in retried.headers
@@ -374,7 +376,7 @@ async def test_write_refused_at_commit_is_a_500_never_the_route_s_201(db: Databa
         await site.client.post("/payments", json={"amount": 1}, headers=keyed(new_key()))
         refused = await site.client.post("/payments/clash", json={"amount": 1}, headers=keyed(key))
         errors = site.errors
-    assert refused.status_code == 500
+    assert_problem(refused, Problem.APPLICATION_ERROR)
     assert [type(e).__name__ for e in errors] == ["IntegrityError"]
     assert await db.payments() == 1
     assert await db.records(key) == []

@@ -235,6 +235,15 @@ def test_problem_types_are_distinct_and_stable() -> None:
         "KEY_UNRESOLVED": 409,
         "KEY_EXPIRED": 409,
         "REQUEST_TOO_LARGE": 413,
+        "BODY_INVALID": 400,
+        "NOT_AUTHENTICATED": 401,
+        "FORBIDDEN": 403,
+        "OUTCOME_UNKNOWN": 503,
+        "CONNECTION_LOST": 503,
+        "TRANSACTION_ABORTED": 503,
+        "STORAGE_FAILED": 503,
+        "INTERNAL_ERROR": 500,
+        "APPLICATION_ERROR": 500,
     }
 
 
@@ -257,6 +266,7 @@ EXPECTED = [
     "Problem",
     "RequestHead",
     "STATE_KEY",
+    "ScopeRefusedError",
     "parse_key_header",
     "unit_of_work",
     "unit_of_work_session",
@@ -371,22 +381,6 @@ async def test_client_gone_before_its_body_runs_nothing(pg_db: Database) -> None
     assert await pg_db.records() == []
 
 
-async def test_app_returning_without_a_response_rolls_back(pg_db: Database) -> None:
-    """An app that writes and returns without completing its response gets a UnitOfWorkError; nothing stays."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        uow = scope["state"][idembarrier.asgi.STATE_KEY]
-        uow.session.add(Payment(key=uow.key, amount=1))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-
-    exchange = Exchange()
-    with pytest.raises(UnitOfWorkError, match="without completing its response"):
-        await exchange.through(guard(pg_db, app))
-    assert exchange.sent == []
-    assert await pg_db.payments() == 0
-    assert await pg_db.records() == []
-
-
 async def test_app_sending_a_body_before_its_start_rolls_back(pg_db: Database) -> None:
     """A body sent before the response's start is the app's error: it propagates and nothing is recorded."""
 
@@ -465,5 +459,6 @@ async def test_app_swallowing_a_failed_commit_still_fails(pg_db: Database) -> No
     with pytest.raises(IntegrityError):
         await exchange.through(guard(pg_db, app))
     assert [type(e) for e in attempts] == [IntegrityError, UnitOfWorkError]
-    assert exchange.sent == []
+    assert exchange.status == 500  # the route's writes failed: the application's failure, not ours
+    assert Problem.APPLICATION_ERROR.type.encode() in exchange.sent[1]["body"]
     assert await pg_db.records() == []

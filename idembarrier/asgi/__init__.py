@@ -11,6 +11,10 @@ What is recorded:
 - 2xx and 3xx: COMPLETED, replayed. 4xx listed in ``store_statuses`` (a declined card): FAILED, with the
   route's writes, replayed. Any other 4xx, every 5xx, and any exception: the writes roll back, nothing is
   recorded, and a retry runs again.
+- Failures are problems, never a bare 500: the database's are 503s with ``Retry-After`` (``outcome-unknown``
+  when the COMMIT was in flight: retry with the same key); the route's own exception, and any other of
+  idembarrier's, a 500 marked ``Idempotency-Stored: false``, the exception then going on to the server's
+  error handling. A ``scope_of`` refuses a request by raising `ScopeRefusedError` (401 or 403).
 - A response that is streamed (a body in more than one message) or larger than ``max_response_bytes``
   cannot be held back whole. Its outcome is still recorded, without the body, and committed with the
   route's writes before its first byte is sent; it goes out marked ``Idempotency-Stored: false``. A retry
@@ -30,6 +34,7 @@ itself is optional.
 from __future__ import annotations
 
 from ._dependencies import unit_of_work, unit_of_work_session
+from ._failures import ScopeRefusedError
 from ._header import parse_key_header
 from ._middleware import IdempotencyMiddleware
 from ._problems import Problem
@@ -47,6 +52,7 @@ __all__ = [
     "IdempotencyMiddleware",
     "Problem",
     "RequestHead",
+    "ScopeRefusedError",
     "parse_key_header",
     "unit_of_work",
     "unit_of_work_session",

@@ -11,7 +11,10 @@ the response go out, so a client never sees a success that could still roll back
   out; the stream then passes through, marked ``Idempotency-Stored: false``;
 - a 5xx, or a 4xx not chosen for storing → the writes roll back, nothing is recorded, and the response
   goes out marked ``Idempotency-Stored: false``: a retry runs again;
-- an exception before any of that → the writes roll back, nothing is recorded, the exception propagates.
+- an exception before any of that → the writes roll back, nothing is recorded, and the client gets a
+  problem (`idembarrier.asgi._failures`: a 503 for the database's failures, else a 500 marked
+  ``Idempotency-Stored: false``); the exception goes on to the server unless it was the database's;
+- an exception once the response has begun → it propagates; the client's response is cut short.
 
 Because the outcome is settled from inside the application's ``send``, while the application is still
 running, the unit of work is entered and exited by hand (``__aenter__``/``__aexit__``) rather than with
@@ -23,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._exceptions import UnitOfWorkError
+from ._failures import NOT_STORED, answer_failure
 from ._response import HTTPResponse, select_headers
 
 if TYPE_CHECKING:
@@ -32,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Execution"]
 
-_NOT_STORED = (b"idempotency-stored", b"false")
 _REPRESENTATION = frozenset({"content-type", "content-encoding", "content-language", "etag", "last-modified"})
 """Headers that describe a body: dropped from a record that keeps no body, so an empty replay stays valid."""
 
@@ -44,7 +47,7 @@ class _NotStored(Exception):
 class Execution:
     """Runs the application for a claimed key, and finishes the unit of work as its response completes."""
 
-    __slots__ = ("_downstream", "_failure", "_open", "_settings", "_start", "_uow")
+    __slots__ = ("_downstream", "_failure", "_open", "_replied", "_settings", "_start", "_uow")
 
     def __init__(self, uow: UnitOfWork[HTTPResponse], settings: Settings, send: Send) -> None:
         self._uow = uow
@@ -52,6 +55,7 @@ class Execution:
         self._downstream = send
         self._start: Message | None = None
         self._open = True  # the unit of work still waits for its outcome
+        self._replied = False  # the response has begun to go out: the client can be told nothing else
         self._failure: BaseException | None = None
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
@@ -59,24 +63,44 @@ class Execution:
         try:
             await app(scope, receive, self.send)
         except BaseException as exc:
-            if self._open:
-                self._open = False
-                await self._uow.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+            # Recording the outcome failed (the application propagated it, or raised its own), or the
+            # application raised before its response was complete.
+            await self._fail(self._failure or await self._exit(exc))
+            return
         if self._failure is not None:
-            raise self._failure  # recording the outcome failed, and the application swallowed the error
+            await self._fail(self._failure)  # recording the outcome failed, and the application swallowed it
+            return
         if self._open:
-            self._open = False
             error = UnitOfWorkError("the application returned without completing its response; its writes rolled back")
-            await self._uow.__aexit__(UnitOfWorkError, error, None)
-            raise error
+            await self._fail(await self._exit(error))
+            return
         await self._check_session_left_alone()
+
+    async def _exit(self, exc: BaseException) -> BaseException:
+        """Roll the unit of work back for ``exc`` if it is still open; return what the client is to be told of.
+
+        That is ``exc``, or ours if rolling back turned it into a database failure (a lost connection).
+        """
+        if not self._open:
+            return exc
+        self._open = False
+        try:
+            await self._uow.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException as ours:
+            return ours
+        return exc
+
+    async def _fail(self, failure: BaseException) -> None:
+        """Answer ``failure`` as a problem, unless the response has begun; raise it unless it was answered for good."""
+        if self._replied or await answer_failure(self._downstream, failure, self._settings.retry_after):
+            raise failure
 
     async def send(self, message: Message) -> None:
         """The ``send`` the application is given."""
         if self._failure is not None:
             raise UnitOfWorkError("the response was abandoned: recording its outcome failed") from self._failure
         if not self._open:
+            self._replied = True
             await self._downstream(message)
             return
         if self._start is None:
@@ -110,7 +134,11 @@ class Execution:
                 if body is None:
                     kept = tuple(pair for pair in kept if pair[0] not in _REPRESENTATION)
                 response = HTTPResponse(status=status, headers=kept, body=body or b"", body_stored=body is not None)
-                (self._uow.complete if status < 400 else self._uow.fail)(response)
+                try:
+                    (self._uow.complete if status < 400 else self._uow.fail)(response)
+                except BaseException as exc:
+                    await self._uow.__aexit__(type(exc), exc, exc.__traceback__)  # nothing was recorded
+                    raise
                 await self._uow.__aexit__(None, None, None)
             else:
                 await self._uow.__aexit__(_NotStored, _NotStored(), None)
@@ -118,7 +146,8 @@ class Execution:
             self._failure = exc
             raise
         if not stored or body is None:
-            headers.append(_NOT_STORED)
+            headers.append(NOT_STORED)
+        self._replied = True
         await self._downstream({**start, "headers": headers})
 
     async def _check_session_left_alone(self) -> None:

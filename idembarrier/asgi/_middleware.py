@@ -13,16 +13,19 @@ Every other request (other methods, websockets, lifespan) passes through untouch
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import TYPE_CHECKING
 
 from .._exceptions import (
     FingerprintMismatchError,
+    InvalidFingerprintError,
     InvalidKeyError,
     KeyInProgressError,
     ReconciliationRequiredError,
     ResponseExpiredError,
 )
 from ._execution import Execution
+from ._failures import NOT_STORED, answer_failure
 from ._header import parse_key_header
 from ._problems import Problem, send_problem
 from ._request import RequestHead, request_fingerprint
@@ -35,11 +38,14 @@ if TYPE_CHECKING:
 
     from .._barrier import Barrier
     from .._config import OnConflict
+    from .._uow import UnitOfWork
     from ._request import FingerprintPart
     from ._response import HTTPResponse
     from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["IdempotencyMiddleware"]
+
+_log = logging.getLogger("idembarrier.asgi")
 
 
 class IdempotencyMiddleware:
@@ -50,7 +56,8 @@ class IdempotencyMiddleware:
         app: The ASGI application to guard.
         barrier: A barrier whose codec stores `HTTPResponse` (``Barrier(sm, codec=HTTPResponseCodec())``).
         scope_of: Returns the scope of a request's key (sync or async): the tenant or principal, so that
-            one client's key can never replay another client's response. Raise to refuse the request.
+            one client's key can never replay another client's response. To refuse the request, raise
+            `ScopeRefusedError` (a 401 or 403 problem); any other exception is a 500 ``application-error``.
         methods: The guarded methods; the others pass through untouched.
         require_key: Answer 400 to a guarded request without the key (else it runs unguarded).
         fingerprint: The parts of the request whose change makes a reused key a 422: any of
@@ -61,7 +68,7 @@ class IdempotencyMiddleware:
         max_response_bytes: The largest response body recorded; a larger one is sent but not stored.
         on_conflict: While the first request with the key is in progress, wait for it and replay
             (``OnConflict.WAIT``), or answer 409 at once (``OnConflict.FAIL``); default: the barrier's.
-        retry_after: The ``Retry-After`` seconds sent with a 409.
+        retry_after: The ``Retry-After`` seconds sent with a 409 in progress, and with a 503.
         store_statuses: The 4xx statuses that are deterministic business failures: recorded as FAILED
             with the route's writes, and replayed. Other 4xx, and all 5xx, roll back and are not stored.
         stored_headers: The response headers a record keeps (never ``Set-Cookie``, ``Authorization``…).
@@ -137,10 +144,34 @@ class IdempotencyMiddleware:
     async def _guard(self, key: str, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
         head = RequestHead.from_scope(scope)
-        named = settings.scope_of(head)
-        key_scope: str = await named if inspect.isawaitable(named) else named
-        fingerprint = request_fingerprint(head, body, settings.fingerprint, settings.normalise_body)
-        uow = self.barrier.unit_of_work(key, scope=key_scope, fingerprint=fingerprint, on_conflict=settings.on_conflict)
+        try:
+            named = settings.scope_of(head)
+            key_scope: str = await named if inspect.isawaitable(named) else named
+        except Exception as exc:  # a refusal (401/403), or the application's failure (500)
+            if await answer_failure(send, exc, settings.retry_after):
+                raise
+            return
+        try:
+            fingerprint = request_fingerprint(head, body, settings.fingerprint, settings.normalise_body)
+            uow = self.barrier.unit_of_work(
+                key, scope=key_scope, fingerprint=fingerprint, on_conflict=settings.on_conflict
+            )
+        except InvalidFingerprintError:
+            detail = "the request body, as normalised, has no canonical form (NaN, infinity, deep nesting…)"
+            await send_problem(send, Problem.BODY_INVALID, detail, headers=[NOT_STORED])
+            return
+        except InvalidKeyError as exc:
+            if exc.key == key:
+                await send_problem(send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}")
+                return
+            # The header's key was validated already: scope_of returned an unusable scope, the app's bug.
+            if await answer_failure(send, exc, settings.retry_after):
+                raise
+            return
+        except Exception as exc:  # the application's normalise_body failed
+            if await answer_failure(send, exc, settings.retry_after):
+                raise
+            return
         try:
             await uow.__aenter__()
         except KeyInProgressError:
@@ -159,12 +190,12 @@ class IdempotencyMiddleware:
             detail = "this key was used already and its response is past retention; nothing was run again"
             await send_problem(send, Problem.KEY_EXPIRED, detail)
             return
+        except Exception as exc:  # the database, or the barrier's configuration
+            if await answer_failure(send, exc, settings.retry_after):
+                raise
+            return
         if uow.replayed:
-            try:
-                response = uow.response
-            finally:
-                await uow.__aexit__(None, None, None)  # a replay wrote nothing: this only gives back the session
-            await _send_replay(send, response)
+            await _replay(uow, send, settings.retry_after)
             return
         scope.setdefault("state", {})[STATE_KEY] = uow
         await Execution(uow, settings, send).run(self.app, scope, _replaying(body, receive))
@@ -204,6 +235,24 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+async def _replay(uow: UnitOfWork[HTTPResponse], send: Send, retry_after: int) -> None:
+    """Send the recorded response of ``uow``, a replay, and give its session back."""
+    try:
+        response = uow.response
+    except Exception as exc:  # the codec cannot read the record
+        await uow.__aexit__(type(exc), exc, exc.__traceback__)
+        if await answer_failure(send, exc, retry_after):
+            raise
+        return
+    try:
+        await uow.__aexit__(None, None, None)  # a replay wrote nothing: this only gives back the session
+    except Exception:
+        # The response is in hand and true; a failed rollback of a read-only transaction changes nothing
+        # the client must know.
+        _log.warning("replaying key %r: giving back the session failed", uow.key, exc_info=True)
+    await _send_replay(send, response)
 
 
 async def _send_replay(send: Send, response: HTTPResponse) -> None:

@@ -12,6 +12,8 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._types import Send
 
 __all__ = ["Problem", "problem_body", "send_problem"]
@@ -43,6 +45,27 @@ class Problem(Enum):
     """The key was used already and its stored response has expired; nothing runs again (409)."""
     REQUEST_TOO_LARGE = _Kind(413, "request-too-large", "Request body too large to guard")
     """The request body exceeds the middleware's ``max_body_bytes`` (413)."""
+    BODY_INVALID = _Kind(400, "body-invalid", "Request body cannot be fingerprinted")
+    """``normalise_body`` made of the body what has no canonical form (NaN, infinities, deep nesting) (400)."""
+    NOT_AUTHENTICATED = _Kind(401, "not-authenticated", "Request not authenticated")
+    """``scope_of`` refused the request with ``ScopeRefusedError(status=401)``: it names no principal (401)."""
+    FORBIDDEN = _Kind(403, "forbidden", "Request forbidden")
+    """``scope_of`` refused the request with ``ScopeRefusedError(status=403)`` (403)."""
+    OUTCOME_UNKNOWN = _Kind(503, "outcome-unknown", "Outcome unknown: retry with the same Idempotency-Key")
+    """The database connection was lost during the COMMIT: the request may have taken effect. A retry with
+    the same key replays its response if it did, and runs it if it did not; a new key could run it twice (503)."""
+    CONNECTION_LOST = _Kind(503, "connection-lost", "Database connection lost; nothing was recorded")
+    """The database connection was lost before the COMMIT: nothing took effect; retry (503)."""
+    TRANSACTION_ABORTED = _Kind(503, "transaction-aborted", "Transaction aborted by the database; nothing was recorded")
+    """The database aborted the transaction (serialization failure, deadlock): nothing took effect; retry (503)."""
+    STORAGE_FAILED = _Kind(503, "storage-failed", "Database failed; nothing was recorded")
+    """Any other database failure (``StorageError``): nothing took effect; retry later (503)."""
+    INTERNAL_ERROR = _Kind(500, "internal-error", "Idempotency layer failed; nothing was recorded")
+    """Any other failure of idembarrier's (``UnitOfWorkError``, ``SchemaError``…), a misuse or a misconfiguration:
+    nothing was recorded, and the exception goes on to the server's error handling (500)."""
+    APPLICATION_ERROR = _Kind(500, "application-error", "Application failed; nothing was recorded")
+    """The application (a route, ``scope_of``) raised: its writes rolled back, nothing was recorded, and the
+    exception goes on to the server's error handling (500)."""
 
     @property
     def status(self) -> int:
@@ -66,11 +89,19 @@ def problem_body(problem: Problem, detail: str) -> bytes:
     return json.dumps(document, ensure_ascii=False).encode()
 
 
-async def send_problem(send: Send, problem: Problem, detail: str, *, retry_after: int | None = None) -> None:
-    """Answer with ``problem`` as ``application/problem+json``, with ``Retry-After`` when given."""
+async def send_problem(
+    send: Send,
+    problem: Problem,
+    detail: str,
+    *,
+    retry_after: int | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer with ``problem`` as ``application/problem+json``, with ``Retry-After`` when given, and ``headers``."""
     body = problem_body(problem, detail)
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    head = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+        head.append((b"retry-after", str(retry_after).encode()))
+    head.extend(headers)
+    await send({"type": "http.response.start", "status": problem.status, "headers": head})
     await send({"type": "http.response.body", "body": body})

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
+from .._exceptions import InvalidFingerprintError
+
 if TYPE_CHECKING:
     from .._codec import JSON
     from ._types import Scope
@@ -63,7 +65,8 @@ def request_fingerprint(
 
     A body normaliser (``json.loads``, say) makes equivalent bodies one request: its result, bytes or a
     JSON value, stands for the body. If it raises `ValueError` (the body is not what it parses), the raw
-    body stands for itself: such a request can only match a byte-identical one.
+    body stands for itself: such a request can only match a byte-identical one. A `RecursionError` (a body
+    nested too deeply to parse) raises `InvalidFingerprintError`.
     """
     if not parts:
         return None
@@ -85,6 +88,8 @@ def _body_part(body: bytes, normalise_body: Callable[[bytes], object] | None) ->
             value = normalise_body(body)
         except ValueError:
             pass
+        except RecursionError as exc:  # json.loads of a body nested thousands deep
+            raise InvalidFingerprintError("the request body is nested too deeply to be normalised") from exc
         else:
             if isinstance(value, bytes):
                 return {"sha256": hashlib.sha256(value).hexdigest()}
