@@ -7,6 +7,7 @@ network must fail at a chosen moment). `test_asgi_faults` drives the same failur
 from __future__ import annotations
 
 import json
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -18,6 +19,7 @@ from idembarrier import (
     ConnectionLostError,
     FingerprintMismatchError,
     IdembarrierError,
+    ResponseEncodingError,
     SchemaError,
     SerializationError,
     StorageError,
@@ -289,6 +291,22 @@ async def test_app_returning_without_a_response_is_a_500_internal_error(pg_db: D
     exchange = Exchange()
     with pytest.raises(UnitOfWorkError, match="without completing its response"):
         await exchange.through(guard(pg_db, silent))
+    assert exchange.status == 500
+    assert problem_of(exchange)["type"] == Problem.INTERNAL_ERROR.type
+    assert await pg_db.payments() == 0
+
+
+async def test_record_the_codec_cannot_read_is_a_500_internal_error(pg_db: Database) -> None:
+    """A stored response HTTPResponseCodec did not write answers 500 internal-error; the ResponseEncodingError
+    goes on to the server, and the app does not run."""
+    async with pg_db.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "INSERT INTO idempotency_keys (scope, key, status, token, response) VALUES ($1, $2, 'COMPLETED', $3, $4)",
+            ("public", "foreign", uuid.uuid4(), b"written by someone else"),
+        )
+    exchange = Exchange(key=b"foreign")
+    with pytest.raises(ResponseEncodingError):
+        await exchange.through(guard(pg_db, paying, fingerprint=()))
     assert exchange.status == 500
     assert problem_of(exchange)["type"] == Problem.INTERNAL_ERROR.type
     assert await pg_db.payments() == 0
