@@ -23,7 +23,7 @@ from sqlalchemy import (
 
 from ._record import Status
 
-__all__ = ["VERSION_TABLE", "outbox_name", "outbox_table", "records_table"]
+__all__ = ["VERSION_TABLE", "failures_name", "failures_table", "outbox_name", "outbox_table", "records_table"]
 
 VERSION_TABLE = "idembarrier_alembic_version"
 """idembarrier's own Alembic version table, so it never collides with the application's history."""
@@ -49,6 +49,7 @@ def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: st
         checkpoint_name / checkpoint_data: the last progress a lease holder recorded, for a reclaimer.
     """
     outbox_table(metadata, name, schema)
+    failures_table(metadata, name, schema)
     return Table(
         name,
         metadata,
@@ -109,6 +110,9 @@ def outbox_table(metadata: MetaData, records: str = "idempotency_keys", schema: 
         scope / record_key / position: the record whose unit of work published it, and the message's
             place among that unit of work's messages.
         created_at: database clock at insertion; sent_at: when a relay marked it published (NULL: pending).
+        attempts / last_error: how often the broker refused the message for good, and why, last.
+        parked_at: when the relay gave up on it after ``max_attempts`` refusals (NULL: not parked); the
+            key's later messages wait behind it until an operator releases or drops it.
     """
     name = outbox_name(records)
     return Table(
@@ -125,6 +129,9 @@ def outbox_table(metadata: MetaData, records: str = "idempotency_keys", schema: 
         Column("position", Integer, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         Column("sent_at", DateTime(timezone=True), nullable=True),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("last_error", Text, nullable=True),
+        Column("parked_at", DateTime(timezone=True), nullable=True),
         UniqueConstraint("message_id", name=f"uq_{name}_message_id"),
         # The relay scans pending messages in insertion order.
         Index(
@@ -133,5 +140,44 @@ def outbox_table(metadata: MetaData, records: str = "idempotency_keys", schema: 
             postgresql_where=text("sent_at IS NULL"),
             sqlite_where=text("sent_at IS NULL"),
         ),
+        # The relay holds back the later messages of a parked message's (topic, key); parked rows are few.
+        Index(
+            f"ix_{name}_parked",
+            "topic",
+            "id",
+            postgresql_where=text("parked_at IS NOT NULL"),
+            sqlite_where=text("parked_at IS NOT NULL"),
+        ),
+        schema=schema,
+    )
+
+
+def failures_name(records: str) -> str:
+    """The consumer failures table's name for the records table ``records``."""
+    return f"{records}_failures"
+
+
+def failures_table(metadata: MetaData, records: str = "idempotency_keys", schema: str | None = None) -> Table:
+    """Declare the handler failures of consumed messages on ``metadata``: ``<records>_failures``.
+
+    One row per (scope, key) of a consumed message whose handler raised, counted in transactions of their
+    own, so that a restart does not reset the count that sends a poison message to its dead letter.
+
+    Columns:
+        scope / key: the consumer's scope (``consumer:<group>``) and the message's id.
+        attempts: how many times its handler failed; last_error: the last failure, as ``repr``.
+        first_failed_at / last_failed_at: database-clock timestamps.
+    """
+    name = failures_name(records)
+    return Table(
+        name,
+        metadata,
+        Column("scope", String(255), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("last_error", Text, nullable=False),
+        Column("first_failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("last_failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        PrimaryKeyConstraint("scope", "key", name=f"pk_{name}"),
         schema=schema,
     )

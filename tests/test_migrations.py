@@ -196,7 +196,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 async def test_upgrade_from_empty_creates_records_table_at_head(empty: Empty) -> None:
     """Upgrading an empty database creates the records table and records HEAD in idembarrier's table."""
     await idembarrier.upgrade(empty.engine)
-    assert await table_names(empty.engine) == {"idempotency_keys", "idempotency_keys_outbox", VERSION_TABLE}
+    assert await table_names(empty.engine) == {
+        "idempotency_keys",
+        "idempotency_keys_outbox",
+        "idempotency_keys_failures",
+        VERSION_TABLE,
+    }
     assert await versions(empty.engine) == [HEAD]
 
 
@@ -232,7 +237,12 @@ async def test_migrated_table_equals_create_all_of_declared_table(empty: Empty, 
 async def test_custom_table_and_schema_match_declared_metadata(empty_pg: Empty) -> None:
     """A custom table name in a PostgreSQL schema migrates to exactly the declared table."""
     await idembarrier.upgrade(empty_pg.engine, table=CUSTOM_TABLE, schema=CUSTOM_SCHEMA)
-    assert await table_names(empty_pg.engine, CUSTOM_SCHEMA) == {CUSTOM_TABLE, f"{CUSTOM_TABLE}_outbox", VERSION_TABLE}
+    assert await table_names(empty_pg.engine, CUSTOM_SCHEMA) == {
+        CUSTOM_TABLE,
+        f"{CUSTOM_TABLE}_outbox",
+        f"{CUSTOM_TABLE}_failures",
+        VERSION_TABLE,
+    }
     assert await table_names(empty_pg.engine) == set()
     assert await versions(empty_pg.engine, schema=CUSTOM_SCHEMA) == [HEAD]
     assert await schema_diff(empty_pg.engine, CUSTOM_TABLE, CUSTOM_SCHEMA) == []
