@@ -35,6 +35,8 @@ class Outcome(StrEnum):
     """A replay found only the compact record: its response was past retention."""
     STALE_RECLAIM = "stale_reclaim"
     """A stale lease was taken over (counted in addition to the caller's own outcome)."""
+    DEAD_LETTERED = "dead_lettered"
+    """A consumed message was given up on (poison) and sent to its dead letter (`run_consumer`)."""
 
 
 def outcome_of(exc: BaseException) -> Outcome | None:

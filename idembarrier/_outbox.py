@@ -4,9 +4,13 @@ A message exists if and only if the unit of work that published it committed. Ea
 message id and the headers of the header contract, so a consumer can deduplicate whatever the relay or the
 broker redelivers.
 
-Header contract (names are lowercase ASCII, values UTF-8):
-    idempotency-message-id: `message_id` of (scope, key, position); the consumer's idempotency key.
+Header contract, version 2 (names are lowercase ASCII, values UTF-8):
+    idempotency-contract: ``2``, the version of this contract.
+    idempotency-message-id: `message_id` of (scope, key, execution, position); the consumer's idempotency key.
     idempotency-key / idempotency-scope: the record whose unit of work published the message.
+
+Version 1 (messages written before revision 0005, still in an outbox or a topic) has no contract header and
+an id of (scope, key, position) alone; consumers read both versions alike: the id header is the key.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._exceptions import UnitOfWorkError
 from ._schema import outbox_table
 
 if TYPE_CHECKING:
+    import uuid
     from collections.abc import Mapping, Sequence
 
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,6 +36,8 @@ if TYPE_CHECKING:
     from ._storage import TableName
 
 __all__ = [
+    "CONTRACT_HEADER",
+    "CONTRACT_VERSION",
     "KEY_HEADER",
     "MESSAGE_ID_HEADER",
     "SCOPE_HEADER",
@@ -44,22 +51,30 @@ __all__ = [
     "write_outbox",
 ]
 
+CONTRACT_HEADER = "idempotency-contract"
+"""The header naming the version of the header contract a message follows; absent in version 1."""
+CONTRACT_VERSION = 2
+"""The version of the header contract messages are published with."""
 MESSAGE_ID_HEADER = "idempotency-message-id"
 """The header carrying a message's deterministic id."""
 KEY_HEADER = "idempotency-key"
 """The header carrying the idempotency key of the unit of work that published the message."""
 SCOPE_HEADER = "idempotency-scope"
 """The header carrying the scope of the unit of work that published the message."""
-_RESERVED = frozenset({MESSAGE_ID_HEADER, KEY_HEADER, SCOPE_HEADER})
+_RESERVED = frozenset({CONTRACT_HEADER, MESSAGE_ID_HEADER, KEY_HEADER, SCOPE_HEADER})
 
 
-def message_id(scope: str, key: str, position: int) -> str:
-    """The id of the ``position``-th message (from 0) published by the unit of work of (scope, key).
+def message_id(scope: str, key: str, position: int, *, execution: uuid.UUID) -> str:
+    """The id of the ``position``-th message (from 0) published by one execution of (scope, key).
 
-    ``msg-`` + the first 128 bits of SHA-256 over the scope, the key and the position, separated by unit
-    separators: the same in every process and on every attempt, so a re-published message keeps its id.
+    ``msg-`` + the first 128 bits of SHA-256 over the scope, the key, the execution and the position,
+    separated by unit separators. The execution is the claim token of the record (the lease's token for
+    leased work): a key that runs again (a late request under ``ExpiredReplay.ALLOW``, a key new again after
+    retention, a reclaimed lease) publishes new ids, which consumers apply. The id is computed once, at
+    `UnitOfWork.publish`, and stored with the message, so every re-publish and redelivery carries it.
     """
-    return "msg-" + hashlib.sha256(f"{scope}\x1f{key}\x1f{position}".encode()).hexdigest()[:32]
+    text = f"{scope}\x1f{key}\x1f{execution.hex}\x1f{position}"
+    return "msg-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +101,7 @@ def decode_headers(text: str) -> tuple[tuple[str, bytes], ...]:
 
 
 def contract_headers(
-    scope: str, key: str, position: int, headers: Mapping[str, bytes] | None
+    scope: str, key: str, position: int, execution: uuid.UUID, headers: Mapping[str, bytes] | None
 ) -> tuple[str, list[tuple[str, bytes]]]:
     """The message id, and the message's headers: ours first, then the caller's."""
     extra = dict(headers or {})
@@ -95,8 +110,13 @@ def contract_headers(
     for name, value in extra.items():
         if not isinstance(value, bytes):
             raise UnitOfWorkError(f"header {name!r} must be bytes, not {type(value).__name__}")
-    mid = message_id(scope, key, position)
-    ours = [(MESSAGE_ID_HEADER, mid.encode()), (KEY_HEADER, key.encode()), (SCOPE_HEADER, scope.encode())]
+    mid = message_id(scope, key, position, execution=execution)
+    ours = [
+        (CONTRACT_HEADER, str(CONTRACT_VERSION).encode()),
+        (MESSAGE_ID_HEADER, mid.encode()),
+        (KEY_HEADER, key.encode()),
+        (SCOPE_HEADER, scope.encode()),
+    ]
     return mid, ours + list(extra.items())
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Generic, Self, TypeVar
 import anyio
 from sqlalchemy.exc import InvalidRequestError
 
-from ._codec import decode_response, encode_response
+from ._codec import decode_response, round_trip
 from ._config import ExpiredReplay, OnConflict
 from ._errors import connection_lost, lock_not_available, translate
 from ._exceptions import (
@@ -206,8 +206,9 @@ class UnitOfWork(Generic[R]):
             headers: More headers; the three above are reserved.
 
         Returns:
-            The message id, deterministic: `idembarrier.kafka.message_id` of (scope, key, position), the position
-            counting this unit of work's messages from 0.
+            The message id: `idembarrier.kafka.message_id` of (scope, key, execution, position), the execution
+            being this claim's token and the position counting this unit of work's messages from 0. A relay's
+            re-publish carries the same id; another execution of the key publishes other ids.
 
         Raises:
             UnitOfWorkError: Outside ``async with``, or in a replay (the original already published).
@@ -219,7 +220,7 @@ class UnitOfWork(Generic[R]):
         if not isinstance(value, bytes) or not isinstance(key, bytes | None):
             raise UnitOfWorkError("a message's value and key are bytes")
         position = len(self._messages)
-        mid, all_headers = contract_headers(self._scope, self._key, position, headers)
+        mid, all_headers = contract_headers(self._scope, self._key, position, self._token, headers)
         self._messages.append(
             {
                 "message_id": mid,
@@ -241,8 +242,10 @@ class UnitOfWork(Generic[R]):
             raise UnitOfWorkError(f"key {self._key!r} is replayed: its outcome is already recorded")
         if self._outcome is not None:
             raise UnitOfWorkError(f"the outcome of key {self._key!r} was already set to {self._outcome[0]}")
-        self._outcome = (status, encode_response(self._codec, response))
-        self._response = response
+        # The first caller gets what every replay will: the response as the codec gives it back (a dict's
+        # int keys as strings, tuples as lists, a copy that later changes to ``response`` do not reach).
+        data, decoded = round_trip(self._codec, response)
+        self._outcome, self._response = (status, data), decoded
 
     # -- entering: replay, or claim ---------------------------------------------------------------------
 
@@ -434,11 +437,11 @@ class UnitOfWork(Generic[R]):
             raise
         if not finished:
             raise StorageError(f"the claim on key {self._key!r} in scope {self._scope!r} disappeared")
-        # The commit flushes the body's pending writes first. Their errors are the body's: an IntegrityError
-        # from the business tables propagates unchanged; a lost connection or serialization failure is ours.
+        # The body's pending writes are flushed first. Their errors are the body's: an IntegrityError from the
+        # business tables propagates unchanged; a lost connection or serialization failure is ours.
         try:
             if self._owned:
-                await session.commit()
+                await session.flush()
             else:
                 await self._release_savepoint(commit=True)
         except Exception as exc:
@@ -446,7 +449,22 @@ class UnitOfWork(Generic[R]):
                 raise lost from exc
             raise
         if self._owned:
+            # Flushed apart, so that a connection lost here is lost with the COMMIT in flight: it may have
+            # committed, and the caller must be told so (a deferred constraint's error stays the body's).
+            try:
+                await session.commit()
+            except Exception as exc:
+                lost = translate(exc, "committing the unit of work")
+                if isinstance(lost, ConnectionLostError):
+                    lost.outcome_unknown = True
+                if isinstance(lost, ConnectionLostError | SerializationError):
+                    raise lost from exc
+                raise
             await session.close()
+            # Closing gives the connection back without yielding to the event loop: a caller that began its
+            # next unit of work at once would take it straight back, and callers queued for one would starve.
+            # The commit is done: no cancellation is delivered here.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def _release_savepoint(self, *, commit: bool) -> None:
         savepoint, self._savepoint = self._savepoint, None
@@ -466,6 +484,7 @@ class UnitOfWork(Generic[R]):
                         # died: discard it rather than hand a dead connection back to the pool.
                         await session.invalidate()
                     await session.close()  # rolls back whatever is open
+                    await anyio.lowlevel.checkpoint()  # let a queued caller take the connection (see _commit)
             except Exception as cleanup:
                 if cause is None:
                     raise

@@ -23,7 +23,6 @@ from idembarrier.kafka import (
     MissingMessageIdError,
     OutboxRelay,
     consume,
-    message_id,
     run_consumer,
 )
 from tests.models import Payment
@@ -46,6 +45,7 @@ class Delivered:
     topic: str = "orders"
     partition: int = 0
     offset: int = 0
+    key: bytes | None = None
 
 
 async def record_payment(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
@@ -270,8 +270,9 @@ class Batches:
     def __init__(self, *batches: dict[str, list[Delivered]]) -> None:
         self.batches = list(batches)
         self.committed: list[dict[str, int]] = []
+        self.sought: list[tuple[str, int]] = []
 
-    async def getmany(self, *, timeout_ms: int = 0) -> dict[str, list[Delivered]]:
+    async def getmany(self, *, timeout_ms: int = 0, max_records: int | None = None) -> dict[str, list[Delivered]]:
         if self.batches:
             return self.batches.pop(0)
         await anyio.sleep_forever()
@@ -279,6 +280,9 @@ class Batches:
 
     async def commit(self, offsets: dict[str, int]) -> None:
         self.committed.append(dict(offsets))
+
+    def seek(self, partition: str, offset: int) -> None:
+        self.sought.append((partition, offset))
 
 
 def delivered(value: bytes, mid: bytes, offset: int, partition: int = 0) -> Delivered:
@@ -310,7 +314,7 @@ async def test_run_consumer_commits_each_offset_after_its_database_commit(db: Da
 
 
 async def test_run_consumer_leaves_a_failing_message_uncommitted(db: Database) -> None:
-    """A handler error propagates; the offsets before it are committed, its own is not."""
+    """Without dead letters a handler error propagates; its offset is uncommitted and sought back to."""
     barrier = idembarrier.Barrier(db.sessionmaker)
     consumer = Batches({"p0": [delivered(b"o-1", b"m-1", 0), delivered(b"boom", b"m-2", 1)]})
 
@@ -320,13 +324,14 @@ async def test_run_consumer_leaves_a_failing_message_uncommitted(db: Database) -
         return await record_payment(session, message)
 
     with pytest.raises(RuntimeError, match="boom"):
-        await run_consumer(consumer, barrier, fragile, group="g")
+        await run_consumer(consumer, barrier, fragile, group="g", max_attempts=None)
     assert consumer.committed == [{"p0": 1}]
+    assert consumer.sought == [("p0", 1)]
     assert await db.payments() == 1
 
 
 async def test_run_consumer_stops_after_the_message_in_flight(db: Database) -> None:
-    """A stop set during a message finishes and commits it, and leaves the rest of the batch uncommitted."""
+    """A stop set during a message finishes and commits it, and seeks back to the rest of the batch."""
     barrier = idembarrier.Barrier(db.sessionmaker)
     stop = anyio.Event()
     consumer = Batches({"p0": [delivered(b"o-1", b"m-1", 0), delivered(b"o-2", b"m-2", 1)]})
@@ -338,6 +343,7 @@ async def test_run_consumer_stops_after_the_message_in_flight(db: Database) -> N
     with anyio.fail_after(10):
         assert await run_consumer(consumer, barrier, stopping, group="g", stop=stop) == 1
     assert consumer.committed == [{"p0": 1}]
+    assert consumer.sought == [("p0", 1)]  # the rest of the batch comes again on the next fetch
     assert await db.payments() == 1
 
 
@@ -349,13 +355,14 @@ async def test_run_consumer_through_tansu_has_one_effect_per_message(
 
     topic, group = f"orders-{uuid.uuid4().hex[:8]}", f"billing-{uuid.uuid4().hex[:8]}"
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    ids = []
     for key in ("o-1", "o-2"):
         async with barrier.unit_of_work(key, scope="orders") as uow:
-            uow.publish(topic, key.encode(), key=b"k")
+            ids.append(uow.publish(topic, key.encode(), key=b"k"))
             uow.complete(None)
     assert await OutboxRelay(barrier, publisher).relay_once() == 2
     duplicate = await publisher.producer.send_and_wait(
-        topic, b"o-1", key=b"k", headers=[(MESSAGE_ID_HEADER, message_id("orders", "o-1", 0).encode())]
+        topic, b"o-1", key=b"k", headers=[(MESSAGE_ID_HEADER, ids[0].encode())]
     )
     await publisher.producer.send_and_wait(topic, b"last", key=b"k", headers=[(MESSAGE_ID_HEADER, b"m-last")])
     stop = anyio.Event()

@@ -38,6 +38,8 @@ async def test_a_request_publishes_once_however_often_it_is_retried(db: Database
     publisher = Collecting()
     assert await OutboxRelay(barrier, publisher).relay_once() == 1
     (message,) = publisher.messages
-    assert message.message_id == message_id("orders", "k-1", 0)
+    record = await barrier.inspect("k-1", scope="orders")
+    assert record is not None
+    assert message.message_id == message_id("orders", "k-1", 0, execution=record.token)
     assert (KEY_HEADER, b"k-1") in message.headers
     assert (SCOPE_HEADER, b"orders") in message.headers

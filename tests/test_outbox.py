@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ import anyio
 import pytest
 
 import idembarrier
-from idembarrier._outbox import KEY_HEADER, MESSAGE_ID_HEADER, SCOPE_HEADER, Message, message_id
+from idembarrier._outbox import CONTRACT_HEADER, KEY_HEADER, MESSAGE_ID_HEADER, SCOPE_HEADER, Message, message_id
 from idembarrier.kafka import OutboxRelay
 from tests.models import Payment
 
@@ -96,28 +97,29 @@ async def test_replay_publishes_nothing(db: Database) -> None:
     assert len(await outbox(db)) == 1
 
 
-def test_message_id_is_deterministic_per_scope_key_and_position() -> None:
-    """The message id depends on scope, key and position only."""
-    first = message_id("orders", "o-1", 0)
-    assert first == message_id("orders", "o-1", 0)
+def test_message_id_is_a_short_tagged_hash() -> None:
+    """The message id is ``msg-`` and 128 bits of hex, the same for the same inputs."""
+    execution = uuid.uuid4()
+    first = message_id("orders", "o-1", 0, execution=execution)
+    assert first == message_id("orders", "o-1", 0, execution=execution)
     assert first.startswith("msg-")
     assert len(first) == 36
-    assert (
-        len({first, message_id("orders", "o-1", 1), message_id("other", "o-1", 0), message_id("orders", "o-2", 0)}) == 4
-    )
 
 
 async def test_publish_returns_the_deterministic_id_and_sets_contract_headers(db: Database) -> None:
-    """The id `publish` returns is `message_id`'s, and the relayed headers carry it, the key and the scope."""
+    """The id `publish` returns is `message_id`'s of the claim's token; the headers carry the contract."""
     barrier = idembarrier.Barrier(db.sessionmaker)
     async with barrier.unit_of_work("o-1", scope="orders") as uow:
         mid = uow.publish("orders", b"v", headers={"trace": b"t-1"})
         uow.complete(None)
-    assert mid == message_id("orders", "o-1", 0)
+    record = await barrier.inspect("o-1", scope="orders")
+    assert record is not None
+    assert mid == message_id("orders", "o-1", 0, execution=record.token)
     publisher = Collecting()
     assert await OutboxRelay(barrier, publisher).relay_once() == 1
     (message,) = publisher.messages
     assert message.headers == (
+        (CONTRACT_HEADER, b"2"),
         (MESSAGE_ID_HEADER, mid.encode()),
         (KEY_HEADER, b"o-1"),
         (SCOPE_HEADER, b"orders"),
