@@ -330,9 +330,18 @@ class Barrier(Generic[R]):
     # -- operations -------------------------------------------------------------------------------------
 
     async def stats(self) -> Stats:
-        """This process's outcome counts, and the table's status distribution (one query)."""
+        """This process's outcome counts, the table's status distribution and the outbox's backlog (two queries)."""
+        from ._relay import outbox_counts
+
         statuses, oldest = await self._atomically(lambda storage: storage.distribution())
-        return Stats(outcomes=Counter(self._outcomes), statuses=statuses, oldest_in_progress=oldest)
+        pending, parked = await outbox_counts(self)
+        return Stats(
+            outcomes=Counter(self._outcomes),
+            statuses=statuses,
+            oldest_in_progress=oldest,
+            outbox_pending=pending,
+            outbox_parked=parked,
+        )
 
     async def purge(self, *, batch_size: int = 1000, on_batch: Callable[[str, int], object] | None = None) -> Purged:
         """Apply retention, in batches: drop responses past their horizon, then delete expired records.

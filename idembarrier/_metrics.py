@@ -60,11 +60,15 @@ class Stats:
         outcomes: Calls per outcome since this barrier was built (this process only).
         statuses: Records per status in the table now (every process).
         oldest_in_progress: Age of the oldest IN_PROGRESS record (database clock), ``None`` if none.
+        outbox_pending: Messages in the outbox not yet sent, parked ones included (every process).
+        outbox_parked: Of those, the ones the relay parked after repeated refusals: each holds its key back.
     """
 
     outcomes: Counter[Outcome] = field(default_factory=Counter)
     statuses: dict[Status, int] = field(default_factory=dict)
     oldest_in_progress: timedelta | None = None
+    outbox_pending: int = 0
+    outbox_parked: int = 0
 
     @property
     def hit_rate(self) -> float | None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from ._barrier import Barrier
 
-__all__ = ["MessageRefusedError", "OutboxRelay", "Parked", "Publisher"]
+__all__ = ["MessageRefusedError", "OutboxRelay", "Parked", "Publisher", "outbox_counts"]
 
 R = TypeVar("R")
 
@@ -285,11 +285,7 @@ class OutboxRelay:
 
     async def counts(self) -> tuple[int, int]:
         """How many messages are pending (parked included), and how many of them are parked."""
-        c = self._outbox.c
-        query = select(func.count(), func.count(c.parked_at)).where(c.sent_at.is_(None))
-        async with self._transaction() as conn:
-            pending, parked = (await conn.execute(query)).one()
-        return int(pending), int(parked)
+        return await outbox_counts(self._barrier)
 
     async def purge_sent(self, older_than: timedelta, *, batch_size: int = 1000) -> int:
         """Delete the messages marked sent more than ``older_than`` ago (database clock); return how many.
@@ -310,6 +306,15 @@ class OutboxRelay:
             total += deleted
             if deleted < batch_size:
                 return total
+
+
+async def outbox_counts(barrier: Barrier[R]) -> tuple[int, int]:
+    """How many messages of ``barrier``'s outbox are pending (parked included), and how many are parked."""
+    c = outbox_for(barrier._table).c
+    query = select(func.count(), func.count(c.parked_at)).where(c.sent_at.is_(None))
+    async with transaction(barrier, "counting the outbox") as conn:
+        pending, parked = (await conn.execute(query)).one()
+    return int(pending), int(parked)
 
 
 class _PublishFailed(Exception):

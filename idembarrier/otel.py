@@ -110,6 +110,12 @@ class Instrumentation(Generic[R]):
             unit="s",
             description="Age of the oldest IN_PROGRESS record (0 if none), as of the last refresh.",
         )
+        meter.create_observable_gauge(
+            "idempotency.outbox.messages",
+            callbacks=[self._observe_outbox],
+            unit="{message}",
+            description="Outbox messages not yet sent, by state (pending, parked), as of the last refresh.",
+        )
         barrier.observe(self._record)
 
     @property
@@ -176,6 +182,15 @@ class Instrumentation(Generic[R]):
             return []
         # Every status is reported, 0 included, so a status that empties out drops to 0 on dashboards.
         return [metrics.Observation(reading.statuses.get(status, 0), {"status": status.value}) for status in Status]
+
+    def _observe_outbox(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        if (reading := self._reading) is None:
+            return []
+        waiting = reading.outbox_pending - reading.outbox_parked
+        return [
+            metrics.Observation(waiting, {"state": "pending"}),
+            metrics.Observation(reading.outbox_parked, {"state": "parked"}),
+        ]
 
     def _observe_oldest(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         if (reading := self._reading) is None:

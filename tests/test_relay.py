@@ -1,0 +1,127 @@
+"""The relay's poison policy through Tansu, and a LISTEN that comes back after its backend is terminated."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+import idembarrier
+from idembarrier.kafka import AIOKafkaPublisher, OutboxRelay
+from tests.test_kafka import broker
+from tests.test_outbox import Collecting
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from idembarrier.kafka import Message
+    from tests.conftest import Database
+
+__all__ = ["broker"]  # a fixture, shared with test_kafka
+
+
+@pytest.fixture
+async def small_publisher(broker: str) -> AsyncIterator[AIOKafkaPublisher]:
+    """A producer that refuses any request over 2 kB: a 4 kB message is poison to it, for good."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False, max_request_size=2048)
+    await producer.start()
+    try:
+        yield AIOKafkaPublisher(producer)
+    finally:
+        await producer.stop()
+
+
+async def publish(barrier: idembarrier.Barrier, key: str, *messages: tuple[str, bytes, bytes]) -> list[str]:
+    """One unit of work that publishes ``messages`` as (topic, partition key, value); return their ids."""
+    async with barrier.unit_of_work(key, scope="orders") as uow:
+        ids = [uow.publish(topic, value, key=pkey) for topic, pkey, value in messages]
+        uow.complete(None)
+    return ids
+
+
+async def test_a_refused_message_parks_and_holds_only_its_own_key(
+    pg_db: Database, small_publisher: AIOKafkaPublisher
+) -> None:
+    """A 4 kB message the producer refuses: parked after 2 refusals, its key's next message waits, another key flows."""
+    topic = f"orders-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    (big,) = await publish(barrier, "o-1", (topic, b"A", b"x" * 4096))
+    (a2,) = await publish(barrier, "o-2", (topic, b"A", b"a-2"))
+    (b1,) = await publish(barrier, "o-3", (topic, b"B", b"b-1"))
+    relay = OutboxRelay(barrier, small_publisher, max_attempts=2)
+    assert await relay.relay_once() == 1  # b-1; the big one refused once, a-2 held behind it
+    assert await relay.counts() == (2, 0)
+    assert await relay.relay_once() == 0  # refused again: parked
+    assert await relay.relay_once() == 0  # nothing to claim: a-2 waits behind the parked message
+    assert await relay.counts() == (2, 1)
+    stats = await barrier.stats()
+    assert (stats.outbox_pending, stats.outbox_parked) == (2, 1)
+    (parked,) = await relay.parked()
+    assert (parked.message_id, parked.key, parked.attempts) == (big, b"A", 2)
+    assert "MessageSizeTooLarge" in (parked.last_error or "")
+    assert await relay.release(big)  # its refusals count from 0 again
+    assert await relay.counts() == (2, 0)
+    assert await relay.relay_once() == 0  # its first refusal after the release
+    assert not await relay.drop(a2)  # only a parked message can be dropped
+    assert await relay.relay_once() == 0  # second refusal: parked again
+    assert await relay.drop(big)
+    assert await relay.relay_once() == 1  # a-2, at last
+    assert await relay.counts() == (0, 0)
+    assert b1 not in {m.message_id for m in await relay.parked()}
+
+
+async def test_a_transient_publisher_failure_counts_nothing(db: Database) -> None:
+    """A broker that is down (any other error) leaves the batch pending with no refusal counted."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    await publish(barrier, "o-1", ("orders", b"A", b"v"))
+
+    class Down:
+        async def publish(self, messages: Sequence[Message]) -> None:
+            raise ConnectionRefusedError("broker down")
+
+    relay = OutboxRelay(barrier, Down(), max_attempts=1)
+    for _ in range(3):
+        with pytest.raises(ConnectionRefusedError):
+            await relay.relay_once()
+    assert await relay.counts() == (1, 0)
+    assert await relay.parked() == []
+
+
+async def listeners(db: Database) -> list[int]:
+    """The backends LISTENing on the outbox's channel."""
+    sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+    async with db.engine.connect() as conn:
+        return [int(pid) for pid in (await conn.exec_driver_sql(sql)).scalars()]
+
+
+async def test_the_relay_listens_again_after_its_backend_is_terminated(pg_db: Database) -> None:
+    """After pg_terminate_backend on its LISTEN connection the relay reconnects and is woken by NOTIFY at once."""
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    arrived = anyio.Event()
+
+    class Signalling(Collecting):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            await super().publish(messages)
+            arrived.set()
+
+    publisher = Signalling()
+    # Polls are 20-30 s apart: only a notification can deliver within the second the test allows.
+    relay = OutboxRelay(barrier, publisher, poll_interval=30, max_poll_interval=30)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
+        (first,) = await listeners(pg_db)
+        async with pg_db.engine.connect() as conn:
+            await conn.exec_driver_sql(f"SELECT pg_terminate_backend({first})")
+        with anyio.fail_after(10):
+            while not (again := await listeners(pg_db)) or again == [first]:
+                await anyio.sleep(0.05)  # polling the server for the reconnection, not ordering tasks
+        with anyio.fail_after(1):
+            await publish(barrier, "o-1", ("orders", b"A", b"v"))
+            await arrived.wait()
+        stop.set()
+    assert len(publisher.messages) == 1
