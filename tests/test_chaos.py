@@ -1,4 +1,4 @@
-"""Chaos at the messaging boundary: relays and consumers killed at random, a rebalance forced; nothing lost or doubled."""
+"""Messaging chaos: relays and consumers killed at random, a rebalance forced; no event lost or doubled."""
 
 from __future__ import annotations
 
