@@ -86,6 +86,8 @@ READABLE_CONTRACTS = frozenset({1, CONTRACT_VERSION})
 """The header contract versions a consumer reads; 1 is the version without a contract header."""
 _MAX_ERROR = 2000
 """The longest error text kept in a failure count or a dead letter."""
+_IDLE_REPORT = 10.0
+"""Seconds without an assigned partition after which the loop says so in the log."""
 
 
 class ConsumerMessage(Protocol):
@@ -413,6 +415,7 @@ class _Loop(Generic[P, M, R]):
         self.max_attempts, self.destination, self.max_retries = max_attempts, dead_letter, max_retries
         self.backoff = backoff
         self.retries = 0
+        self.idle_since: float | None = None
         self.failed: set[str] = set()  # ids whose handler failed in this run: their count is cleared on success
         options = barrier.options
         # Dead letters are recorded as JSON whatever the consumer's codec: a `DeadLetter` is JSON.
@@ -465,7 +468,27 @@ class _Loop(Generic[P, M, R]):
             except Exception as exc:
                 await self._wait_after(_Retry(exc, "fetching from the broker"))
                 continue
+            self._say_what_we_wait_for(fetched)
             return fetched
+
+    def _say_what_we_wait_for(self, fetched: Mapping[P, Sequence[M]]) -> None:
+        """Log once per stretch when fetches come back empty because no partition is assigned."""
+        if fetched:
+            self.idle_since = None
+            return
+        now = anyio.current_time()
+        if self.idle_since is None:
+            self.idle_since = now
+            return
+        assignment = getattr(self.consumer, "assignment", None)  # aiokafka's; not part of the protocol
+        if now - self.idle_since >= _IDLE_REPORT and callable(assignment) and not assignment():
+            _log.warning(
+                "idembarrier: consumer of group %r has had no partition assigned for %.0f s "
+                "(a rebalance in progress, or more consumers than partitions)",
+                self.group,
+                now - self.idle_since,
+            )
+            self.idle_since = now
 
     async def _commit(self, partition: P, offset: int) -> None:
         try:

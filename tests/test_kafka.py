@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 import socket
 import subprocess
 import sys
@@ -383,3 +384,88 @@ async def test_run_consumer_through_tansu_has_one_effect_per_message(
     assert applied == 3  # o-1, o-2, last; the duplicate of o-1 was skipped
     assert committed == 4
     assert await pg_db.payments() == 3
+
+
+class Log:
+    """A consumer over an in-memory log of one partition that honours `seek`, as a broker's client does."""
+
+    def __init__(self, messages: list[Delivered]) -> None:
+        self.messages = messages
+        self.position = 0
+        self.committed = 0
+
+    async def getmany(self, *, timeout_ms: int = 0, max_records: int | None = None) -> dict[str, list[Delivered]]:
+        batch = self.messages[self.position : self.position + (max_records or len(self.messages))]
+        if not batch:
+            await anyio.sleep_forever()
+        self.position += len(batch)
+        return {"p0": batch}
+
+    async def commit(self, offsets: dict[str, int]) -> None:
+        self.committed = offsets["p0"]
+
+    def seek(self, partition: str, offset: int) -> None:
+        self.position = offset
+
+
+async def test_a_poison_message_is_dead_lettered_on_either_engine(db: Database) -> None:
+    """The handler failing twice on one message: its failures counted, then FAILED, committed past; the rest applied."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    log = Log([delivered(b"o-1", b"m-1", 0), delivered(b"poison", b"m-2", 1), delivered(b"o-3", b"m-3", 2)])
+    stop, tries = anyio.Event(), []
+
+    async def fragile(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        tries.append(message.value)
+        if message.value == b"poison":
+            raise RuntimeError("boom")
+        if message.value == b"o-3":
+            stop.set()
+        return await record_payment(session, message)
+
+    with anyio.fail_after(10):
+        applied = await run_consumer(
+            log, barrier, fragile, group="g", stop=stop, max_attempts=2, max_records=2, backoff=(0.01, 0.01)
+        )
+    assert applied == 2
+    assert tries == [b"o-1", b"poison", b"poison", b"o-3"]
+    assert log.committed == 3
+    record = await barrier.inspect("m-2", scope="consumer:g")
+    assert record is not None
+    assert record.status is idembarrier.Status.FAILED
+    again = await consume(barrier, delivered(b"poison", b"m-2", 1), fragile, group="g")
+    assert (again.duplicate, again.dead_lettered, again.response) == (True, True, None)
+
+
+async def test_a_transient_database_error_is_retried_without_counting(db: Database) -> None:
+    """A key held by a concurrent consumer (KeyInProgressError) is retried after a backoff, not dead-lettered."""
+    barrier = idembarrier.Barrier(db.sessionmaker, on_conflict=idembarrier.OnConflict.FAIL)
+    log = Log([delivered(b"o-1", b"m-1", 0)])
+    stop, held, release, refused = anyio.Event(), anyio.Event(), anyio.Event(), anyio.Event()
+    barrier.observe(lambda outcome, scope: refused.set() if outcome is idembarrier.Outcome.IN_PROGRESS else None)
+
+    async def hold() -> None:  # another consumer of the same message, mid-flight
+        async with barrier.unit_of_work("m-1", scope="consumer:g", fingerprint=b"o-1") as uow:
+            held.set()
+            await release.wait()
+            raise RuntimeError("the other consumer died")
+
+    async def handler(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        stop.set()
+        return await record_payment(session, message)
+
+    async def other() -> None:
+        with pytest.raises(RuntimeError):
+            await hold()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            await held.wait()
+            tg.start_soon(partial(run_consumer, log, barrier, handler, group="g", stop=stop, backoff=(0.01, 0.01)))
+            await refused.wait()  # the loop met the held key at least once
+            release.set()
+    assert log.committed == 1
+    assert await db.payments() == 1
+    async with db.engine.connect() as conn:
+        failures = (await conn.exec_driver_sql("SELECT count(*) FROM idempotency_keys_failures")).scalar_one()
+    assert failures == 0
