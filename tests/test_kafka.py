@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from functools import partial
 import socket
 import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
