@@ -148,9 +148,11 @@ async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
     data = {
         "statuses": {status.value: count for status, count in sorted(stats.statuses.items())},
         "oldest_in_progress_seconds": None if oldest is None else oldest.total_seconds(),
+        "outbox": {"pending": stats.outbox_pending, "parked": stats.outbox_parked},
     }
     lines = [f"  {status:<12}{count:>12}" for status, count in sorted(stats.statuses.items())]
     lines.append(f"  oldest IN_PROGRESS: {'none' if oldest is None else oldest}")
+    lines.append(f"outbox: {stats.outbox_pending} pending, {stats.outbox_parked} of them parked")
     return _print(args, data, "\n".join(["records by status:", *lines]))
 
 

@@ -32,7 +32,11 @@ async def test_stats_and_inspect_report_records(db: Database) -> None:
         uow.complete({"paid": True})
     stats = cli("stats", "--database-url", db.url, "--json")
     assert stats.returncode == 0, stats.stderr
-    assert json.loads(stats.stdout) == {"statuses": {"COMPLETED": 1}, "oldest_in_progress_seconds": None}
+    assert json.loads(stats.stdout) == {
+        "statuses": {"COMPLETED": 1},
+        "oldest_in_progress_seconds": None,
+        "outbox": {"pending": 0, "parked": 0},
+    }
     found = cli("inspect", "shop", "order-7", "--database-url", db.url, "--json")
     assert found.returncode == 0, found.stderr
     record = json.loads(found.stdout)
