@@ -4,8 +4,8 @@ Every exception derives from one root, so ``except IdembarrierError`` catches al
 An exception raised by your own code inside a unit of work is never wrapped: it propagates unchanged.
 
     IdembarrierError
-    ├── InvalidKeyError              the key is empty, too long or has control characters (no SQL ran)
-    ├── InvalidFingerprintError      the fingerprint is neither bytes nor a JSON value (no SQL ran)
+    ├── InvalidKeyError              the key is empty, too long, has control characters or lone surrogates
+    ├── InvalidFingerprintError      the fingerprint has no canonical form: not JSON, NaN, too deep (no SQL ran)
     ├── ConfigurationError           the barrier's settings contradict each other (refused at start-up)
     ├── ConflictError                the key's record stands in the way of running the body
     │   ├── KeyInProgressError       a concurrent duplicate holds the key (HTTP 409)
@@ -55,9 +55,10 @@ class IdembarrierError(Exception):
 
 
 class InvalidKeyError(IdembarrierError, ValueError):
-    """Raised when a key is empty, longer than 255 characters or contains control characters.
+    """Raised when a key (or scope) is empty, longer than 255 characters or contains control characters.
 
-    Raised before any SQL runs, so an invalid key never reaches the database.
+    Lone surrogates (text with no UTF-8 encoding, such as ``"\\ud800"``) are refused too. Raised before any SQL
+    runs, so an invalid key never reaches the database.
     """
 
     def __init__(self, key: str, reason: str) -> None:
@@ -67,7 +68,12 @@ class InvalidKeyError(IdembarrierError, ValueError):
 
 
 class InvalidFingerprintError(IdembarrierError, TypeError):
-    """Raised when a fingerprint is neither bytes nor a JSON value; raised before any SQL runs."""
+    """Raised when a fingerprint is neither bytes nor a value with a canonical JSON form.
+
+    That is a value of another type, NaN or an infinity, a structure nested too deeply or referring to itself,
+    text with a lone surrogate, or a subclass whose own methods raise (the cause is chained). Raised before any
+    SQL runs.
+    """
 
 
 class ConfigurationError(IdembarrierError, ValueError):
