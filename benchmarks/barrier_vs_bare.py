@@ -167,7 +167,7 @@ async def setup(url: URL, prefill: int) -> list[str]:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            tables = f"bench_payments, {RECORDS}_outbox, {RECORDS}, {VERSION_TABLE}"
+            tables = f"bench_payments, {RECORDS}_outbox, {RECORDS}_failures, {RECORDS}, {VERSION_TABLE}"
             await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {tables}")
         await idembarrier.upgrade(engine)
         async with engine.begin() as conn:

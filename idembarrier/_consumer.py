@@ -7,15 +7,17 @@ first message not yet applied and committed, so a retry of the loop, a restart o
 nothing, and what was applied is a duplicate when it comes again.
 
 What fails is told apart by type:
-    transient   `StorageError`, `KeyInProgressError`, any error of the consumer's own client: retried
-                with backoff and jitter, without limit unless ``max_retries`` says otherwise.
+    transient   `StorageError` that a retry can outlive (a lost connection, an aborted transaction, a
+                busy server: by SQLSTATE class), `KeyInProgressError`, any error of the consumer's own
+                client: retried with backoff and jitter, without limit unless ``max_retries`` says so.
     poison      the handler (or its writes) raising, ``max_attempts`` times for one message id, counted
                 in the ``<records>_failures`` table (a restart does not reset it); a message whose
                 headers cannot be read (`MalformedMessageError`); an id reused for another value
                 (`FingerprintMismatchError`). Sent to the dead letter at once, with no retry for the last
                 two: the message's record becomes FAILED with a `DeadLetter` description, the
                 ``dead_letter`` destination runs in the same transaction, and the offset moves past it.
-    fatal       `SchemaError`, `ConfigurationError`: they propagate (after the seek).
+    fatal       `SchemaError`, `ConfigurationError`, a `StorageError` no retry fixes (an undefined table, a
+                permission): they propagate (after the seek).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ._atomic import transaction
 from ._backoff import Backoff
+from ._errors import transient
 from ._exceptions import (
     ConfigurationError,
     FingerprintMismatchError,
@@ -211,20 +214,17 @@ def message_key(message: ConsumerMessage, policy: MissingMessageId) -> str:
         MissingMessageIdError: No id header, and ``policy`` is REJECT.
         MalformedMessageError: The headers cannot be read (see the exception).
     """
-    contract: object = None
-    mid: object = None
+    headers: dict[str, object] = {}
     for name, value in message.headers:
-        if name == CONTRACT_HEADER and contract is None:
-            contract = value
-        elif name == MESSAGE_ID_HEADER and mid is None:
-            mid = value
+        headers.setdefault(name, value)  # the first of a repeated header counts
+    contract = headers.get(CONTRACT_HEADER)
     where = (message.topic, message.partition, message.offset)
     if contract is not None:
         version = contract.decode("ascii", "replace") if isinstance(contract, bytes) else None
         if version is None or not version.isdecimal() or int(version) not in READABLE_CONTRACTS:
             known = ", ".join(map(str, sorted(READABLE_CONTRACTS)))
             raise MalformedMessageError(*where, f"header contract {version!r} is not one this version reads ({known})")
-    if mid is None:
+    if MESSAGE_ID_HEADER not in headers:
         if MissingMessageId(policy) is MissingMessageId.REJECT:
             raise MissingMessageIdError(*where)
         warnings.warn(
@@ -233,6 +233,7 @@ def message_key(message: ConsumerMessage, policy: MissingMessageId) -> str:
             stacklevel=3,
         )
         return position_key(message)
+    mid = headers[MESSAGE_ID_HEADER]
     if not isinstance(mid, bytes):
         raise MalformedMessageError(*where, f"its {MESSAGE_ID_HEADER!r} header has no value")
     try:
@@ -384,7 +385,6 @@ class _Retry(Exception):
 
 
 _FATAL = (SchemaError, ConfigurationError)
-_TRANSIENT = (StorageError, KeyInProgressError)
 
 
 class _Loop(Generic[P, M, R]):
@@ -459,14 +459,17 @@ class _Loop(Generic[P, M, R]):
         """One fetch, given up (nothing fetched) as soon as ``stop`` is set; a client error is retried."""
         while True:
             fetched: Mapping[P, Sequence[M]] = {}
-            try:
-                async with anyio.create_task_group() as tg:
-                    if self.stop is not None:
-                        tg.start_soon(_cancel_on, self.stop, tg.cancel_scope)
+            failed: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                if self.stop is not None:
+                    tg.start_soon(_cancel_on, self.stop, tg.cancel_scope)
+                try:  # caught here, inside: the task group would wrap it in an exception group
                     fetched = await self.consumer.getmany(timeout_ms=self.timeout_ms, max_records=self.max_records)
-                    tg.cancel_scope.cancel()
-            except Exception as exc:
-                await self._wait_after(_Retry(exc, "fetching from the broker"))
+                except Exception as exc:
+                    failed = exc
+                tg.cancel_scope.cancel()
+            if failed is not None:
+                await self._wait_after(_Retry(failed, "fetching from the broker"))
                 continue
             self._say_what_we_wait_for(fetched)
             return fetched
@@ -526,7 +529,11 @@ class _Loop(Generic[P, M, R]):
             return 0
         try:
             done = await _consume_as(key, self.barrier, message, partial(self._handle, key), group=self.group)
-        except _TRANSIENT as exc:
+        except KeyInProgressError as exc:
+            raise _Retry(exc, f"consuming {key}") from exc
+        except StorageError as exc:
+            if not transient(exc):
+                raise
             raise _Retry(exc, f"consuming {key}") from exc
         except FingerprintMismatchError as exc:
             await self._dead_letter(message, position_key(message), exc, "fingerprint_mismatch", 0)

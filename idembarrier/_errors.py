@@ -8,7 +8,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ._exceptions import ConnectionLostError, SerializationError, StorageError
 
-__all__ = ["connection_lost", "lock_not_available", "sqlstate_of", "translate"]
+__all__ = ["connection_lost", "lock_not_available", "sqlstate_of", "transient", "translate"]
 
 _LOCK_NOT_AVAILABLE = "55P03"  # a lock wait that ran out of lock_timeout
 
@@ -100,3 +100,24 @@ def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageEr
 def connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` (ours or a driver's) says the database connection died."""
     return isinstance(exc, ConnectionLostError) or isinstance(translate(exc, ""), ConnectionLostError)
+
+
+# SQLSTATE classes a retry can outlive: connection exception, transaction rollback, insufficient resources,
+# object not in prerequisite state (lock timeouts), operator intervention, system error.
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+
+
+def transient(exc: StorageError) -> bool:
+    """Whether a retry of the same work may succeed: a lost connection, an aborted transaction, a busy server.
+
+    An error without SQLSTATE (a pool that timed out, a connection that could not be opened) counts as
+    transient; an undefined table, a permission or a constraint (classes 42, 23, …) does not.
+    """
+    if isinstance(exc, ConnectionLostError | SerializationError):
+        return True
+    state = exc.sqlstate
+    if state is None:
+        return True
+    if state.startswith("sqlite:"):
+        return int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return state[:2] in _TRANSIENT_CLASSES

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 from sqlalchemy import and_, case, delete, exists, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from ._atomic import transaction
 from ._backoff import Backoff
@@ -125,6 +127,8 @@ class OutboxRelay:
             raise ConfigurationError("poll intervals must satisfy 0 < poll_interval <= max_poll_interval")
         if max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be at least 1, not {max_attempts!r}")
+        if listen_url is not None:
+            _check_listen_url(listen_url)
         self._barrier = barrier
         self._publisher = publisher
         self._batch_size = batch_size
@@ -306,6 +310,16 @@ class OutboxRelay:
             total += deleted
             if deleted < batch_size:
                 return total
+
+
+def _check_listen_url(url: str) -> None:
+    """Refuse a ``listen_url`` that is not a PostgreSQL URL for asyncpg, the one driver that LISTENs here."""
+    try:
+        drivername = make_url(url).drivername
+    except ArgumentError as exc:
+        raise ConfigurationError(f"listen_url is not a database URL: {exc}") from exc
+    if drivername != "postgresql+asyncpg":
+        raise ConfigurationError(f"listen_url must be a postgresql+asyncpg:// URL, not {drivername}://")
 
 
 async def outbox_counts(barrier: Barrier[R]) -> tuple[int, int]:

@@ -51,5 +51,7 @@ async def test_callers_beyond_the_pool_size_all_make_progress(pg_db: Database) -
         await engine.dispose()
     print(f"\nunits of work per caller {min(done)}-{max(done)}, total {sum(done)}, max latency {max(latencies):.3f} s")
     assert min(done) > 0
-    assert max(latencies) < RUN / 5
+    # Unfair, a caller waited the whole run (4.94 s); fair, 0.4 s here alone. The bound leaves room for a
+    # loaded 2-core machine (1.09 s was seen with another test suite running beside this one).
+    assert max(latencies) < RUN / 2
     assert min(done) >= max(done) / 4

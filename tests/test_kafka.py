@@ -20,6 +20,7 @@ import idembarrier
 from idembarrier.kafka import (
     MESSAGE_ID_HEADER,
     AIOKafkaPublisher,
+    MalformedMessageError,
     MissingMessageId,
     MissingMessageIdError,
     OutboxRelay,
@@ -444,7 +445,7 @@ async def test_a_transient_database_error_is_retried_without_counting(db: Databa
     barrier.observe(lambda outcome, scope: refused.set() if outcome is idembarrier.Outcome.IN_PROGRESS else None)
 
     async def hold() -> None:  # another consumer of the same message, mid-flight
-        async with barrier.unit_of_work("m-1", scope="consumer:g", fingerprint=b"o-1") as uow:
+        async with barrier.unit_of_work("m-1", scope="consumer:g", fingerprint=b"o-1"):
             held.set()
             await release.wait()
             raise RuntimeError("the other consumer died")
@@ -469,3 +470,171 @@ async def test_a_transient_database_error_is_retried_without_counting(db: Databa
     async with db.engine.connect() as conn:
         failures = (await conn.exec_driver_sql("SELECT count(*) FROM idempotency_keys_failures")).scalar_one()
     assert failures == 0
+
+
+async def test_a_ten_megabyte_value_is_consumed_once(db: Database) -> None:
+    """A 10 MB value is an ordinary message: fingerprinted, applied once, its redelivery a duplicate."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    big = b"x" * 10_000_000
+    log = Log([delivered(big, b"m-big", 0), delivered(big, b"m-big", 1), delivered(b"o-2", b"m-2", 2)])
+    stop = anyio.Event()
+
+    async def handler(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        if message.value == b"o-2":
+            stop.set()
+        session.add(Payment(key=str(len(message.value or b"")), amount=1))
+        return None
+
+    with anyio.fail_after(20):
+        assert await run_consumer(log, barrier, handler, group="g", stop=stop) == 2
+    assert log.committed == 3
+    assert await db.payments("10000000") == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_records": 0}, {"max_attempts": 0}, {"backoff": (0.0, 1.0)}, {"backoff": (2.0, 1.0)}],
+    ids=["max_records", "max_attempts", "backoff-zero", "backoff-reversed"],
+)
+async def test_run_consumer_refuses_unusable_options(sqlite_db: Database, options: dict[str, Any]) -> None:
+    """Options that cannot work are a `ConfigurationError` before anything is fetched."""
+    barrier = idembarrier.Barrier(sqlite_db.sessionmaker)
+    with pytest.raises(idembarrier.ConfigurationError):
+        await run_consumer(Log([]), barrier, record_payment, group="g", **options)
+
+
+class Flaky(Log):
+    """A client whose first fetch, first offset commit and every seek fail, as a broker's client does in a rebalance."""
+
+    def __init__(self, messages: list[Delivered]) -> None:
+        super().__init__(messages)
+        self.failures = {"getmany": 1, "commit": 1}
+
+    def _fail(self, what: str) -> None:
+        if self.failures[what]:
+            self.failures[what] -= 1
+            raise ConnectionResetError(f"{what} failed")
+
+    async def getmany(self, *, timeout_ms: int = 0, max_records: int | None = None) -> dict[str, list[Delivered]]:
+        self._fail("getmany")
+        return await super().getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+    async def commit(self, offsets: dict[str, int]) -> None:
+        self._fail("commit")
+        await super().commit(offsets)
+
+
+async def test_client_errors_are_transient_and_nothing_is_applied_twice(db: Database) -> None:
+    """A failed fetch and a failed offset commit are retried; the message applied before the failure is a duplicate."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    log = Flaky([delivered(b"o-1", b"m-1", 0), delivered(b"o-2", b"m-2", 1)])
+    stop = anyio.Event()
+
+    async def handler(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        if message.value == b"o-2":
+            stop.set()
+        return await record_payment(session, message)
+
+    with anyio.fail_after(10):
+        assert await run_consumer(log, barrier, handler, group="g", stop=stop, backoff=(0.01, 0.01)) == 2
+    assert log.failures == {"getmany": 0, "commit": 0}
+    assert log.committed == 2
+    assert await db.payments() == 2
+
+
+async def test_max_retries_lets_the_last_transient_error_propagate_after_the_seek(db: Database) -> None:
+    """With ``max_retries=1`` the second consecutive client error propagates, the positions sought back."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    log = Flaky([delivered(b"o-1", b"m-1", 0)])
+    log.failures["getmany"] = 2
+    with anyio.fail_after(10), pytest.raises(ConnectionResetError, match="getmany"):
+        await run_consumer(log, barrier, record_payment, group="g", max_retries=1, backoff=(0.01, 0.01))
+    assert await db.payments() == 0
+
+
+async def test_a_reused_id_with_another_value_is_dead_lettered_under_its_position(db: Database) -> None:
+    """A second value under a consumed id is FAILED under topic:partition:offset, and the partition goes on."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    log = Log([delivered(b"o-1", b"m-1", 0), delivered(b"forged", b"m-1", 1), delivered(b"o-2", b"m-2", 2)])
+    stop = anyio.Event()
+
+    async def handler(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        if message.value == b"o-2":
+            stop.set()
+        return await record_payment(session, message)
+
+    with anyio.fail_after(10):
+        assert await run_consumer(log, barrier, handler, group="g", stop=stop) == 2
+    record = await barrier.inspect("orders:0:1", scope="consumer:g")
+    assert record is not None
+    assert record.status is idembarrier.Status.FAILED
+    assert (await barrier.stats()).outcomes[idembarrier.Outcome.DEAD_LETTERED] == 1
+
+
+async def test_a_database_error_no_retry_fixes_propagates_at_once(db: Database) -> None:
+    """A missing records table is fatal (not transient): no retry, no dead letter, the message sought back to."""
+    barrier = idembarrier.Barrier(db.sessionmaker, table="no_such_table")
+    log = Log([delivered(b"o-1", b"m-1", 0)])
+    with anyio.fail_after(10), pytest.raises(idembarrier.StorageError) as caught:
+        await run_consumer(log, barrier, record_payment, group="g")
+    assert not isinstance(caught.value, idembarrier.ConnectionLostError)
+    assert log.position == 0
+
+
+async def test_a_handler_that_recovers_clears_its_failure_count(db: Database) -> None:
+    """A message whose handler fails once, then succeeds, is applied once and leaves no failure count behind."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    log = Log([delivered(b"o-1", b"m-1", 0)])
+    stop, tries = anyio.Event(), []
+
+    async def flaky(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        tries.append(message.value)
+        if len(tries) == 1:
+            raise RuntimeError("the payment provider timed out")
+        stop.set()
+        return await record_payment(session, message)
+
+    with anyio.fail_after(10):
+        assert await run_consumer(log, barrier, flaky, group="g", stop=stop, backoff=(0.01, 0.01)) == 1
+    assert len(tries) == 2
+    async with db.engine.connect() as conn:
+        left = (await conn.exec_driver_sql("SELECT count(*) FROM idempotency_keys_failures")).scalar_one()
+    assert left == 0
+
+
+async def test_a_failing_dead_letter_destination_is_retried(db: Database) -> None:
+    """A destination that raises rolls the dead letter back and is tried again; the second try records it."""
+    barrier = idembarrier.Barrier(db.sessionmaker)
+    log = Log([delivered(b"poison", b"m-1", 0), delivered(b"o-2", b"m-2", 1)])
+    stop, letters = anyio.Event(), []
+
+    async def handler(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
+        if message.value == b"poison":
+            raise RuntimeError("poison")
+        stop.set()
+        return await record_payment(session, message)
+
+    async def destination(uow: idembarrier.UnitOfWork[idembarrier.JSON], message: Delivered, letter: Any) -> None:
+        letters.append(letter)
+        if len(letters) == 1:
+            raise ConnectionRefusedError("the dead-letter store is down")
+        uow.session.add(Payment(key=f"dead:{letter.key}", amount=0))
+
+    with anyio.fail_after(10):
+        await run_consumer(
+            log, barrier, handler, group="g", stop=stop, max_attempts=1, dead_letter=destination, backoff=(0.01, 0.01)
+        )
+    assert len(letters) == 2
+    assert await db.payments("dead:m-1") == 1
+    assert await db.payments("o-2") == 1
+
+
+def test_an_id_header_without_a_value_and_a_long_topic_have_precise_keys() -> None:
+    """A null id header is malformed; a position key over 255 characters is hashed into a usable key."""
+    from idembarrier._consumer import message_key, position_key
+
+    with pytest.raises(MalformedMessageError, match="no value"):
+        message_key(Delivered(b"v", [(MESSAGE_ID_HEADER, None)]), MissingMessageId.REJECT)  # type: ignore[list-item]
+    long = position_key(Delivered(b"v", topic="t" * 300, offset=5))
+    assert long.startswith("pos-")
+    assert len(long) <= 255

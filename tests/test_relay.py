@@ -126,3 +126,82 @@ async def test_the_relay_listens_again_after_its_backend_is_terminated(pg_db: Da
             await arrived.wait()
         stop.set()
     assert len(publisher.messages) == 1
+
+
+async def test_a_listen_url_wakes_the_relay(pg_db: Database) -> None:
+    """With ``listen_url`` the relay listens on a connection of its own and is woken by NOTIFY at once."""
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    arrived = anyio.Event()
+
+    class Signalling(Collecting):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            await super().publish(messages)
+            arrived.set()
+
+    relay = OutboxRelay(barrier, Signalling(), poll_interval=30, max_poll_interval=30, listen_url=pg_db.url)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
+        assert len(await listeners(pg_db)) == 1
+        with anyio.fail_after(1):
+            await publish(barrier, "o-1", ("orders", b"A", b"v"))
+            await arrived.wait()
+        stop.set()
+
+
+async def test_a_listen_that_hears_nothing_is_reported_once_and_the_relay_polls(
+    pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LISTEN accepted where the barrier's NOTIFY never arrives (as behind a pooler): one warning, then polling."""
+    from tests.conftest import ADMIN_URL
+
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    elsewhere = ADMIN_URL.render_as_string(hide_password=False)  # another database: its channel never fires
+    publisher = Collecting()
+    relay = OutboxRelay(barrier, publisher, poll_interval=0.01, max_poll_interval=0.05, listen_url=elsewhere)
+    stop = anyio.Event()
+    with caplog.at_level("WARNING", logger="idembarrier.relay"):
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(10):
+                await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
+                await publish(barrier, "o-1", ("orders", b"A", b"v"))
+                while not publisher.messages:  # noqa: ASYNC110 - the relay's polls, which no event reports
+                    await anyio.sleep(0.01)
+            stop.set()
+    warnings = [r.getMessage() for r in caplog.records if "receives no notifications" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "listen_url" in warnings[0]
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://db/x", "sqlite+aiosqlite:///x.db", "not a url"])
+async def test_a_listen_url_that_cannot_listen_is_refused(sqlite_db: Database, url: str) -> None:
+    """``listen_url`` must be a postgresql+asyncpg URL: anything else is a `ConfigurationError` at once."""
+    with pytest.raises(idembarrier.ConfigurationError, match="listen_url"):
+        OutboxRelay(idembarrier.Barrier(sqlite_db.sessionmaker), Collecting(), listen_url=url)
+
+
+async def test_a_listen_url_that_refuses_is_reported_once_while_the_relay_polls(
+    pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A direct connection that is refused: one warning for the outage, the relay polls and relays meanwhile."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once the socket is closed
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    publisher = Collecting()
+    refused = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test"
+    relay = OutboxRelay(barrier, publisher, poll_interval=0.01, max_poll_interval=0.05, listen_url=refused)
+    stop = anyio.Event()
+    with caplog.at_level("WARNING", logger="idembarrier.relay"):
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(10):
+                await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
+                await publish(barrier, "o-1", ("orders", b"A", b"v"))
+                while not publisher.messages:  # noqa: ASYNC110 - the relay's polls, which no event reports
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.3)  # several reconnection attempts: they must not log again
+            stop.set()
+    failures = [r for r in caplog.records if "listening on" in r.getMessage() and "failed" in r.getMessage()]
+    assert len(failures) == 1
