@@ -90,7 +90,6 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 def _operate(args: argparse.Namespace) -> int:
-    from sqlalchemy.exc import ArgumentError
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     from ._barrier import Barrier
@@ -100,8 +99,8 @@ def _operate(args: argparse.Namespace) -> int:
 
     try:
         engine = create_engine(args.database_url)
-    except ArgumentError as exc:  # SQLAlchemy could not parse the URL
-        print(f"idembarrier: not a database URL: {exc}", file=sys.stderr)
+    except ConfigurationError as exc:  # not a URL, or one the barrier does not support
+        print(f"idembarrier: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> int:

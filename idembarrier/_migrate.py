@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import column, select, table
 
+from ._engines import check_url
 from ._errors import translate
 from ._exceptions import ConnectionLostError, SchemaError, SerializationError
 from ._schema import VERSION_TABLE
@@ -45,9 +46,12 @@ async def upgrade(
         schema: PostgreSQL schema to put it in (created if missing).
 
     Raises:
+        ConfigurationError: The engine's database or driver is not supported, or it is in-memory SQLite;
+            raised before any statement runs.
         SchemaError: The schema already holds idembarrier's version table for another records table:
             one records table per database schema (put a second one in another schema).
     """
+    check_url(engine.url)
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade, revision, table, schema)
         if revision == "head" and not await conn.run_sync(_has_table, table, schema):
@@ -74,7 +78,11 @@ def _upgrade(connection: Connection, revision: str, table_name: str, schema: str
 
 
 async def check_schema(engine: AsyncEngine, *, schema: str | None = None) -> None:
-    """Raise `SchemaError` unless idembarrier's migrations are at head on ``engine``."""
+    """Raise `SchemaError` unless idembarrier's migrations are at head on ``engine``.
+
+    Raises `ConfigurationError` first when the engine is one the barrier does not support.
+    """
+    check_url(engine.url)
     try:
         async with engine.connect() as conn:
             await check_schema_on(conn, schema=schema)
@@ -89,8 +97,10 @@ async def check_schema(engine: AsyncEngine, *, schema: str | None = None) -> Non
 async def check_schema_on(conn: AsyncConnection, *, schema: str | None = None) -> None:
     """Raise `SchemaError` unless idembarrier's migrations are at head, reading through ``conn``.
 
-    Runs on the caller's connection, so a unit of work never needs a second one from the pool.
+    Runs on the caller's connection, so a unit of work never needs a second one from the pool. Raises
+    `ConfigurationError` first when the engine is one the barrier does not support.
     """
+    check_url(conn.engine.url)
     versions = table(VERSION_TABLE, column("version_num"), schema=schema)
     try:
         found = set((await conn.execute(select(versions.c.version_num))).scalars())

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from ._exceptions import StorageError
+from ._engines import check_url
 
 if TYPE_CHECKING:
     import uuid
     from datetime import timedelta
 
-    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine import URL, Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.pool import PoolProxiedConnection
 
@@ -168,24 +168,25 @@ async def pool_connection(conn: AsyncConnection) -> PoolProxiedConnection:
 
 
 async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
-    """Return the storage for ``conn``'s database."""
-    kind, qualified = _resolve(conn.dialect, table)
+    """Return the storage for ``conn``'s database.
+
+    Raises:
+        ConfigurationError: The engine is one the barrier's guarantees do not hold on (see `check_url`).
+    """
+    kind, qualified = _resolve(conn.dialect, conn.engine.url, table)
     return await kind.open(conn, qualified)
 
 
 @lru_cache(maxsize=64)
-def _resolve(dialect: Dialect, table: TableName) -> tuple[type[PostgresStorage | SqliteStorage], str]:
+def _resolve(dialect: Dialect, url: URL, table: TableName) -> tuple[type[PostgresStorage | SqliteStorage], str]:
     """The storage class for ``dialect`` and the table's quoted name: worked out once per engine."""
+    check_url(url)
     quote = dialect.identifier_preparer.quote
     qualified = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
-    if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+    if dialect.name == "postgresql":
         from ._postgres import PostgresStorage
 
         return PostgresStorage, qualified
-    if dialect.name == "sqlite" and dialect.driver == "aiosqlite":
-        from ._sqlite import SqliteStorage
+    from ._sqlite import SqliteStorage
 
-        return SqliteStorage, qualified
-    raise StorageError(
-        f"idembarrier supports postgresql+asyncpg and sqlite+aiosqlite, not {dialect.name}+{dialect.driver}"
-    )
+    return SqliteStorage, qualified
