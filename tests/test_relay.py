@@ -205,3 +205,29 @@ async def test_a_listen_url_that_refuses_is_reported_once_while_the_relay_polls(
             stop.set()
     failures = [r for r in caplog.records if "listening on" in r.getMessage() and "failed" in r.getMessage()]
     assert len(failures) == 1
+
+
+async def test_a_relay_whose_commit_is_lost_publishes_again_with_the_same_id(pg_db: Database) -> None:
+    """A batch whose COMMIT never reaches the server raises ConnectionLostError; the next batch re-publishes it."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from tests.faultproxy import CommitCut, FaultProxy
+
+    (mid,) = await publish(idembarrier.Barrier(pg_db.sessionmaker), "o-1", ("orders", b"A", b"v"))
+    async with FaultProxy.for_url(pg_db.url) as proxy:
+        engine = create_async_engine(proxy.url(pg_db.url), pool_size=1, max_overflow=0)
+        try:
+            barrier = idembarrier.Barrier(async_sessionmaker(engine))
+            publisher = Collecting()
+            relay = OutboxRelay(barrier, publisher)
+            proxy.cut_at_commit(CommitCut.DROP)
+            with pytest.raises(idembarrier.ConnectionLostError):
+                await relay.relay_once()
+            assert await relay.relay_once() == 1  # the dead connection was discarded; a fresh one serves
+            proxy.refuse()
+            await engine.dispose()  # no pooled connection left: the next batch must connect
+            with pytest.raises(idembarrier.StorageError):
+                await relay.relay_once()
+        finally:
+            await engine.dispose()
+    assert [m.message_id for m in publisher.messages] == [mid, mid]
