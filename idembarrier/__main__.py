@@ -1,7 +1,9 @@
 """``idembarrier`` (or ``python -m idembarrier``): the command line.
 
-Exit status: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, or ``inspect`` found no record;
-2 bad usage or configuration (argparse's own); 3 the database failed or its schema is not installed.
+Exit status, for every command: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, or ``inspect``
+found no record; 2 bad usage or configuration (an unsupported URL or driver, in-memory SQLite); 3 the
+database failed (unreachable, refused, no such database, authentication) or its schema is not installed.
+A failure prints one line on stderr, with the server's or the OS's reason, and never a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import sys
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
@@ -23,9 +25,28 @@ if TYPE_CHECKING:
 _DB_HELP = "SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (exit 2) instead of the usage text and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"idembarrier: {message} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("idembarrier")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout that was never installed
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = argparse.ArgumentParser(prog="idembarrier", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="idembarrier", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="send bursts of duplicate payments through the barrier")
     demo.add_argument(
@@ -61,13 +82,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("scope")
             command.add_argument("key")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "lab":
-        return _lab(args)
-    if not args.database_url:
+    if args.command not in ("demo", "lab") and not args.database_url:
         parser.error("give --database-url or set IDEMBARRIER_DATABASE_URL")
-    return _operate(args)
+    run = _demo if args.command == "demo" else _lab if args.command == "lab" else _operate
+    try:
+        return run(args)
+    except Exception as exc:
+        if (failure := _failure(exc, args.database_url)) is None:
+            raise  # not a usage, configuration or database failure: a bug, whose traceback helps
+        status, line = failure
+        print(f"idembarrier: {line}", file=sys.stderr)
+        return status
+
+
+def _failure(exc: Exception, url: str | None) -> tuple[int, str] | None:
+    """The exit status and the one line to print for ``exc``, or ``None`` when it is nobody's fault but ours."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ._exceptions import (
+        ConfigurationError,
+        IdembarrierError,
+        InvalidFingerprintError,
+        InvalidKeyError,
+        StorageError,
+    )
+    from ._reason import driver_reason
+
+    if isinstance(exc, ExceptionGroup):  # the demo's and the lab's task groups
+        failures = [_failure(leaf, url) for leaf in exc.exceptions if isinstance(leaf, Exception)]
+        if len(failures) != len(exc.exceptions) or any(f is None for f in failures):
+            return None
+        return min(failure for failure in failures if failure is not None)
+    if isinstance(exc, ConfigurationError | InvalidKeyError | InvalidFingerprintError):
+        return 2, str(exc)
+    if isinstance(exc, IdembarrierError) and not isinstance(exc, StorageError):
+        return 3, str(exc)  # the schema is not installed, a record stands in the way: our message says it
+    reason = driver_reason(exc)
+    if reason is None:
+        if not isinstance(exc, StorageError | SQLAlchemyError):
+            return None
+        reason = " ".join(str(exc).split())
+    where = "database" if url is None else f"database {make_url(url).render_as_string(hide_password=True)}"
+    return 3, f"{where}: {reason}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -94,14 +151,9 @@ def _operate(args: argparse.Namespace) -> int:
 
     from ._barrier import Barrier
     from ._engines import create_engine
-    from ._exceptions import ConfigurationError, IdembarrierError
     from ._migrate import upgrade
 
-    try:
-        engine = create_engine(args.database_url)
-    except ConfigurationError as exc:  # not a URL, or one the barrier does not support
-        print(f"idembarrier: {exc}", file=sys.stderr)
-        return 2
+    engine = create_engine(args.database_url)
 
     async def run() -> int:
         try:
@@ -113,14 +165,7 @@ def _operate(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    try:
-        return anyio.run(run)
-    except ConfigurationError as exc:
-        print(f"idembarrier: {exc}", file=sys.stderr)
-        return 2
-    except IdembarrierError as exc:
-        print(f"idembarrier: {exc}", file=sys.stderr)
-        return 3
+    return anyio.run(run)
 
 
 async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
@@ -156,7 +201,10 @@ async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
 
 
 async def _inspect(barrier: Barrier, args: argparse.Namespace) -> int:
-    found = await barrier._atomically(lambda storage: storage.inspect(args.scope, args.key))
+    from ._keys import validate_key
+
+    scope, key = validate_key(args.scope, what="scope"), validate_key(args.key)
+    found = await barrier._atomically(lambda storage: storage.inspect(scope, key))
     if found is None:
         _print(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
         return 1

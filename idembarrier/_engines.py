@@ -39,8 +39,8 @@ def check_url(url: str | URL) -> URL:
     if pair not in SUPPORTED:
         implicit = "" if "+" in parsed.drivername else f" ({parsed.drivername}:// picks the synchronous default)"
         raise ConfigurationError(
-            f"idembarrier supports postgresql+asyncpg and sqlite+aiosqlite, not {pair}{implicit}: "
-            f"use a URL such as {_EXAMPLES}"
+            f"unsupported database or driver {pair}{implicit}: idembarrier supports postgresql+asyncpg and "
+            f"sqlite+aiosqlite; use a URL such as {_EXAMPLES}"
         )
     if pair == "sqlite+aiosqlite" and _in_memory(parsed):
         # Each connection gets its own empty in-memory database (or, shared-cache, one without the file locks

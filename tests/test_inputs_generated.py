@@ -19,6 +19,7 @@ from idembarrier._keys import fingerprint_digest, validate_key
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+
 def generated(examples: int) -> settings:
     """Settings for ``examples`` generated cases."""
     return settings(GENERATED, max_examples=examples)
