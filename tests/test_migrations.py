@@ -22,7 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, MetaData, inspect
+from sqlalchemy import Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 import idembarrier
@@ -431,3 +431,28 @@ async def test_records_finished_before_0003_get_both_horizons(empty: Empty) -> N
     async with empty.engine.connect() as conn:
         row: Any = (await conn.exec_driver_sql(f"SELECT {days} FROM idempotency_keys")).one()
     assert (round(float(row[0])), round(float(row[1]))) == (7, 30)
+
+
+async def test_a_message_pending_before_0005_is_relayed_with_its_version_1_id(empty: Empty) -> None:
+    """An outbox row written under 0004 upgrades unrefused and unparked, and relays with its old id and headers."""
+    from idembarrier._outbox import encode_headers
+    from idembarrier.kafka import MESSAGE_ID_HEADER, OutboxRelay
+    from tests.test_outbox import Collecting
+
+    await run_command(empty.engine, "upgrade", "0004")
+    headers = encode_headers([(MESSAGE_ID_HEADER, b"msg-v1"), ("idempotency-key", b"k")])
+    async with empty.engine.begin() as conn:
+        await conn.execute(
+            text(
+                """INSERT INTO idempotency_keys_outbox
+                       (message_id, topic, key, value, headers, scope, record_key, position)
+                   VALUES ('msg-v1', 'orders', NULL, :value, :headers, 's', 'k', 0)"""
+            ),
+            {"value": b"v", "headers": headers},
+        )
+    await idembarrier.upgrade(empty.engine)
+    publisher = Collecting()
+    relay = OutboxRelay(idembarrier.Barrier(async_sessionmaker(empty.engine)), publisher)
+    assert await relay.relay_once() == 1
+    (message,) = publisher.messages
+    assert (message.message_id, message.headers[0]) == ("msg-v1", (MESSAGE_ID_HEADER, b"msg-v1"))
