@@ -91,6 +91,33 @@ async def test_a_transient_publisher_failure_counts_nothing(db: Database) -> Non
     assert await relay.parked() == []
 
 
+class Signalling(Collecting):
+    """A publisher that sets ``arrived`` once it was given a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = anyio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        await super().publish(messages)
+        self.arrived.set()
+
+
+async def until_relayed(
+    relay: OutboxRelay, barrier: idembarrier.Barrier, publisher: Collecting, *, linger: float = 0.0
+) -> None:
+    """Run ``relay`` while one message is published, until the relay (polling) has published it, then ``linger`` s."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
+            await publish(barrier, "o-1", ("orders", b"A", b"v"))
+            while not publisher.messages:  # noqa: ASYNC110 - the relay's polls, which no event reports
+                await anyio.sleep(0.01)
+        await anyio.sleep(linger)
+        stop.set()
+
+
 async def listeners(db: Database) -> list[int]:
     """The backends LISTENing on the outbox's channel."""
     sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
@@ -101,13 +128,6 @@ async def listeners(db: Database) -> list[int]:
 async def test_the_relay_listens_again_after_its_backend_is_terminated(pg_db: Database) -> None:
     """After pg_terminate_backend on its LISTEN connection the relay reconnects and is woken by NOTIFY at once."""
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
-    arrived = anyio.Event()
-
-    class Signalling(Collecting):
-        async def publish(self, messages: Sequence[Message]) -> None:
-            await super().publish(messages)
-            arrived.set()
-
     publisher = Signalling()
     # Polls are 20-30 s apart: only a notification can deliver within the second the test allows.
     relay = OutboxRelay(barrier, publisher, poll_interval=30, max_poll_interval=30)
@@ -123,7 +143,7 @@ async def test_the_relay_listens_again_after_its_backend_is_terminated(pg_db: Da
                 await anyio.sleep(0.05)
         with anyio.fail_after(1):
             await publish(barrier, "o-1", ("orders", b"A", b"v"))
-            await arrived.wait()
+            await publisher.arrived.wait()
         stop.set()
     assert len(publisher.messages) == 1
 
@@ -131,21 +151,15 @@ async def test_the_relay_listens_again_after_its_backend_is_terminated(pg_db: Da
 async def test_a_listen_url_wakes_the_relay(pg_db: Database) -> None:
     """With ``listen_url`` the relay listens on a connection of its own and is woken by NOTIFY at once."""
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
-    arrived = anyio.Event()
-
-    class Signalling(Collecting):
-        async def publish(self, messages: Sequence[Message]) -> None:
-            await super().publish(messages)
-            arrived.set()
-
-    relay = OutboxRelay(barrier, Signalling(), poll_interval=30, max_poll_interval=30, listen_url=pg_db.url)
+    publisher = Signalling()
+    relay = OutboxRelay(barrier, publisher, poll_interval=30, max_poll_interval=30, listen_url=pg_db.url)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
         assert len(await listeners(pg_db)) == 1
         with anyio.fail_after(1):
             await publish(barrier, "o-1", ("orders", b"A", b"v"))
-            await arrived.wait()
+            await publisher.arrived.wait()
         stop.set()
 
 
@@ -159,15 +173,8 @@ async def test_a_listen_that_hears_nothing_is_reported_once_and_the_relay_polls(
     elsewhere = ADMIN_URL.render_as_string(hide_password=False)  # another database: its channel never fires
     publisher = Collecting()
     relay = OutboxRelay(barrier, publisher, poll_interval=0.01, max_poll_interval=0.05, listen_url=elsewhere)
-    stop = anyio.Event()
     with caplog.at_level("WARNING", logger="idembarrier.relay"):
-        async with anyio.create_task_group() as tg:
-            with anyio.fail_after(10):
-                await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
-                await publish(barrier, "o-1", ("orders", b"A", b"v"))
-                while not publisher.messages:  # noqa: ASYNC110 - the relay's polls, which no event reports
-                    await anyio.sleep(0.01)
-            stop.set()
+        await until_relayed(relay, barrier, publisher)
     warnings = [r.getMessage() for r in caplog.records if "receives no notifications" in r.getMessage()]
     assert len(warnings) == 1
     assert "listen_url" in warnings[0]
@@ -193,16 +200,8 @@ async def test_a_listen_url_that_refuses_is_reported_once_while_the_relay_polls(
     publisher = Collecting()
     refused = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test"
     relay = OutboxRelay(barrier, publisher, poll_interval=0.01, max_poll_interval=0.05, listen_url=refused)
-    stop = anyio.Event()
     with caplog.at_level("WARNING", logger="idembarrier.relay"):
-        async with anyio.create_task_group() as tg:
-            with anyio.fail_after(10):
-                await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
-                await publish(barrier, "o-1", ("orders", b"A", b"v"))
-                while not publisher.messages:  # noqa: ASYNC110 - the relay's polls, which no event reports
-                    await anyio.sleep(0.01)
-                await anyio.sleep(0.3)  # several reconnection attempts: they must not log again
-            stop.set()
+        await until_relayed(relay, barrier, publisher, linger=0.3)  # more reconnections: none may log again
     failures = [r for r in caplog.records if "listening on" in r.getMessage() and "failed" in r.getMessage()]
     assert len(failures) == 1
 
