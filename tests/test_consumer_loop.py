@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -62,6 +63,17 @@ async def proxy(pg_db: Database) -> AsyncIterator[FaultProxy]:
         yield running
 
 
+@asynccontextmanager
+async def started(broker: str, topic: str, group: str) -> AsyncIterator[Any]:
+    """A started consumer of ``topic`` in ``group`` (see `make_consumer`), stopped at the end."""
+    consumer = make_consumer(broker, topic, group)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
 async def supervise(run: Callable[[], Awaitable[int]], stop: anyio.Event) -> list[BaseException]:
     """Call ``run`` again after every exception, as a supervisor would, until ``stop``; return the exceptions."""
     raised: list[BaseException] = []
@@ -92,18 +104,16 @@ async def test_a_cut_commit_mid_batch_loses_no_event(
             stop.set()
         return await record_payment(session, message)
 
-    consumer = make_consumer(broker, topic, group)
-    await consumer.start()
     try:
-        with anyio.fail_after(60):
-            raised = await supervise(
-                lambda: run_consumer(
-                    consumer, barrier, handler, group=group, stop=stop, max_retries=max_retries, backoff=FAST
-                ),
-                stop,
-            )
+        async with started(broker, topic, group) as consumer:
+            with anyio.fail_after(60):
+                raised = await supervise(
+                    lambda: run_consumer(
+                        consumer, barrier, handler, group=group, stop=stop, max_retries=max_retries, backoff=FAST
+                    ),
+                    stop,
+                )
     finally:
-        await consumer.stop()
         await engine.dispose()
     assert proxy.commit_cut.is_set()
     assert [type(exc).__name__ for exc in raised] == (["ConnectionLostError"] if max_retries == 0 else [])
@@ -127,9 +137,7 @@ async def test_a_poison_message_goes_to_its_dead_letter_and_the_partition_flows(
             stop.set()
         return await record_payment(session, message)
 
-    consumer = make_consumer(broker, topic, group)
-    await consumer.start()
-    try:
+    async with started(broker, topic, group) as consumer:
         with anyio.fail_after(30):
             await run_consumer(
                 consumer,
@@ -141,8 +149,6 @@ async def test_a_poison_message_goes_to_its_dead_letter_and_the_partition_flows(
                 dead_letter=DeadLetterTopic(f"{topic}-dlq"),
                 backoff=FAST,
             )
-    finally:
-        await consumer.stop()
     assert calls.count(b"poison") == 3
     assert await applied(pg_db) == {"ok-1": 1, "ok-2": 1}
     record = await barrier.inspect("id-poison", scope=f"consumer:{group}")
@@ -169,9 +175,7 @@ async def test_the_failure_count_survives_restarts(pg_db: Database, broker: str,
         stop.set()
         return await record_payment(session, message)
 
-    consumer = make_consumer(broker, topic, group)
-    await consumer.start()
-    try:
+    async with started(broker, topic, group) as consumer:
         with anyio.fail_after(30):
             raised = await supervise(
                 lambda: run_consumer(
@@ -179,8 +183,6 @@ async def test_the_failure_count_survives_restarts(pg_db: Database, broker: str,
                 ),
                 stop,
             )
-    finally:
-        await consumer.stop()
     assert [str(exc) for exc in raised] == ["poison", "poison"]  # each restart starts a new loop
     assert await applied(pg_db) == {"ok-1": 1}
     record = await barrier.inspect("id-poison", scope=f"consumer:{group}")
@@ -217,13 +219,9 @@ async def test_a_malformed_message_is_dead_lettered_at_once(
         stop.set()
         return await record_payment(session, message)
 
-    consumer = make_consumer(broker, topic, group)
-    await consumer.start()
-    try:
+    async with started(broker, topic, group) as consumer:
         with anyio.fail_after(30):
             await run_consumer(consumer, barrier, handler, group=group, stop=stop, backoff=FAST)
-    finally:
-        await consumer.stop()
     assert await applied(pg_db) == {"ok-1": 1}
     record = await barrier.inspect(f"{topic}:0:0", scope=f"consumer:{group}")
     assert record is not None
@@ -250,11 +248,7 @@ async def test_an_empty_and_a_large_value_are_consumed(
         session.add(Payment(key=str(len(message.value or b"")), amount=1))
         return None
 
-    consumer = make_consumer(broker, topic, group)
-    await consumer.start()
-    try:
+    async with started(broker, topic, group) as consumer:
         with anyio.fail_after(30):
             assert await run_consumer(consumer, barrier, handler, group=group, stop=stop, backoff=FAST) == 2
-    finally:
-        await consumer.stop()
     assert sizes == [0, 900_000]
