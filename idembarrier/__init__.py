@@ -6,6 +6,7 @@ the business writes, so the writes and the key's outcome commit, or roll back, t
 
 from __future__ import annotations
 
+from ._alembic import include_object, include_object_for
 from ._barrier import DEFAULT_LEASE, Barrier, Purged, Unresolved
 from ._codec import JSON, Codec, DataclassCodec, JSONCodec, PydanticCodec
 from ._config import DEFAULT_RECORD_RETENTION, DEFAULT_RETENTION, ExpiredReplay, OnConflict, Retention
@@ -78,6 +79,8 @@ __all__ = [
     "check_schema",
     "create_sqlite_engine",
     "downstream_key",
+    "include_object",
+    "include_object_for",
     "upgrade",
 ]
 

@@ -23,8 +23,8 @@ HEAD = "0005"
 """The newest migration revision; a test checks it is the scripts' single head."""
 
 FIX = (
-    "run `alembic upgrade head` from the idembarrier repository with IDEMBARRIER_DATABASE_URL set, "
-    "or `await idembarrier.upgrade(engine)`"
+    "run `idembarrier migrate --database-url URL` (with --table and --schema if the barrier uses others) or "
+    "`await idembarrier.upgrade(engine)` at start-up; from a checkout, `alembic upgrade head` does the same"
 )
 
 

@@ -54,6 +54,8 @@ EXPECTED = [
     "check_schema",
     "create_sqlite_engine",
     "downstream_key",
+    "include_object",
+    "include_object_for",
     "upgrade",
 ]
 
