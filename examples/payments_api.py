@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated
 
@@ -23,7 +24,7 @@ import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import Integer, MetaData, String, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -35,6 +36,7 @@ from idembarrier.asgi import (
     HTTPResponseCodec,
     IdempotencyMiddleware,
     RequestHead,
+    ScopeRefusedError,
     unit_of_work,
     unit_of_work_session,
 )
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///payments_api.db"
 DECLINED_CARD = "4000000000000002"
 """The card number the fake processor declines."""
+AMOUNT_MAX = 2**31 - 1
+"""The largest amount the ``amount`` column (a 32-bit INTEGER) holds, in cents."""
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class Base(DeclarativeBase):
@@ -61,10 +66,16 @@ class Payment(Base):
     status: Mapped[str] = mapped_column(String(16))
 
 
+# What the columns can store: 1-255 characters, none of them a control character (PostgreSQL refuses NUL).
+OrderId = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
 class PaymentIn(BaseModel):
-    order_id: str
-    amount: int = Field(gt=0, description="in cents")
-    card: str = "4242424242424242"
+    """A payment request, validated to what the table holds, so a bad input is a 422 and never a 500."""
+
+    order_id: OrderId
+    amount: int = Field(gt=0, le=AMOUNT_MAX, description="in cents")
+    card: str = Field(default="4242424242424242", pattern=r"^[0-9]{12,19}$", description="12-19 digits")
 
 
 Work = Annotated[UnitOfWork[HTTPResponse], Depends(unit_of_work)]
@@ -75,9 +86,13 @@ def tenant_of(request: RequestHead) -> str:
     """The scope of a request's key: its tenant.
 
     A real API takes it from authentication (the API key's account, the token's subject), never from a
-    value the client picks freely; the ``X-Tenant`` header stands in for that here.
+    value the client picks freely; the ``X-Tenant`` header stands in for that here. A value that names no
+    tenant is refused (403) before anything runs.
     """
-    return request.headers.get("x-tenant", "demo")
+    tenant = request.headers.get("x-tenant", "demo")
+    if not _TENANT.fullmatch(tenant):
+        raise ScopeRefusedError("X-Tenant names no tenant: 1-64 letters, digits, '.', '_' or '-'", status=403)
+    return tenant
 
 
 def create_app(database_url: str | None = None, *, processor_latency: float = 0.2) -> FastAPI:
