@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
+from sqlalchemy.exc import TimeoutError as _PoolTimeout
 
-from ._exceptions import ConnectionLostError, SerializationError, StorageError
+from ._exceptions import ConnectError, ConnectionLostError, PoolTimeoutError, SerializationError, StorageError
 
-__all__ = ["connection_lost", "lock_not_available", "sqlstate_of", "transient", "translate"]
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+__all__ = [
+    "checkout",
+    "closed_while_idle",
+    "connect_error",
+    "connection_lost",
+    "lock_not_available",
+    "sqlstate_of",
+    "transient",
+    "translate",
+]
 
 _LOCK_NOT_AVAILABLE = "55P03"  # a lock wait that ran out of lock_timeout
 
@@ -22,9 +37,15 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 try:  # asyncpg is the PostgreSQL driver; it is optional, and only its raw exceptions need naming here.
     from asyncpg.exceptions import InterfaceError as _AsyncpgInterfaceError
+    from asyncpg.exceptions import InternalClientError as _AsyncpgClientError
     from asyncpg.exceptions import PostgresError as _AsyncpgPostgresError
 except ImportError:  # pragma: no cover - asyncpg is installed wherever PostgreSQL is used
-    _AsyncpgInterfaceError = _AsyncpgPostgresError = ()
+    _AsyncpgInterfaceError = _AsyncpgClientError = _AsyncpgPostgresError = ()
+
+# asyncpg's InternalClientError is its protocol in a state it cannot leave: typically a pooled connection
+# whose backend was terminated while idle, so that the server's FATAL message was read but not yet its EOF
+# ("cannot switch to state 15; another operation (2) is in progress"). The connection is unusable: lost.
+_BROKEN = (_AsyncpgInterfaceError, _AsyncpgClientError)
 
 
 def _driver_error(exc: BaseException) -> BaseException | None:
@@ -34,7 +55,7 @@ def _driver_error(exc: BaseException) -> BaseException | None:
     own error classes with asyncpg's as ``__cause__``. Anything else is not a database error.
     """
     for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
-        if isinstance(candidate, _AsyncpgInterfaceError | _AsyncpgPostgresError | sqlite3.Error):
+        if isinstance(candidate, (*_BROKEN, _AsyncpgPostgresError, sqlite3.Error)):
             return candidate
     return exc if isinstance(exc, DBAPIError) else None
 
@@ -88,13 +109,74 @@ def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageEr
     if (
         invalidated
         or driver is None  # an OS-level connection error under our own statement
-        or isinstance(driver, _AsyncpgInterfaceError)
+        or isinstance(driver, _BROKEN)
         or (state is not None and (state.startswith(_CONNECTION_LOST_PREFIX) or state in _CONNECTION_LOST))
     ):
         return ConnectionLostError(f"{doing}: the database connection was lost ({state or 'closed'})", sqlstate=state)
     if state is not None and state.startswith("sqlite:") and int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return StorageError(f"{doing}: the SQLite database stayed locked past its busy timeout", sqlstate=state)
     return StorageError(f"{doing}: the database failed ({state or type(driver).__name__})", sqlstate=state)
+
+
+def connect_error(exc: BaseException, doing: str) -> StorageError | None:
+    """Our exception for a failure to get a connection (from the pool, or a new one), else ``None``.
+
+    SQLAlchemy's pool ``TimeoutError`` is a `PoolTimeoutError`; an operating-system error of the connect
+    (refused, unreachable, the driver's connect timeout, which is the builtin ``TimeoutError``) is a
+    `ConnectError` naming the OS's reason, read from its ``errno``. A server's refusal (a missing database, a
+    failed authentication) keeps its SQLSTATE as a plain `StorageError`. Nothing ran in any of these cases.
+    """
+    if isinstance(exc, _PoolTimeout):
+        return PoolTimeoutError(f"{doing}: no pooled connection became free within the pool's timeout")
+    cause = exc.orig if isinstance(exc, DBAPIError) and isinstance(exc.orig, OSError) else exc
+    if isinstance(cause, OSError):
+        if cause.errno is not None:
+            reason = os.strerror(cause.errno)
+        elif isinstance(cause, TimeoutError):
+            reason = "timed out"
+        else:
+            reason = type(cause).__name__
+        return ConnectError(f"{doing}: could not connect to the database ({reason})")
+    return translate(exc, doing)
+
+
+def closed_while_idle(conn: AsyncConnection) -> bool:
+    """Whether the driver already knows that ``conn``'s connection is closed: it died idle, in the pool.
+
+    Asks the driver's own connection (asyncpg's ``is_closed()``); no round trip. A connection whose death
+    the driver has not yet seen passes, and fails at its first statement instead.
+    """
+    driver = conn.sync_connection.connection.driver_connection if conn.sync_connection is not None else None
+    is_closed = getattr(driver, "is_closed", None)
+    return bool(is_closed()) if callable(is_closed) else False
+
+
+_DEAD_IN_POOL = 64
+"""How many connections found dead in a row, at checkout, before giving up: a pool of dead ones is drained."""
+
+
+async def checkout(session: AsyncSession, doing: str, *, replace: bool) -> AsyncConnection:
+    """``session``'s connection, with a failure to get one translated (`connect_error`).
+
+    With ``replace`` (a session of ours, in which nothing was sent yet), a pooled connection that the driver
+    knows died while idle is invalidated and another taken: nothing was sent on it, so nothing can have run.
+    Without, or after `_DEAD_IN_POOL` dead ones, such a connection raises `ConnectionLostError` (nothing ran).
+    """
+    for _ in range(_DEAD_IN_POOL):
+        try:
+            conn = await session.connection()
+        except InvalidRequestError:
+            raise  # the session's own state (a caller's session used against its contract), not the database
+        except Exception as exc:
+            if (ours := connect_error(exc, doing)) is not None:
+                raise ours from exc
+            raise
+        if not closed_while_idle(conn):
+            return conn
+        if not replace:
+            break
+        await session.invalidate()  # never back into the pool; the session takes a new one next time
+    raise ConnectionLostError(f"{doing}: the pooled connection had died while idle (nothing was sent)")
 
 
 def connection_lost(exc: BaseException) -> bool:

@@ -19,7 +19,12 @@ An exception raised by your own code inside a unit of work is never wrapped: it 
     ├── SchemaError                  the table is missing or not at the migrations' head
     └── StorageError                 the database failed; classified by SQLSTATE / SQLite error code
         ├── ConnectionLostError      the connection or its backend died (``outcome_unknown``: mid-COMMIT)
+        │   └── ConnectError         no connection could be opened: refused, timed out, unreachable (nothing ran)
+        ├── PoolTimeoutError         no pooled connection became free within the pool's timeout (nothing ran)
         └── SerializationError       the database aborted the transaction to keep it serializable
+
+Nothing else leaves the public API: a driver's or the pool's own exception (asyncpg's ``InterfaceError``,
+SQLAlchemy's ``DBAPIError`` or ``TimeoutError``, a builtin ``OSError``) is always translated, with ``from``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigurationError",
     "ConflictError",
+    "ConnectError",
     "ConnectionLostError",
     "FingerprintMismatchError",
     "IdembarrierError",
@@ -39,6 +45,7 @@ __all__ = [
     "InvalidKeyError",
     "KeyInProgressError",
     "LeaseLostError",
+    "PoolTimeoutError",
     "ReconciliationRequiredError",
     "RecordedFailureError",
     "ResponseEncodingError",
@@ -227,6 +234,21 @@ class ConnectionLostError(StorageError):
         super().__init__(message, sqlstate=sqlstate)
         self.outcome_unknown = outcome_unknown
         """Whether the COMMIT was in flight when the connection died, so that it may have committed."""
+
+
+class ConnectError(ConnectionLostError):
+    """Raised when no connection to the database could be opened: refused, timed out or unreachable.
+
+    Nothing ran, so ``outcome_unknown`` is false and a retry (with the same key) is safe. The message keeps
+    the operating system's reason (``Connection refused``, ``timed out``), read from the error's ``errno``.
+    """
+
+
+class PoolTimeoutError(StorageError):
+    """Raised when no pooled connection became free within the pool's timeout (``pool_timeout``).
+
+    Nothing ran. It says the pool is too small for the load, or that connections are held too long.
+    """
 
 
 class SerializationError(StorageError):
