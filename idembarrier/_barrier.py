@@ -19,7 +19,7 @@ from ._config import (
     as_retention,
     check_wait_timeout,
 )
-from ._errors import connection_lost, translate
+from ._errors import checkout, connection_lost, translate
 from ._exceptions import ConfigurationError, ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
 from ._lease import Lease
@@ -61,6 +61,9 @@ class Barrier(Generic[R]):
             refused with `ConfigurationError` when some record retention is shorter.
         check_schema: On first use, raise `SchemaError` unless the table is at the migrations' head.
         on_reclaim: Called with the record each time a stale lease is reclaimed (or turned UNKNOWN).
+        cleanup_timeout: Longest wait, in seconds, for a unit of work's rollback after a failure or a
+            cancellation. A connection that does not answer within it is invalidated, never pooled again,
+            so a caller's own deadline is overrun by at most about this much.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Barrier(Generic[R]):
         max_replay_window: timedelta | None = None,
         check_schema: bool = True,
         on_reclaim: Callable[[Record], object] | None = None,
+        cleanup_timeout: float = 0.5,
     ) -> None:
         self.sessionmaker = sessionmaker
         self._on_reclaim = on_reclaim
@@ -94,6 +98,7 @@ class Barrier(Generic[R]):
             on_expired_replay=on_expired_replay,
             max_replay_window=max_replay_window,
             check_schema=check_schema,
+            cleanup_timeout=cleanup_timeout,
         )
         self._table = TableName(table, schema)
         self._schema_checked = not check_schema
@@ -385,7 +390,8 @@ class Barrier(Generic[R]):
         try:
             async with self.sessionmaker() as session:
                 try:
-                    storage = await self._storage_on(await session.connection())
+                    conn = await checkout(session, "connecting to the records table", replace=True)
+                    storage = await self._storage_on(conn)
                     if wait is not None:
                         await storage.begin(wait)
                     result = await operation(storage)

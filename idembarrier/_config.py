@@ -97,6 +97,8 @@ class Options:
         max_replay_window: The longest a replay may come after its request (Kafka retention, the bound on
             consumer lag, a DLQ's redrive horizon). Refused when a record retention is shorter.
         check_schema: Verify on first use that the table is at the migrations' head.
+        cleanup_timeout: Longest wait, in seconds, for the rollback after a failure or a cancellation; a
+            connection that does not answer within it is invalidated (closed, never pooled again).
     """
 
     table: str = "idempotency_keys"
@@ -108,12 +110,16 @@ class Options:
     on_expired_replay: ExpiredReplay = ExpiredReplay.REJECT
     max_replay_window: timedelta | None = None
     check_schema: bool = True
+    cleanup_timeout: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_conflict", OnConflict(self.on_conflict))
         object.__setattr__(self, "on_expired_replay", ExpiredReplay(self.on_expired_replay))
         object.__setattr__(self, "retention_by_scope", MappingProxyType(dict(self.retention_by_scope)))
         check_wait_timeout(self.wait_timeout)
+        cleanup = self.cleanup_timeout
+        if not (isinstance(cleanup, int | float) and math.isfinite(cleanup) and cleanup > 0):
+            raise ConfigurationError(f"cleanup_timeout must be a positive number of seconds, not {cleanup!r}")
         window = self.max_replay_window
         if window is not None and not (isinstance(window, timedelta) and window >= timedelta(0)):
             raise ConfigurationError(f"max_replay_window must be a non-negative timedelta, not {window!r}")

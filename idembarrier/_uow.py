@@ -13,12 +13,14 @@ import uuid
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import anyio
+from sqlalchemy import event
 from sqlalchemy.exc import InvalidRequestError
 
 from ._codec import decode_response, round_trip
 from ._config import ExpiredReplay, OnConflict
-from ._errors import connection_lost, lock_not_available, translate
+from ._errors import checkout, connection_lost, lock_not_available, translate
 from ._exceptions import (
+    ConnectError,
     ConnectionLostError,
     FingerprintMismatchError,
     IdembarrierError,
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
-    from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
+    from sqlalchemy.pool import ConnectionPoolEntry
 
     from ._barrier import Barrier
     from ._codec import Codec
@@ -68,6 +71,7 @@ class UnitOfWork(Generic[R]):
     __slots__ = (
         "_barrier",
         "_codec",
+        "_driver",
         "_entered",
         "_fenced",
         "_fingerprint",
@@ -82,6 +86,7 @@ class UnitOfWork(Generic[R]):
         "_retention",
         "_savepoint",
         "_scope",
+        "_sent",
         "_session",
         "_storage",
         "_token",
@@ -117,6 +122,8 @@ class UnitOfWork(Generic[R]):
         self._token = lease_token or uuid.uuid4()
         self._fenced = lease_token is not None
         self._entered = False
+        self._sent = False  # whether a statement on the key's record was sent (a claim, fence or lookup)
+        self._driver: object = None  # the driver's connection, to be closed at once when it stops answering
         self._storage: Storage | None = None
         self._savepoint: AsyncSessionTransaction | None = None
         self._record: Record | None = None
@@ -257,20 +264,32 @@ class UnitOfWork(Generic[R]):
             # The caller's pending writes are the caller's: flushed here, their errors propagate unchanged.
             assert self._session is not None
             await self._session.flush()
+        reconnected = False
         for attempt in range(1, _CLAIM_ATTEMPTS + 1):
             if self._owned:
                 self._session = self._barrier.sessionmaker()
             assert self._session is not None  # the caller's, or just opened
+            self._sent = False
             try:
                 await self._replay_or_claim(self._session)
             except BaseException as exc:
                 await self._abandon(exc)
-                self._barrier._count(exc, self._scope)
                 ours = _storage_error(exc, "claiming the key")
                 # Under REPEATABLE READ or SERIALIZABLE a claim that waited for a duplicate which then
                 # committed fails to serialize; a fresh transaction of our own sees that duplicate's record.
                 if isinstance(ours, SerializationError) and self._owned and attempt < _CLAIM_ATTEMPTS:
+                    self._barrier._count(exc, self._scope)
                     continue
+                # A pooled connection that died idle, unseen by the driver until the schema check or BEGIN
+                # failed on it (asyncpg's InternalClientError, say): nothing touching the key was sent, and
+                # no COMMIT, so nothing ran; one fresh connection of our own is safe. Not after the claim was
+                # sent: a claim cut while it waited was someone's decision (pg_terminate_backend), told as is.
+                lost = ours if ours is not None else exc
+                retry = isinstance(lost, ConnectionLostError) and not isinstance(lost, ConnectError)
+                if retry and self._owned and not self._sent and not reconnected and attempt < _CLAIM_ATTEMPTS:
+                    reconnected = True
+                    continue
+                self._barrier._count(exc, self._scope)
                 if ours is not None:
                     raise ours from exc
                 raise
@@ -280,9 +299,10 @@ class UnitOfWork(Generic[R]):
 
     async def _replay_or_claim(self, session: AsyncSession) -> None:
         try:
-            conn = await session.connection()
+            conn = await checkout(session, "connecting to claim the key", replace=self._owned)
         except InvalidRequestError as exc:
             raise UnitOfWorkError(f"the session cannot run the unit of work: {exc}") from exc
+        self._driver = _close_at_once_when_invalidated(conn)
         # With the caller's session the schema check waits for our savepoint: a missing table must not
         # abort the caller's transaction.
         storage = await self._barrier._storage_on(conn, check=self._owned)
@@ -291,13 +311,10 @@ class UnitOfWork(Generic[R]):
             return
         # A lookup before the claim pays off where claims serialize (SQLite's write lock). Not with the
         # caller's session: a replay keeps its savepoint open, so that nothing the body writes survives.
-        if (
-            self._owned
-            and storage.lookup_first
-            and (record := await storage.lookup(self._scope, self._key)) is not None
-            and self._settle(record)
-        ):
-            return
+        if self._owned and storage.lookup_first:
+            self._sent = True  # a read only, yet past the point where a fresh connection is taken silently
+            if (record := await storage.lookup(self._scope, self._key)) is not None and self._settle(record):
+                return
         waits = self._on_conflict is OnConflict.WAIT
         wait = self._wait_timeout if waits else None
         try:
@@ -326,6 +343,7 @@ class UnitOfWork(Generic[R]):
         """Hold the record for a lease's completion, if the lease's token still holds the key."""
         await storage.begin(self._wait_timeout)
         await self._open_savepoint(session)
+        self._sent = True
         if not await storage.fence(self._scope, self._key, self._token):
             raise LeaseLostError(scope=self._scope, key=self._key)
         self._storage = storage
@@ -345,6 +363,7 @@ class UnitOfWork(Generic[R]):
         """
         await storage.begin(wait)
         await self._open_savepoint(session)
+        self._sent = True
         for _ in range(_CLAIM_ATTEMPTS):
             claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait)
             if claimed is True:
@@ -472,23 +491,84 @@ class UnitOfWork(Generic[R]):
             await (savepoint.commit() if commit else savepoint.rollback())
 
     async def _abandon(self, cause: BaseException | None) -> None:
-        """Roll back our part and give back an owned session; never hide the exception that got us here."""
+        """Roll back our part and give back an owned session; never hide the exception that got us here.
+
+        Bounded by the barrier's ``cleanup_timeout``: a connection that does not answer the rollback in time
+        is closed at once and invalidated, never handed back to the pool. With no ``cause`` (a replay, whose
+        response is in hand and whose transaction wrote nothing) a failed cleanup only discards the connection.
+        """
         session = self._session
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._barrier.options.cleanup_timeout) as bounded:
+                try:
+                    if self._savepoint is not None:
+                        await self._release_savepoint(commit=False)
+                    if self._owned and session is not None:
+                        if cause is not None and (connection_lost(cause) or not isinstance(cause, Exception)):
+                            # Our own statements bypass SQLAlchemy, which then cannot see that the connection
+                            # died: discard it rather than hand a dead connection back to the pool. Likewise
+                            # after a cancellation, which may have interrupted a statement of ours mid-reply
+                            # (SQLAlchemy invalidates a connection whose own statement was interrupted).
+                            await session.invalidate()
+                        await session.close()  # rolls back whatever is open
+                        await anyio.lowlevel.checkpoint()  # let a queued caller take the connection (see _commit)
+                except Exception as cleanup:
+                    if cause is not None:
+                        cause.add_note(f"idembarrier: rolling back after it also failed: {cleanup!r}")
+                    elif not self._owned and (ours := translate(cleanup, "ending the replay")) is not None:
+                        raise ours from cleanup  # the caller's transaction is broken: the caller must know
+                    elif not self._owned:
+                        raise
+                    await self._discard(session)
+            if bounded.cancelled_caught:
+                silent = f"the rollback got no answer within {self._barrier.options.cleanup_timeout} s"
+                await self._discard(session)
+                if cause is not None:
+                    cause.add_note(f"idembarrier: {silent}; the connection was closed and invalidated")
+                elif not self._owned:  # the caller's transaction went with it: the caller must know
+                    raise ConnectionLostError(f"ending the replay: {silent}; the connection was closed")
+
+    async def _discard(self, session: AsyncSession | None) -> None:
+        """Close the driver's connection without a round trip, then invalidate it: it never goes back to the pool."""
+        terminate = getattr(self._driver, "terminate", None)
+        if callable(terminate):
+            terminate()  # asyncpg: closes the socket now; SQLAlchemy's own invalidation would wait for a reply
+        if not self._owned or session is None:
+            return  # the caller's session: its next use fails, as its connection is closed
+        with anyio.move_on_after(self._barrier.options.cleanup_timeout):
             try:
-                if self._savepoint is not None:
-                    await self._release_savepoint(commit=False)
-                if self._owned and session is not None:
-                    if cause is not None and connection_lost(cause):
-                        # Our own statements bypass SQLAlchemy, which then cannot see that the connection
-                        # died: discard it rather than hand a dead connection back to the pool.
-                        await session.invalidate()
-                    await session.close()  # rolls back whatever is open
-                    await anyio.lowlevel.checkpoint()  # let a queued caller take the connection (see _commit)
-            except Exception as cleanup:
-                if cause is None:
-                    raise
-                cause.add_note(f"idembarrier: rolling back after it also failed: {cleanup!r}")
+                await session.invalidate()
+            except Exception:  # the connection is closed already; the session is given up
+                return
+
+
+_CLOSE_AT_ONCE = "idembarrier.close_at_once"
+"""Marks, in a pooled connection's ``info``, that it served a unit of work: see `_close_at_once`."""
+
+
+def _close_at_once_when_invalidated(conn: AsyncConnection) -> object:
+    """Mark ``conn``'s pooled connection for `_close_at_once`; return the driver's connection."""
+    pooled = conn.sync_connection.connection if conn.sync_connection is not None else None
+    if pooled is None:  # pragma: no cover - a connection just checked out has its pooled connection
+        return None
+    pool = conn.sync_engine.pool
+    if not event.contains(pool, "invalidate", _close_at_once):
+        event.listen(pool, "invalidate", _close_at_once)
+    pooled.info[_CLOSE_AT_ONCE] = True
+    return pooled.driver_connection
+
+
+def _close_at_once(dbapi_connection: object, record: ConnectionPoolEntry, exception: BaseException | None) -> None:
+    """Close an invalidated connection that served a unit of work without waiting for the server.
+
+    SQLAlchemy closes an invalidated asyncpg connection gracefully, waiting up to 2 s for the server's
+    reply, shielded from cancellation: a body's statement cancelled by its caller's deadline on a silent
+    connection would hold the caller that long. Closing the socket first makes that close return at once.
+    """
+    if record.info.get(_CLOSE_AT_ONCE):
+        terminate = getattr(getattr(dbapi_connection, "driver_connection", None), "terminate", None)
+        if callable(terminate):
+            terminate()
 
 
 def _storage_error(exc: BaseException, doing: str) -> StorageError | None:
