@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 import idembarrier
+from tests.faultproxy import FaultProxy
 from tests.models import Base, Payment
 
 if TYPE_CHECKING:
@@ -126,3 +127,20 @@ def db(request: pytest.FixtureRequest) -> Database:
     fixture = "pg_db" if request.param == "postgresql" else "sqlite_db"
     database: Database = request.getfixturevalue(fixture)
     return database
+
+
+@pytest.fixture
+async def proxy(pg_db: Database) -> AsyncIterator[FaultProxy]:
+    """A fault-injecting proxy in front of the test's PostgreSQL database (see `tests.faultproxy`)."""
+    async with FaultProxy.for_url(pg_db.url) as running:
+        yield running
+
+
+@pytest.fixture
+async def proxied(pg_db: Database, proxy: FaultProxy) -> AsyncIterator[AsyncEngine]:
+    """An engine whose connections go through the proxy (a pool of 4)."""
+    engine = create_async_engine(proxy.url(pg_db.url), pool_size=4, max_overflow=0)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

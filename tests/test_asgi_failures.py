@@ -32,7 +32,6 @@ from tests.models import Payment
 from tests.test_asgi_units import Exchange, guard, public
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
 
     from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
@@ -120,21 +119,6 @@ async def test_database_failure_at_the_claim_is_a_503_with_retry_after(pg_db: Da
     assert problem_of(exchange)["type"] == Problem.STORAGE_FAILED.type
     assert exchange.headers[b"retry-after"] == b"3"
     assert exchange.headers[b"idempotency-stored"] == b"false"
-
-
-@pytest.fixture
-async def proxy(pg_db: Database) -> AsyncIterator[FaultProxy]:
-    async with FaultProxy.for_url(pg_db.url) as running:
-        yield running
-
-
-@pytest.fixture
-async def proxied(pg_db: Database, proxy: FaultProxy) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(proxy.url(pg_db.url), pool_size=4, max_overflow=0)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 def through(engine: AsyncEngine, app: object = paying) -> IdempotencyMiddleware:

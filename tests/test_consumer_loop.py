@@ -57,12 +57,6 @@ async def applied(db: Database) -> dict[str, int]:
         return {str(key): int(n) for key, n in (await conn.execute(query)).all()}
 
 
-@pytest.fixture
-async def proxy(pg_db: Database) -> AsyncIterator[FaultProxy]:
-    async with FaultProxy.for_url(pg_db.url) as running:
-        yield running
-
-
 @asynccontextmanager
 async def started(broker: str, topic: str, group: str) -> AsyncIterator[Any]:
     """A started consumer of ``topic`` in ``group`` (see `make_consumer`), stopped at the end."""

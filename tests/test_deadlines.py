@@ -31,12 +31,6 @@ OVERRUN = 1.0
 
 
 @pytest.fixture
-async def proxy(pg_db: Database) -> AsyncIterator[FaultProxy]:
-    async with FaultProxy.for_url(pg_db.url) as running:
-        yield running
-
-
-@pytest.fixture
 async def proxied(pg_db: Database, proxy: FaultProxy) -> AsyncIterator[AsyncEngine]:
     """One pooled connection through the proxy: the next caller gets it back unless it was discarded."""
     engine = create_async_engine(proxy.url(pg_db.url), pool_size=1, max_overflow=0, pool_timeout=5)

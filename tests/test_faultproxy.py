@@ -12,32 +12,15 @@ from typing import TYPE_CHECKING
 import anyio
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from idembarrier import JSON, Barrier, ConnectionLostError, StorageError
 from tests.faultproxy import CommitCut, FaultProxy
 from tests.models import Payment
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
 
     from tests.conftest import Database
-
-
-@pytest.fixture
-async def proxy(pg_db: Database) -> AsyncIterator[FaultProxy]:
-    async with FaultProxy.for_url(pg_db.url) as running:
-        yield running
-
-
-@pytest.fixture
-async def proxied(pg_db: Database, proxy: FaultProxy) -> AsyncIterator[AsyncEngine]:
-    """An engine whose connections go through the proxy."""
-    engine = create_async_engine(proxy.url(pg_db.url), pool_size=4, max_overflow=0)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def pay(barrier: Barrier[JSON], key: str) -> JSON:
