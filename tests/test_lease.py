@@ -56,6 +56,22 @@ async def until_stale(db: Database, key: str) -> None:
             await anyio.sleep(0.05)  # waiting for a clock, not ordering tasks
 
 
+async def until_past_first_lease(db: Database, key: str) -> None:
+    """Return once the database's clock has passed the key's first lease (as it stood on entry)."""
+    now = "now()" if db.dialect == "postgresql" else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    async with db.engine.connect() as conn:
+        first = (
+            await conn.execute(text("SELECT locked_until FROM idempotency_keys WHERE key = :key"), {"key": key})
+        ).scalar_one()
+    sql = text(f"SELECT count(*) FROM idempotency_keys WHERE key = :key AND {now} > :first")
+    with anyio.fail_after(10):
+        while True:
+            async with db.engine.connect() as conn:
+                if (await conn.execute(sql, {"key": key, "first": first})).scalar_one():
+                    return
+            await anyio.sleep(0.05)  # waiting for a clock, not ordering tasks
+
+
 async def test_lease_commits_its_claim_then_finishes_atomically(db: Database) -> None:
     """The claim is committed IN_PROGRESS before the body; finish() commits the row and COMPLETED together."""
     barrier, key = Barrier(db.sessionmaker), new_key()
@@ -167,8 +183,10 @@ async def test_renew_reports_a_lost_lease(db: Database) -> None:
 async def test_heartbeat_keeps_a_long_body_leased(db: Database) -> None:
     """With a heartbeat, a body that outlives its lease length still holds the key and finishes."""
     barrier, key = Barrier(db.sessionmaker), new_key()
-    async with barrier.leased(key, scope=SCOPE, lease=SHORT, heartbeat=0.05) as lease:
-        await anyio.sleep(SHORT.total_seconds() * 3)  # the body's own long work
+    # A 1 s lease renewed every 50 ms: a renewal would have to stall for 20 beats for the claim below to
+    # find the lease stale, so a loaded machine cannot make this test pass or fail by timing.
+    async with barrier.leased(key, scope=SCOPE, lease=timedelta(seconds=1), heartbeat=0.05) as lease:
+        await until_past_first_lease(db, key)  # the body's own long work outlives the lease it was given
         with pytest.raises(KeyInProgressError):
             async with barrier.leased(key, scope=SCOPE, on_conflict=OnConflict.FAIL):
                 pass
