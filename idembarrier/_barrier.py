@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Generic, NamedTuple
 
 from typing_extensions import TypeVar
 
-from ._codec import JSON, Codec, JSONCodec, encode_response
+from ._codec import JSON, Codec, JSONCodec, round_trip
 from ._config import (
     DEFAULT_RETENTION,
     ExpiredReplay,
@@ -238,11 +238,11 @@ class Barrier(Generic[R]):
             InvalidFingerprintError: The fingerprint is neither bytes nor a JSON value.
         """
         if not lease > timedelta(0):
-            raise ValueError(f"lease must be a positive timedelta, not {lease!r}")
+            raise ConfigurationError(f"lease must be a positive timedelta, not {lease!r}")
         if heartbeat is not None:
             check_wait_timeout(heartbeat)
         if max_reclaims < 0:
-            raise ValueError(f"max_reclaims must be at least 0, not {max_reclaims!r}")
+            raise ConfigurationError(f"max_reclaims must be at least 0, not {max_reclaims!r}")
         return Lease(
             self,
             key=validate_key(key),
@@ -276,8 +276,8 @@ class Barrier(Generic[R]):
             ConflictError: The key has no record, or one that is already finished.
         """
         if not status.finished:
-            raise ValueError(f"a key is resolved to COMPLETED or FAILED, not {status}")
-        encoded = encode_response(self.codec, response)
+            raise ConfigurationError(f"a key is resolved to COMPLETED or FAILED, not {status}")
+        encoded, _ = round_trip(self.codec, response)  # refused here if it could never replay
         keep = self.options.retention_for(scope) if retention is None else self._checked(retention)
         scope, key = validate_key(scope, what="scope"), validate_key(key)
         if await self._atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):

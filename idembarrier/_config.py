@@ -140,5 +140,5 @@ class Options:
 def check_wait_timeout(seconds: float) -> float:
     """Return ``seconds`` if it is a usable wait timeout, else raise `ValueError`."""
     if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"wait_timeout must be a positive number of seconds, not {seconds!r}")
+        raise ConfigurationError(f"wait_timeout must be a positive number of seconds, not {seconds!r}")
     return float(seconds)

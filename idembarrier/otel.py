@@ -50,6 +50,7 @@ from typing_extensions import TypeVar
 
 from . import __version__
 from ._codec import JSON
+from ._exceptions import ConfigurationError
 from ._metrics import Outcome
 from ._record import Status
 
@@ -145,7 +146,7 @@ class Instrumentation(Generic[R]):
         ``idembarrier.otel`` logger and retried at the next interval, the gauges silent meanwhile.
         """
         if every <= 0:
-            raise ValueError(f"every must be positive, not {every}")
+            raise ConfigurationError(f"every must be positive, not {every}")
         await self.refresh()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._refresh_every, every)

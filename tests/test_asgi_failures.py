@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 import idembarrier.asgi
 from idembarrier import (
     Barrier,
+    ConfigurationError,
     ConnectionLostError,
     FingerprintMismatchError,
     IdembarrierError,
@@ -32,7 +33,6 @@ from tests.models import Payment
 from tests.test_asgi_units import Exchange, guard, public
 
 if TYPE_CHECKING:
-
     from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
 
@@ -98,7 +98,7 @@ def test_outcome_unknown_tells_the_client_to_retry_with_the_same_key() -> None:
 
 def test_scope_refusal_is_401_or_403() -> None:
     """ScopeRefusedError takes no other status; it is one of ours."""
-    with pytest.raises(ValueError, match="401 or 403"):
+    with pytest.raises(ConfigurationError, match="401 or 403"):
         ScopeRefusedError("no", status=404)  # type: ignore[arg-type]
     assert issubclass(ScopeRefusedError, IdembarrierError)
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from starlette.requests import Request
 
 import idembarrier.asgi
-from idembarrier import Barrier, InvalidKeyError, UnitOfWorkError
+from idembarrier import Barrier, ConfigurationError, InvalidKeyError, UnitOfWorkError
 from idembarrier.asgi import (
     HTTPResponse,
     HTTPResponseCodec,
@@ -159,14 +159,14 @@ def offline_barrier() -> Barrier[HTTPResponse]:
 def test_middleware_refuses_unusable_options(options: dict[str, object], message: str) -> None:
     """Each option is checked when the middleware is built, with an error naming it."""
     barrier = offline_barrier()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigurationError, match=message):
         IdempotencyMiddleware(inner_app, barrier, scope_of=public, **options)  # type: ignore[arg-type]
 
 
 def test_middleware_needs_a_callable_scope() -> None:
     """scope_of must be a callable of the request."""
     barrier = offline_barrier()
-    with pytest.raises(TypeError, match="scope_of"):
+    with pytest.raises(ConfigurationError, match="scope_of"):
         IdempotencyMiddleware(inner_app, barrier, scope_of="tenant")  # type: ignore[arg-type]
 
 

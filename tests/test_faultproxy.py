@@ -19,7 +19,6 @@ from tests.faultproxy import CommitCut, FaultProxy
 from tests.models import Payment
 
 if TYPE_CHECKING:
-
     from tests.conftest import Database
 
 

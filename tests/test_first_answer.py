@@ -105,3 +105,12 @@ async def test_response_that_does_not_round_trip_is_refused_at_complete(pg_db: D
         async with barrier.unit_of_work(key, scope="answers") as uow:
             uow.complete("anything")
     assert await pg_db.records(key) == []
+
+
+async def test_resolution_that_does_not_round_trip_is_refused(pg_db: Database) -> None:
+    """An operator's resolve() refuses a response its codec cannot read back; the record stays unresolved."""
+    barrier = Barrier(async_sessionmaker(pg_db.engine), codec=WriteOnly())
+    key = f"k-{uuid.uuid4()}"
+    with pytest.raises(ResponseEncodingError, match="never replay"):
+        await barrier.resolve(key, scope="answers", status=Status.COMPLETED, response="by hand")
+    assert await pg_db.records(key) == []

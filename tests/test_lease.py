@@ -13,6 +13,7 @@ from sqlalchemy import text
 from idembarrier import (
     JSON,
     Barrier,
+    ConfigurationError,
     FingerprintMismatchError,
     KeyInProgressError,
     LeaseLostError,
@@ -302,11 +303,11 @@ async def test_lease_operations_belong_to_the_holder(db: Database) -> None:
 
 
 async def test_lease_arguments_are_checked(db: Database) -> None:
-    """A non-positive lease, a bad heartbeat or a negative max_reclaims raise ValueError before any SQL."""
+    """A non-positive lease, a bad heartbeat or a negative max_reclaims raise ConfigurationError before any SQL."""
     barrier = Barrier(db.sessionmaker)
-    with pytest.raises(ValueError, match="lease"):
+    with pytest.raises(ConfigurationError, match="lease"):
         barrier.leased(new_key(), scope=SCOPE, lease=timedelta(0))
-    with pytest.raises(ValueError, match="wait_timeout"):
+    with pytest.raises(ConfigurationError, match="wait_timeout"):
         barrier.leased(new_key(), scope=SCOPE, heartbeat=-1)
-    with pytest.raises(ValueError, match="max_reclaims"):
+    with pytest.raises(ConfigurationError, match="max_reclaims"):
         barrier.leased(new_key(), scope=SCOPE, max_reclaims=-1)

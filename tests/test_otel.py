@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from idembarrier import (
     Barrier,
+    ConfigurationError,
     ExpiredReplay,
     FingerprintMismatchError,
     IdembarrierError,
@@ -189,9 +190,9 @@ async def test_a_failed_refresh_raises_and_drops_the_reading(sqlite_db: Database
 
 
 async def test_running_refuses_a_useless_interval(sqlite_db: Database, metrics: Metrics) -> None:
-    """An interval below or at zero raises ValueError."""
+    """An interval below or at zero raises ConfigurationError."""
     _, instrumentation = metrics.instrument(sqlite_db)
-    with pytest.raises(ValueError, match="every"):
+    with pytest.raises(ConfigurationError, match="every"):
         async with instrumentation.running(every=0):
             pass
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .._exceptions import (
+    ConfigurationError,
     ConnectionLostError,
     IdembarrierError,
     SerializationError,
@@ -48,7 +49,7 @@ class ScopeRefusedError(IdembarrierError):
 
     def __init__(self, detail: str, *, status: Literal[401, 403] = 403, challenge: str | None = None) -> None:
         if status not in (401, 403):
-            raise ValueError(f"a refused scope answers 401 or 403, not {status!r}")
+            raise ConfigurationError(f"a refused scope answers 401 or 403, not {status!r}")
         super().__init__(detail)
         self.detail = detail
         self.status = status

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._exceptions import ConfigurationError
+
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable
 
@@ -115,10 +117,10 @@ class HTTPResponseCodec:
 
 
 def check_stored_headers(names: Collection[str]) -> frozenset[str]:
-    """Return ``names`` lower-cased, or raise `ValueError` if one of them must never be stored."""
+    """Return ``names`` lower-cased, or raise `ConfigurationError` if one of them must never be stored."""
     lowered = frozenset(name.lower() for name in names)
     if forbidden := sorted(lowered & NEVER_STORED_HEADERS):
-        raise ValueError(f"these headers are never stored: {', '.join(forbidden)}")
+        raise ConfigurationError(f"these headers are never stored: {', '.join(forbidden)}")
     return lowered
 
 

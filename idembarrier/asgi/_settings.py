@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .._config import OnConflict
+from .._exceptions import ConfigurationError
 from ._request import FINGERPRINT_PARTS, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, check_stored_headers
 
@@ -31,23 +32,23 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not callable(self.scope_of):
-            raise TypeError("scope_of must be a callable of the request that returns its scope")
+            raise ConfigurationError("scope_of must be a callable of the request that returns its scope")
         object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
         if unknown := sorted(self.fingerprint - FINGERPRINT_PARTS):
-            raise ValueError(f"unknown fingerprint parts {unknown}; choose from {sorted(FINGERPRINT_PARTS)}")
+            raise ConfigurationError(f"unknown fingerprint parts {unknown}; choose from {sorted(FINGERPRINT_PARTS)}")
         for name in ("max_body_bytes", "max_response_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of bytes, not {value!r}")
+                raise ConfigurationError(f"{name} must be a non-negative number of bytes, not {value!r}")
         if not isinstance(self.retry_after, int) or self.retry_after < 0:
-            raise ValueError(f"retry_after must be a non-negative number of seconds, not {self.retry_after!r}")
+            raise ConfigurationError(f"retry_after must be a non-negative number of seconds, not {self.retry_after!r}")
         if outside := sorted(s for s in self.store_statuses if not 400 <= s <= 499):
-            raise ValueError(
+            raise ConfigurationError(
                 f"store_statuses lists {outside}: only 4xx may be chosen (2xx and 3xx are always stored, 5xx never are)"
             )
         object.__setattr__(self, "stored_headers", check_stored_headers(self.stored_headers))
         if not self.header or not self.header.isascii():
-            raise ValueError(f"the key's header must be a non-empty ASCII name, not {self.header!r}")
+            raise ConfigurationError(f"the key's header must be a non-empty ASCII name, not {self.header!r}")
         if self.on_conflict is not None:
             object.__setattr__(self, "on_conflict", OnConflict(self.on_conflict))
 
