@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from idembarrier import OnConflict, UnitOfWorkError
-from idembarrier.asgi import Problem
+from idembarrier.asgi import Problem, UnguardedRequestError
 from tests.asgi_app import Boom, running
 
 if TYPE_CHECKING:
@@ -473,13 +473,24 @@ async def test_unguarded_methods_pass_through_untouched(pg_db: Database) -> None
     assert await pg_db.records() == []
 
 
-async def test_dependency_on_an_unguarded_request_fails_loudly(pg_db: Database) -> None:
-    """A route asking for the unit of work's session on an unguarded request gets a UnitOfWorkError (500)."""
+async def test_dependency_on_an_unguarded_method_fails_loudly(pg_db: Database) -> None:
+    """A route asking for the unit of work on a method that is not guarded: a 500 problem, and the error goes on."""
     async with running(pg_db) as site:
         response = await site.client.get("/payments/session")
         errors = site.errors
-    assert response.status_code == 500
-    assert [type(e) for e in errors] == [UnitOfWorkError]
+    assert_problem(response, Problem.INTERNAL_ERROR)
+    assert [type(e) for e in errors] == [UnguardedRequestError]
+
+
+async def test_dependency_without_the_optional_key_is_asked_for_it(pg_db: Database) -> None:
+    """A route needing the unit of work, sent without the optional key: a 400 key-missing problem, nothing runs."""
+    async with running(pg_db, require_key=False) as site:
+        response = await site.client.post("/payments", json={"amount": 5})
+        errors = site.errors
+    assert_problem(response, Problem.KEY_MISSING)
+    assert response.headers["idempotency-stored"] == "false"
+    assert errors == []
+    assert await pg_db.payments() == 0
 
 
 async def test_writes_after_the_response_are_rolled_back_and_reported(pg_db: Database) -> None:

@@ -14,7 +14,9 @@ What is recorded:
 - Failures are problems, never a bare 500: the database's are 503s with ``Retry-After`` (``outcome-unknown``
   when the COMMIT was in flight: retry with the same key); the route's own exception, and any other of
   idembarrier's, a 500 marked ``Idempotency-Stored: false``, the exception then going on to the server's
-  error handling. A ``scope_of`` refuses a request by raising `ScopeRefusedError` (401 or 403).
+  error handling. A ``scope_of`` refuses a request by raising `ScopeRefusedError` (401 or 403). A route
+  that asks for the unit of work of a request sent without its optional key is answered a 400
+  ``key-missing`` problem (`UnguardedRequestError`).
 - A response that is streamed (a body in more than one message) or larger than ``max_response_bytes``
   cannot be held back whole. Its outcome is still recorded, without the body, and committed with the
   route's writes before its first byte is sent; it goes out marked ``Idempotency-Stored: false``. A retry
@@ -40,7 +42,7 @@ from ._middleware import IdempotencyMiddleware
 from ._problems import Problem
 from ._request import FingerprintPart, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, NEVER_STORED_HEADERS, HTTPResponse, HTTPResponseCodec
-from ._state import STATE_KEY
+from ._state import STATE_KEY, UnguardedRequestError
 
 __all__ = [
     "DEFAULT_STORED_HEADERS",
@@ -53,6 +55,7 @@ __all__ = [
     "Problem",
     "RequestHead",
     "ScopeRefusedError",
+    "UnguardedRequestError",
     "parse_key_header",
     "unit_of_work",
     "unit_of_work_session",

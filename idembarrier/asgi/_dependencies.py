@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 # FastAPI reads a dependency's parameter annotations at run time to know what to inject.
 from starlette.requests import Request  # noqa: TC002
 
-from .._exceptions import UnitOfWorkError
-from ._state import find_unit_of_work
+from ._state import UnguardedRequestError, find_unit_of_work
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,12 +29,12 @@ def unit_of_work(request: Request) -> UnitOfWork[HTTPResponse]:
     that response. The route must not call ``complete()`` or ``fail()`` itself.
 
     Raises:
-        UnitOfWorkError: The request is not guarded: its method is not, it came without a key that was
+        UnguardedRequestError: The request is not guarded: its method is not, it came without a key that was
             optional, or the middleware is not installed.
     """
     uow = find_unit_of_work(request.scope)
     if uow is None:
-        raise UnitOfWorkError(
+        raise UnguardedRequestError(
             f"no unit of work for {request.method} {request.url.path}: the request is not guarded by "
             "IdempotencyMiddleware (method not guarded, optional key absent, or middleware not installed)"
         )

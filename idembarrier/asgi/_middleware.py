@@ -31,7 +31,7 @@ from ._problems import Problem, send_problem
 from ._request import RequestHead, request_fingerprint
 from ._response import DEFAULT_STORED_HEADERS
 from ._settings import Settings
-from ._state import STATE_KEY
+from ._state import STATE_KEY, UnguardedRequestError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection
@@ -113,7 +113,7 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection: guard it if it is a guarded HTTP request, else pass it on."""
         if scope["type"] != "http" or str(scope["method"]).upper() not in self.settings.methods:
-            await self.app(scope, receive, send)
+            await self._pass(scope, receive, send, key_absent=False)
             return
         settings = self.settings
         values = [value for name, value in scope.get("headers", ()) if name.lower() == settings.header_name]
@@ -122,7 +122,7 @@ class IdempotencyMiddleware:
                 detail = f"{scope['method']} requests must carry an {settings.header} header"
                 await send_problem(send, Problem.KEY_MISSING, detail)
             else:
-                await self.app(scope, receive, send)
+                await self._pass(scope, receive, send, key_absent=True)
             return
         try:
             if len(values) > 1:
@@ -140,6 +140,27 @@ class IdempotencyMiddleware:
             await send_problem(send, Problem.REQUEST_TOO_LARGE, detail)
             return
         await self._guard(key, body, scope, receive, send)
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send, *, key_absent: bool) -> None:
+        """Hand an unguarded request on; answer a route that asked for its (absent) unit of work."""
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except UnguardedRequestError as exc:
+            if started:
+                raise
+            if key_absent:  # the client can fix this one: the route needs the optional key
+                detail = f"this route needs an {self.settings.header} header"
+                await send_problem(send, Problem.KEY_MISSING, detail, headers=[NOT_STORED])
+                return
+            if await answer_failure(send, exc, self.settings.retry_after):
+                raise
 
     async def _guard(self, key: str, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
