@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar
 
-from ._errors import connection_lost, translate
+from ._errors import checkout, connection_lost, translate
 from ._exceptions import IdembarrierError
 
 if TYPE_CHECKING:
@@ -26,12 +26,13 @@ async def transaction(barrier: Barrier[R], doing: str) -> AsyncIterator[AsyncCon
 
     The transaction waits for SQLite's write lock as long as a claim would (the barrier's
     ``wait_timeout``). A database error, in the block or at the commit, becomes our `StorageError` (or
-    one of its kinds) naming what was being done; a dead connection is discarded, never pooled again.
+    one of its kinds) naming what was being done; a dead connection is discarded, never pooled again, and
+    one found dead in the pool before anything was sent is replaced.
     """
     try:
         async with barrier.sessionmaker() as session:
             try:
-                conn = await session.connection()
+                conn = await checkout(session, doing, replace=True)  # a session of ours: nothing sent yet
                 storage = await barrier._storage_on(conn)
                 await storage.begin(barrier.options.wait_timeout)
                 yield conn

@@ -25,6 +25,7 @@ from idembarrier import (
     StorageError,
 )
 from idembarrier._errors import translate
+from idembarrier.kafka import OutboxRelay
 from tests.faultproxy import FaultProxy
 from tests.models import Payment
 
@@ -127,6 +128,24 @@ async def test_terminated_idle_connection_is_replaced_for_every_operation(pg_db:
     assert await barrier.unresolved() == []
     await terminate_idle(pg_db)
     assert (await barrier.purge()).deleted == 0
+
+
+class Unused:
+    """A publisher the relay never reaches in these tests."""
+
+    async def publish(self, messages: object) -> None:
+        raise AssertionError("nothing is published here")
+
+
+async def test_terminated_idle_connection_is_replaced_for_the_relay(pg_db: Database, engine: AsyncEngine) -> None:
+    """The relay's own transactions (its counts, its parked list) take a fresh connection after idle deaths."""
+    barrier: Barrier[JSON] = Barrier(async_sessionmaker(engine))
+    relay = OutboxRelay(barrier, Unused())
+    await fill_pool(barrier)
+    await terminate_idle(pg_db)
+    assert await relay.counts() == (0, 0)
+    await terminate_idle(pg_db)
+    assert await relay.parked() == []
 
 
 async def test_terminated_idle_connection_is_replaced_for_a_lease(pg_db: Database, engine: AsyncEngine) -> None:
