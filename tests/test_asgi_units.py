@@ -267,6 +267,7 @@ EXPECTED = [
     "RequestHead",
     "STATE_KEY",
     "ScopeRefusedError",
+    "UnguardedRequestError",
     "parse_key_header",
     "unit_of_work",
     "unit_of_work_session",
