@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["SUPPORTED", "check_url", "create_engine", "create_sqlite_engine"]
+__all__ = ["SUPPORTED", "check_url", "create_async", "create_sqlite_engine"]
 
 SUPPORTED = {"postgresql+asyncpg": "postgres", "sqlite+aiosqlite": "sqlite"}
 """The database+driver pairs the barrier is tested on, each with the extra that installs its driver."""
@@ -69,7 +69,7 @@ def create_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine
             refused), or aiosqlite is not installed.
     """
     check_url(url)
-    engine = _create(url, connect_args={"timeout": busy_timeout})
+    engine = create_async(url, connect_args={"timeout": busy_timeout})
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -81,19 +81,8 @@ def create_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine
     return engine
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """Create an engine for ``url``: `create_sqlite_engine` for SQLite, SQLAlchemy's defaults otherwise.
-
-    Raises:
-        ConfigurationError: As `check_url`, or the URL's driver is not installed.
-    """
-    parsed = check_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return create_sqlite_engine(url)
-    return _create(url, pool_size=20)
-
-
-def _create(url: str, **kwargs: object) -> AsyncEngine:
+def create_async(url: str, **kwargs: object) -> AsyncEngine:
+    """SQLAlchemy's `create_async_engine`, with a driver that is not installed raised as `ConfigurationError`."""
     try:
         return create_async_engine(url, **kwargs)
     except ImportError as exc:

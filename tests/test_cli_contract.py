@@ -1,10 +1,14 @@
 """The command line's failure contract, for every command: exit 2 for usage or configuration, 3 for the
-database, one line on stderr that keeps the server's (or the OS's) reason, and never a traceback."""
+database, one line on stderr that keeps the server's (or the OS's) reason, and never a traceback.
+
+The commands run in process, through `main` (stderr captured at the file descriptor); one smoke test runs
+the real ``python -m idembarrier``."""
 
 from __future__ import annotations
 
 import errno
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -15,6 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import idembarrier
+from tests._cli import run
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -32,27 +37,10 @@ COMMANDS = {
 }
 
 
-def cli(*args: str, blocked: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the command line in a fresh interpreter; ``blocked`` names a module made unimportable first."""
-    env = {k: v for k, v in os.environ.items() if k != "IDEMBARRIER_DATABASE_URL"}
-    command = [sys.executable, "-m", "idembarrier"]
-    if blocked is not None:
-        command = [
-            sys.executable,
-            "-c",
-            f"import sys; sys.modules[{blocked!r}] = None; from idembarrier.__main__ import main; "
-            "sys.exit(main(sys.argv[1:]))",
-        ]
-    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=90, check=False, env=env)
-
-
-def one_line(done: subprocess.CompletedProcess[str]) -> str:
-    """The single line a failing command printed on stderr."""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("idembarrier: "), done.stderr
-    assert "Traceback" not in done.stderr
-    return lines[0]
+@pytest.fixture(autouse=True)
+def _no_url_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command gets its URL from ``--database-url`` or not at all, never from the caller's environment."""
+    monkeypatch.delenv("IDEMBARRIER_DATABASE_URL", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -83,90 +71,127 @@ def _database_url_args(command: str, url: str) -> list[str]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_an_unknown_host_exits_3_with_the_resolvers_reason(command: str) -> None:
+def test_an_unknown_host_exits_3_with_the_resolvers_reason(command: str, capfd: pytest.CaptureFixture[str]) -> None:
     """A host name that does not resolve exits 3; the line names the host and the resolver's reason."""
-    line = one_line(done := cli(*_database_url_args(command, _url(host=UNKNOWN_HOST))))
-    assert done.returncode == 3
-    assert UNKNOWN_HOST in line
-    assert _resolver_reason(UNKNOWN_HOST) in line
+    done = run(capfd, *_database_url_args(command, _url(host=UNKNOWN_HOST)))
+    assert done.status == 3
+    assert UNKNOWN_HOST in done.line
+    assert _resolver_reason(UNKNOWN_HOST) in done.line
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_refused_port_exits_3_saying_connection_refused(command: str, refused_port: int) -> None:
+def test_a_refused_port_exits_3_saying_connection_refused(
+    command: str, refused_port: int, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A port nobody listens on exits 3 with the OS's reason, not "the connection was lost"."""
-    line = one_line(done := cli(*_database_url_args(command, _url(host="127.0.0.1", port=refused_port))))
-    assert done.returncode == 3
-    assert os.strerror(errno.ECONNREFUSED) in line
-    assert "lost" not in line
+    done = run(capfd, *_database_url_args(command, _url(host="127.0.0.1", port=refused_port)))
+    assert done.status == 3
+    assert os.strerror(errno.ECONNREFUSED) in done.line
+    assert "lost" not in done.line
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_missing_database_exits_3_with_the_servers_reason(command: str) -> None:
+def test_a_missing_database_exits_3_with_the_servers_reason(command: str, capfd: pytest.CaptureFixture[str]) -> None:
     """A database the server does not have exits 3 with the server's own message and SQLSTATE."""
-    line = one_line(done := cli(*_database_url_args(command, _url(database="idembarrier_no_such_db"))))
-    assert done.returncode == 3
-    assert 'database "idembarrier_no_such_db" does not exist' in line
-    assert "3D000" in line
+    done = run(capfd, *_database_url_args(command, _url(database="idembarrier_no_such_db")))
+    assert done.status == 3
+    assert 'database "idembarrier_no_such_db" does not exist' in done.line
+    assert "3D000" in done.line
 
 
-def test_an_unknown_role_exits_3_with_the_servers_reason() -> None:
+def test_an_unknown_role_exits_3_with_the_servers_reason(capfd: pytest.CaptureFixture[str]) -> None:
     """A role the server does not know exits 3 with the server's message (it answers before any password)."""
-    line = one_line(done := cli("stats", "--database-url", _url(username="idembarrier_no_such_role")))
-    assert done.returncode == 3
-    assert 'role "idembarrier_no_such_role" does not exist' in line
+    done = run(capfd, "stats", "--database-url", _url(username="idembarrier_no_such_role"))
+    assert done.status == 3
+    assert 'role "idembarrier_no_such_role" does not exist' in done.line
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_sync_driver_url_exits_2_naming_what_is_supported(command: str) -> None:
+def test_a_sync_driver_url_exits_2_naming_what_is_supported(command: str, capfd: pytest.CaptureFixture[str]) -> None:
     """``postgresql://`` (SQLAlchemy's synchronous default driver) exits 2 and names postgresql+asyncpg."""
     sync = make_url(_url()).set(drivername="postgresql").render_as_string(hide_password=False)
-    line = one_line(done := cli(*_database_url_args(command, sync)))
-    assert done.returncode == 2
-    assert "postgresql+asyncpg" in line
-    assert "synchronous" in line
+    done = run(capfd, *_database_url_args(command, sync))
+    assert done.status == 2
+    assert "postgresql+asyncpg" in done.line
+    assert "synchronous" in done.line
 
 
 @pytest.mark.parametrize("command", ["migrate", "lab"])
-def test_an_unsupported_driver_exits_2_naming_what_is_supported(command: str) -> None:
+def test_an_unsupported_driver_exits_2_naming_what_is_supported(
+    command: str, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A MariaDB URL is refused before any connection, exit 2, naming the supported databases."""
-    line = one_line(done := cli(*_database_url_args(command, "mariadb+asyncmy://root@127.0.0.1/app")))
-    assert done.returncode == 2
-    assert "mariadb+asyncmy" in line
-    assert "sqlite+aiosqlite" in line
+    done = run(capfd, *_database_url_args(command, "mariadb+asyncmy://root@127.0.0.1/app"))
+    assert done.status == 2
+    assert "mariadb+asyncmy" in done.line
+    assert "sqlite+aiosqlite" in done.line
 
 
 @pytest.mark.parametrize("command", ["migrate", "demo"])
-def test_a_missing_driver_exits_2_naming_the_extra(command: str) -> None:
+def test_a_missing_driver_exits_2_naming_the_extra(
+    command: str, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """When asyncpg is not installed the command exits 2 and says which extra installs it."""
-    line = one_line(done := cli(*_database_url_args(command, _url()), blocked="asyncpg"))
-    assert done.returncode == 2
-    assert "idembarrier[postgres]" in line
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # what `import asyncpg` finds when it is not installed
+    done = run(capfd, *_database_url_args(command, _url()))
+    assert done.status == 2
+    assert "idembarrier[postgres]" in done.line
 
 
 @pytest.mark.parametrize("command", ["stats", "lab", "demo"])
-def test_an_in_memory_sqlite_url_exits_2_naming_a_file_url(command: str) -> None:
+def test_an_in_memory_sqlite_url_exits_2_naming_a_file_url(command: str, capfd: pytest.CaptureFixture[str]) -> None:
     """An in-memory SQLite URL is a configuration error whose line names the fix."""
-    line = one_line(done := cli(*_database_url_args(command, "sqlite+aiosqlite://")))
-    assert done.returncode == 2
-    assert "sqlite+aiosqlite:///" in line
+    done = run(capfd, *_database_url_args(command, "sqlite+aiosqlite://"))
+    assert done.status == 2
+    assert "sqlite+aiosqlite:///" in done.line
 
 
 @pytest.mark.parametrize("args", [["frobnicate"], ["stats"], ["purge", "--batch-size", "ten"], []])
-def test_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
+def test_usage_errors_exit_2_with_one_line(args: list[str], capfd: pytest.CaptureFixture[str]) -> None:
     """An unknown command, a missing URL, a bad option value or no command at all: exit 2, one line."""
-    done = cli(*args)
-    assert done.returncode == 2
-    assert "--help" in one_line(done)
+    done = run(capfd, *args)
+    assert done.status == 2
+    assert "--help" in done.line
 
 
-def test_an_unusable_key_for_inspect_is_a_usage_error() -> None:
+def test_an_unusable_key_for_inspect_is_a_usage_error(capfd: pytest.CaptureFixture[str]) -> None:
     """inspect refuses a key with a control character before it connects: exit 2, one line."""
-    done = cli("inspect", "shop", "order\x01", "--database-url", _url(host=UNKNOWN_HOST))
-    assert done.returncode == 2
-    assert "control character" in one_line(done)
+    done = run(capfd, "inspect", "shop", "order\x01", "--database-url", _url(host=UNKNOWN_HOST))
+    assert done.status == 2
+    assert "control character" in done.line
 
 
-def test_version_prints_the_installed_distributions_version() -> None:
+def test_version_prints_the_installed_distributions_version(capfd: pytest.CaptureFixture[str]) -> None:
     """``idembarrier --version`` prints the version from the installed distribution's metadata."""
-    done = cli("--version")
-    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, f"idembarrier {idembarrier.__version__}", "")
+    done = run(capfd, "--version")
+    assert (done.status, done.out, done.err) == (0, f"idembarrier {idembarrier.__version__}\n", "")
+
+
+def test_python_m_idembarrier_is_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m idembarrier`` runs `main` and exits with its status."""
+    monkeypatch.setattr(sys, "argv", ["idembarrier", "--version"])
+    with pytest.raises(SystemExit) as caught:
+        runpy.run_module("idembarrier", run_name="__main__")
+    assert caught.value.code == 0
+
+
+def test_the_command_runs_in_a_fresh_interpreter() -> None:
+    """Smoke test of the real process: ``--version`` exits 0 and a usage error exits 2, one line on stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "IDEMBARRIER_DATABASE_URL"}
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "idembarrier", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+            env=env,
+        )
+
+    version, usage = command("--version"), command("stats")
+    assert (version.returncode, version.stdout, version.stderr) == (0, f"idembarrier {idembarrier.__version__}\n", "")
+    assert (usage.returncode, usage.stdout) == (2, "")
+    assert usage.stderr.startswith("idembarrier: give --database-url"), usage.stderr
+    assert len(usage.stderr.splitlines()) == 1, usage.stderr

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from idembarrier.__main__ import main
-from idembarrier._demo import format_report, run_demo
+from idembarrier.cli._demo import format_report, run_demo
+from tests._cli import run
 
 if TYPE_CHECKING:
-    from tests.conftest import Database
+    import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+    from tests.conftest import Database
 
 
 async def test_demo_pays_every_order_once_on_embedded_sqlite() -> None:
@@ -39,20 +36,8 @@ async def test_demo_pays_every_order_once_on_postgresql(pg_db: Database) -> None
     assert await pg_db.payments() == 0  # the demo writes its own table, not the tests' payments
 
 
-def test_command_line_runs_the_demo_and_exits_zero() -> None:
+def test_command_line_runs_the_demo_and_exits_zero(capfd: pytest.CaptureFixture[str]) -> None:
     """`python -m idembarrier demo` prints the outcomes and exits 0 when no order was paid twice."""
-    done = subprocess.run(
-        [sys.executable, "-m", "idembarrier", "demo", "--orders", "3", "--duplicates", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "payments written: 3 for 3 orders; paid twice: 0" in done.stdout
-
-
-def test_main_reports_the_outcome_in_its_exit_status() -> None:
-    """main() returns 0 after a clean demo and prints the report."""
-    assert main(["demo", "--orders", "2", "--duplicates", "2"]) == 0
+    done = run(capfd, "demo", "--orders", "3", "--duplicates", "3")
+    assert done.status == 0, done.err
+    assert "payments written: 3 for 3 orders; paid twice: 0" in done.out

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 import idembarrier
 from idembarrier import Barrier, ConfigurationError
-from idembarrier._engines import check_url, create_engine
+from idembarrier._engines import check_url
+from idembarrier.cli._engine import create_engine
 
 if TYPE_CHECKING:
     from pathlib import Path

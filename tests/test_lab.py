@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from idembarrier.__main__ import main
-from idembarrier._lab import DesignResult, LabReport, ScenarioResult, format_report, run_lab
+from idembarrier.cli._lab import DesignResult, LabReport, ScenarioResult, format_report, run_lab
+from tests._cli import run
 
 if TYPE_CHECKING:
     import pytest
 
     from tests.conftest import Database
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS, CONCURRENCY = 3, 6
 
 # (duplicates, lost) of each naive design, in the lab's order: the failure modes are deterministic.
@@ -71,21 +67,20 @@ def test_report_fails_when_the_barrier_shows_a_phantom_write() -> None:
     assert "FAILED" in format_report(report)
 
 
-def test_command_line_runs_the_lab_and_exits_zero() -> None:
+def test_command_line_runs_the_lab_and_exits_zero(capfd: pytest.CaptureFixture[str]) -> None:
     """`python -m idembarrier lab` prints the table, reports progress on stderr and exits 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "idembarrier", "lab"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert "naive: SELECT then INSERT" in done.stdout
-    assert done.stdout.rstrip().endswith("OK: the barrier made no duplicate and lost no write")
-    assert "[4/4] layer mismatch" in done.stderr
+    done = run(capfd, "lab")
+    assert done.status == 0, done.err
+    assert "naive: SELECT then INSERT" in done.out
+    assert done.out.rstrip().endswith("OK: the barrier made no duplicate and lost no write")
+    assert "[4/4] layer mismatch" in done.err
 
 
-def test_lab_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
+def test_lab_json_parses(capfd: pytest.CaptureFixture[str]) -> None:
     """`lab --json` prints JSON with every design's duplicate and lost writes, and exits 0."""
-    assert main(["lab", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    done = run(capfd, "lab", "--json")
+    assert done.status == 0, done.err
+    data = json.loads(done.out)
     assert data["ok"] is True
     assert len(data["scenarios"]) == 4
     designs = [d for s in data["scenarios"] for d in s["designs"]]

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from idembarrier import ConfigurationError, SchemaError, StorageError
-from idembarrier.__main__ import _failure, main
-from idembarrier._reason import driver_reason
+from idembarrier.cli import _failure, main
+from idembarrier.cli._reason import driver_reason
 from tests.conftest import ADMIN_URL
 
 if TYPE_CHECKING:

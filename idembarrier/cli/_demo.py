@@ -13,11 +13,11 @@ from sqlalchemy import Integer, MetaData, String, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ._barrier import Barrier
-from ._config import OnConflict
-from ._engines import create_engine
-from ._exceptions import FingerprintMismatchError, KeyInProgressError
-from ._migrate import upgrade
+from .._barrier import Barrier
+from .._config import OnConflict
+from .._exceptions import FingerprintMismatchError, KeyInProgressError
+from .._migrate import upgrade
+from ._engine import create_engine
 
 __all__ = ["DemoReport", "run_demo"]
 

@@ -22,9 +22,9 @@ from sqlalchemy import Integer, MetaData, String, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ._barrier import Barrier
-from ._engines import create_engine
-from ._migrate import upgrade
+from .._barrier import Barrier
+from .._migrate import upgrade
+from ._engine import create_engine
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -1,0 +1,242 @@
+"""``idembarrier`` (or ``python -m idembarrier``): the command line.
+
+Exit status, for every command: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, or ``inspect``
+found no record; 2 bad usage or configuration (an unsupported URL or driver, in-memory SQLite); 3 the
+database failed (unreachable, refused, no such database, authentication) or its schema is not installed.
+A failure prints one line on stderr, with the server's or the OS's reason, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, NoReturn
+
+import anyio
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+    from .._barrier import Barrier
+
+__all__ = ["main"]
+
+_DB_HELP = "SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (exit 2) instead of the usage text and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"idembarrier: {message} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("idembarrier")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout that was never installed
+        from .. import __version__
+
+        return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = _Parser(prog="idembarrier", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="send bursts of duplicate payments through the barrier")
+    demo.add_argument(
+        "--database-url",
+        default=os.environ.get("IDEMBARRIER_DATABASE_URL"),
+        help="SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL, else a temporary SQLite file)",
+    )
+    demo.add_argument("--orders", type=int, default=20, help="distinct orders (default 20)")
+    demo.add_argument("--duplicates", type=int, default=8, help="concurrent copies of each order (default 8)")
+    lab = commands.add_parser(
+        "lab", help="reproduce the four phantom-write failure modes: naive designs vs the barrier"
+    )
+    lab.add_argument(
+        "--database-url",
+        default=os.environ.get("IDEMBARRIER_DATABASE_URL"),
+        help="SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL, else a temporary SQLite file)",
+    )
+    lab.add_argument("--json", action="store_true", help="print JSON instead of text")
+    for name, text in (
+        ("migrate", "install or update idembarrier's schema"),
+        ("purge", "drop expired responses (keeping compact records), then delete expired records"),
+        ("stats", "print the records' status distribution"),
+        ("inspect", "print one record"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--database-url", default=os.environ.get("IDEMBARRIER_DATABASE_URL"), help=_DB_HELP)
+        command.add_argument("--table", default="idempotency_keys", help="records table (default %(default)s)")
+        command.add_argument("--schema", default=None, help="PostgreSQL schema of the records table")
+        command.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if name == "purge":
+            command.add_argument("--batch-size", type=int, default=1000, help="records per transaction")
+        if name == "inspect":
+            command.add_argument("scope")
+            command.add_argument("key")
+    args = parser.parse_args(argv)
+    if args.command not in ("demo", "lab") and not args.database_url:
+        parser.error("give --database-url or set IDEMBARRIER_DATABASE_URL")
+    run = _run_demo if args.command == "demo" else _run_lab if args.command == "lab" else _operate
+    try:
+        return run(args)
+    except Exception as exc:
+        if (failure := _failure(exc, args.database_url)) is None:
+            raise  # not a usage, configuration or database failure: a bug, whose traceback helps
+        status, line = failure
+        print(f"idembarrier: {line}", file=sys.stderr)
+        return status
+
+
+def _failure(exc: Exception, url: str | None) -> tuple[int, str] | None:
+    """The exit status and the one line to print for ``exc``, or ``None`` when it is nobody's fault but ours."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .._exceptions import (
+        ConfigurationError,
+        IdembarrierError,
+        InvalidFingerprintError,
+        InvalidKeyError,
+        StorageError,
+    )
+    from ._reason import driver_reason
+
+    if isinstance(exc, ExceptionGroup):  # the demo's and the lab's task groups
+        failures = [_failure(leaf, url) for leaf in exc.exceptions if isinstance(leaf, Exception)]
+        if len(failures) != len(exc.exceptions) or any(f is None for f in failures):
+            return None
+        return min(failure for failure in failures if failure is not None)
+    if isinstance(exc, ConfigurationError | InvalidKeyError | InvalidFingerprintError):
+        return 2, str(exc)
+    if isinstance(exc, IdembarrierError) and not isinstance(exc, StorageError):
+        return 3, str(exc)  # the schema is not installed, a record stands in the way: our message says it
+    reason = driver_reason(exc)
+    if reason is None:
+        if not isinstance(exc, StorageError | SQLAlchemyError):
+            return None
+        reason = " ".join(str(exc).split())
+    where = "database" if url is None else f"database {make_url(url).render_as_string(hide_password=True)}"
+    return 3, f"{where}: {reason}"
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ._demo import format_report, run_demo
+
+    report = anyio.run(lambda: run_demo(args.database_url, orders=args.orders, duplicates=args.duplicates))
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _run_lab(args: argparse.Namespace) -> int:
+    from ._lab import format_report, run_lab
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = anyio.run(lambda: run_lab(args.database_url, on_progress=progress))
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+def _operate(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from .._barrier import Barrier
+    from .._migrate import upgrade
+    from ._engine import create_engine
+
+    engine = create_engine(args.database_url)
+
+    async def run() -> int:
+        try:
+            if args.command == "migrate":
+                await upgrade(engine, table=args.table, schema=args.schema)
+                return _print(args, {"migrated": True}, "schema is at head")
+            barrier: Barrier = Barrier(async_sessionmaker(engine), table=args.table, schema=args.schema)
+            return await _COMMANDS[args.command](barrier, args)
+        finally:
+            await engine.dispose()
+
+    return anyio.run(run)
+
+
+async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
+    totals = {"compacted": 0, "deleted": 0}
+    live = sys.stderr.isatty()
+
+    def progress(kind: str, count: int) -> None:
+        """A progress line on stderr: redrawn in place on a terminal, one line per batch otherwise."""
+        totals[kind] += count
+        if args.json:
+            return
+        bar = "#" * min(40, totals[kind] // max(1, args.batch_size))
+        line = f"  {kind:<9} {totals[kind]:>10} [{bar:<40}]"
+        print(f"\r{line}" if live else line, end="" if live and count == args.batch_size else "\n", file=sys.stderr)
+
+    done = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
+    text = f"dropped {done.compacted} expired responses (compact records kept), deleted {done.deleted} records"
+    return _print(args, done._asdict(), text)
+
+
+async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
+    stats = await barrier.stats()
+    oldest = stats.oldest_in_progress
+    data = {
+        "statuses": {status.value: count for status, count in sorted(stats.statuses.items())},
+        "oldest_in_progress_seconds": None if oldest is None else oldest.total_seconds(),
+        "outbox": {"pending": stats.outbox_pending, "parked": stats.outbox_parked},
+    }
+    lines = [f"  {status:<12}{count:>12}" for status, count in sorted(stats.statuses.items())]
+    lines.append(f"  oldest IN_PROGRESS: {'none' if oldest is None else oldest}")
+    lines.append(f"outbox: {stats.outbox_pending} pending, {stats.outbox_parked} of them parked")
+    return _print(args, data, "\n".join(["records by status:", *lines]))
+
+
+async def _inspect(barrier: Barrier, args: argparse.Namespace) -> int:
+    from .._keys import validate_key
+
+    scope, key = validate_key(args.scope, what="scope"), validate_key(args.key)
+    found = await barrier._atomically(lambda storage: storage.inspect(scope, key))
+    if found is None:
+        _print(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
+        return 1
+    record = found.record
+    data = {
+        "found": True,
+        "scope": record.scope,
+        "key": record.key,
+        "status": record.status.value,
+        "attempt": record.attempt,
+        "stale": found.stale,
+        "fingerprint": None if record.fingerprint is None else record.fingerprint.hex(),
+        "response": None if record.response is None else record.response.decode(errors="replace"),
+        "checkpoint": record.checkpoint,
+        **{name: _iso(getattr(record, name)) for name in ("created_at", "completed_at", "expires_at", "locked_until")},
+    }
+    return _print(args, data, "\n".join(f"  {name:<14}{value}" for name, value in data.items()))
+
+
+def _iso(value: datetime | timedelta | None) -> str | None:
+    return None if value is None else str(value) if isinstance(value, timedelta) else value.isoformat()
+
+
+def _print(args: argparse.Namespace, data: Mapping[str, object], text: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[Barrier, argparse.Namespace], Awaitable[int]]] = {
+    "purge": _purge,
+    "stats": _stats,
+    "inspect": _inspect,
+}
