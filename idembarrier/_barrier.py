@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Generic, NamedTuple
 
@@ -19,25 +18,25 @@ from ._config import (
     as_retention,
     check_wait_timeout,
 )
-from ._errors import checkout, connection_lost, translate
-from ._exceptions import ConfigurationError, ConflictError, IdembarrierError, KeyInProgressError, RecordedFailureError
+from ._exceptions import ConfigurationError, ConflictError, KeyInProgressError, RecordedFailureError
 from ._keys import fingerprint_digest, validate_key
 from ._lease import Lease
-from ._metrics import Outcome, Stats, outcome_of
-from ._migrate import check_schema_on
+from ._metrics import Outcome, Stats
 from ._record import Record, Status
-from ._storage import Storage, TableName, open_storage
+from ._relay import outbox_counts
+from ._runtime import Runtime
 from ._uow import UnitOfWork
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from ._storage import Storage
 
 __all__ = ["Barrier"]
 
 R = TypeVar("R", default=JSON)
-T = TypeVar("T")
 
 DEFAULT_LEASE = timedelta(seconds=30)
 """How long a lease stays its holder's without renewal."""
@@ -84,9 +83,6 @@ class Barrier(Generic[R]):
         cleanup_timeout: float = 0.5,
     ) -> None:
         self.sessionmaker = sessionmaker
-        self._on_reclaim = on_reclaim
-        self._outcomes: Counter[Outcome] = Counter()
-        self._observers: list[Callable[[Outcome, str], object]] = []
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]
         self.options = Options(
             table=table,
@@ -100,8 +96,12 @@ class Barrier(Generic[R]):
             check_schema=check_schema,
             cleanup_timeout=cleanup_timeout,
         )
-        self._table = TableName(table, schema)
-        self._schema_checked = not check_schema
+        self._runtime = Runtime(sessionmaker, codec=self.codec, options=self.options, on_reclaim=on_reclaim)
+
+    @property
+    def runtime(self) -> Runtime[R]:
+        """What this barrier hands down to the work it serves: units of work, leases, relays, consumers."""
+        return self._runtime
 
     def unit_of_work(
         self,
@@ -134,7 +134,7 @@ class Barrier(Generic[R]):
             InvalidFingerprintError: The fingerprint is neither bytes nor a JSON value.
         """
         return UnitOfWork(
-            self,
+            self._runtime,
             key=validate_key(key),
             scope=validate_key(scope, what="scope"),
             fingerprint=fingerprint_digest(fingerprint),
@@ -142,8 +142,6 @@ class Barrier(Generic[R]):
             on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
             retention=self.options.retention_for(scope) if retention is None else self._checked(retention),
-            on_expired_replay=self.options.on_expired_replay,
-            codec=self.codec,
         )
 
     def _checked(self, retention: timedelta | Retention) -> Retention:
@@ -190,21 +188,6 @@ class Barrier(Generic[R]):
             raise RecordedFailureError(uow.record, uow.response, replayed=True)
         return uow.response
 
-    async def _storage_on(self, conn: AsyncConnection, *, check: bool = True) -> Storage:
-        """Return the records table's storage on ``conn``, checking the schema on first use.
-
-        ``check=False`` defers the check to `_check_schema`, for callers that must first open a savepoint.
-        """
-        if check:
-            await self._check_schema(conn)
-        return await open_storage(conn, self._table)
-
-    async def _check_schema(self, conn: AsyncConnection) -> None:
-        """Raise `SchemaError` unless the schema is at head; reads the version table once per barrier."""
-        if not self._schema_checked:
-            await check_schema_on(conn, schema=self._table.schema)
-            self._schema_checked = True
-
     # -- leased work ------------------------------------------------------------------------------------
 
     def leased(
@@ -244,7 +227,7 @@ class Barrier(Generic[R]):
         if max_reclaims < 0:
             raise ConfigurationError(f"max_reclaims must be at least 0, not {max_reclaims!r}")
         return Lease(
-            self,
+            self._runtime,
             key=validate_key(key),
             scope=validate_key(scope, what="scope"),
             fingerprint=fingerprint_digest(fingerprint),
@@ -256,14 +239,17 @@ class Barrier(Generic[R]):
         )
 
     async def inspect(self, key: str, *, scope: str) -> Record | None:
-        """Read the record of ``key`` in ``scope`` as it stands (``None`` if there is none)."""
+        """Read the record of ``key`` in ``scope`` as it stands (``None`` if there is none).
+
+        Its ``stale`` tells whether an IN_PROGRESS record's lease had run out when it was read.
+        """
         scope, key = validate_key(scope, what="scope"), validate_key(key)
-        found = await self._atomically(lambda storage: storage.inspect(scope, key))
-        return None if found is None else found.record
+        found = await self._runtime.atomically(lambda storage: storage.inspect(scope, key))
+        return None if found is None else replace(found.record, stale=found.stale)
 
     async def unresolved(self, *, limit: int = 100) -> list[Unresolved]:
         """List the keys that need a person, oldest first: UNKNOWN records and leases gone stale."""
-        found = await self._atomically(lambda storage: storage.unresolved(limit))
+        found = await self._runtime.atomically(lambda storage: storage.unresolved(limit))
         return [Unresolved(record, age) for record, age in found]
 
     async def resolve(
@@ -280,9 +266,9 @@ class Barrier(Generic[R]):
         encoded, _ = round_trip(self.codec, response)  # refused here if it could never replay
         keep = self.options.retention_for(scope) if retention is None else self._checked(retention)
         scope, key = validate_key(scope, what="scope"), validate_key(key)
-        if await self._atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
+        if await self._runtime.atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
             return
-        found = await self._atomically(lambda storage: storage.inspect(scope, key))
+        found = await self._runtime.atomically(lambda storage: storage.inspect(scope, key))
         if found is not None and found.record.status is Status.IN_PROGRESS:
             raise KeyInProgressError(scope=scope, key=key, record=found.record)
         state = "has no record" if found is None else f"is already {found.record.status}"
@@ -293,55 +279,21 @@ class Barrier(Generic[R]):
             record=None if found is None else found.record,
         )
 
-    def _fenced_unit_of_work(self, lease: Lease[R], *, session: AsyncSession | None) -> UnitOfWork[R]:
-        """The unit of work that completes ``lease``, conditioned on its token (see `Lease.finish`)."""
-        return UnitOfWork(
-            self,
-            key=lease.key,
-            scope=lease.scope,
-            fingerprint=None,
-            session=session,
-            on_conflict=self.options.on_conflict,
-            wait_timeout=self.options.wait_timeout,
-            retention=self.options.retention_for(lease.scope),
-            on_expired_replay=self.options.on_expired_replay,
-            codec=self.codec,
-            lease_token=lease.token,
-        )
-
     def observe(self, observer: Callable[[Outcome, str], object]) -> None:
         """Call ``observer(outcome, scope)`` for every outcome this barrier counts (metrics exporters use it).
 
         Observers run inline and must be quick; an exception from one propagates to the call it observes.
         """
-        self._observers.append(observer)
-
-    def _reclaimed(self, record: Record) -> None:
-        """Count a reclaimed (or UNKNOWN-turned) lease and report it to the ``on_reclaim`` hook."""
-        self._count(Outcome.STALE_RECLAIM, record.scope)
-        if self._on_reclaim is not None:
-            self._on_reclaim(record)
-
-    def _count(self, outcome: Outcome | BaseException, scope: str) -> None:
-        """Count a call's outcome, given as such or as the exception its claim raised."""
-        if isinstance(outcome, BaseException):
-            if (counted := outcome_of(outcome)) is None:
-                return
-            outcome = counted
-        self._outcomes[outcome] += 1
-        for observer in self._observers:
-            observer(outcome, scope)
+        self._runtime.observe(observer)
 
     # -- operations -------------------------------------------------------------------------------------
 
     async def stats(self) -> Stats:
         """This process's outcome counts, the table's status distribution and the outbox's backlog (two queries)."""
-        from ._relay import outbox_counts
-
-        statuses, oldest = await self._atomically(lambda storage: storage.distribution())
-        pending, parked = await outbox_counts(self)
+        statuses, oldest = await self._runtime.atomically(lambda storage: storage.distribution())
+        pending, parked = await outbox_counts(self._runtime)
         return Stats(
-            outcomes=Counter(self._outcomes),
+            outcomes=self._runtime.outcomes,
             statuses=statuses,
             oldest_in_progress=oldest,
             outbox_pending=pending,
@@ -374,39 +326,12 @@ class Barrier(Generic[R]):
     ) -> int:
         total = 0
         while True:
-            done = await self._atomically(batch)
+            done = await self._runtime.atomically(batch)
             total += done
             if on_batch is not None:
                 on_batch(kind, done)
             if done < size:
                 return total
-
-    async def _atomically(self, operation: Callable[[Storage], Awaitable[T]], *, wait: float | None = None) -> T:
-        """Run one storage operation in a transaction of its own and commit it.
-
-        With ``wait``, the transaction is opened first, waiting at most that long for a database-wide
-        lock (SQLite's write lock); without, the operation's statement opens it (or runs on its own).
-        """
-        try:
-            async with self.sessionmaker() as session:
-                try:
-                    conn = await checkout(session, "connecting to the records table", replace=True)
-                    storage = await self._storage_on(conn)
-                    if wait is not None:
-                        await storage.begin(wait)
-                    result = await operation(storage)
-                    await session.commit()
-                except BaseException as exc:
-                    if connection_lost(exc):
-                        await session.invalidate()  # see UnitOfWork._abandon: never pool a dead connection
-                    raise
-                return result
-        except IdembarrierError:
-            raise
-        except Exception as exc:
-            if (ours := translate(exc, "reading or writing the records table")) is not None:
-                raise ours from exc
-            raise
 
 
 class Purged(NamedTuple):

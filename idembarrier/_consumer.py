@@ -569,7 +569,7 @@ class _Loop(Generic[P, M, R]):
         error = repr(exc)[:_MAX_ERROR]
         self.failed.add(key)
         try:
-            async with transaction(self.barrier, "counting a handler failure") as conn:
+            async with transaction(self.barrier.runtime, "counting a handler failure") as conn:
                 dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
                 # The upsert counts atomically: two consumers of one message (a rebalance) each add one.
                 upsert = dialect.insert(self.failures).values(scope=self.scope, key=key, attempts=1, last_error=error)
@@ -610,7 +610,7 @@ class _Loop(Generic[P, M, R]):
         except Exception as err:
             raise _Retry(err, f"dead-lettering {key}") from err
         self.failed.discard(key)
-        self.barrier._count(Outcome.DEAD_LETTERED, self.scope)
+        self.barrier.runtime.count(Outcome.DEAD_LETTERED, self.scope)
         _log.error("idembarrier: gave up on message %s (%s, %r); its record is FAILED", key, reason, exc)
 
 

@@ -10,39 +10,41 @@ comes back after that finds its token gone (`LeaseLostError`). Past ``max_reclai
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import anyio
 
+from ._claim import Decision, decide
 from ._codec import JSONCodec, decode_response, encode_response
-from ._config import OnConflict
+from ._config import ExpiredReplay, OnConflict
 from ._errors import lock_not_available
 from ._exceptions import (
-    FingerprintMismatchError,
     KeyInProgressError,
     LeaseLostError,
     ReconciliationRequiredError,
-    ResponseExpiredError,
     UnitOfWorkError,
 )
 from ._metrics import Outcome
 from ._record import Record, Status
+from ._uow import UnitOfWork
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from datetime import timedelta
-    from types import TracebackType
 
-    from anyio.abc import TaskGroup
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from ._barrier import Barrier
     from ._codec import JSON
-    from ._uow import UnitOfWork
+    from ._runtime import Runtime
 
 __all__ = ["Lease", "downstream_key"]
 
 R = TypeVar("R")
+
+_log = logging.getLogger("idembarrier")
 
 _CHECKPOINTS = JSONCodec()
 _POLL_FIRST, _POLL_MAX = 0.05, 1.0
@@ -58,7 +60,7 @@ def downstream_key(scope: str, key: str) -> str:
     return "idb-" + hashlib.sha256(f"{scope}\x1f{key}".encode()).hexdigest()[:32]
 
 
-class Lease(Generic[R]):
+class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
     """A committed claim on a key for work with external side effects; entered with ``async with``.
 
     Inside the block, either ``lease.replayed`` is true and ``lease.response`` is the recorded outcome, or
@@ -71,7 +73,7 @@ class Lease(Generic[R]):
 
     def __init__(
         self,
-        barrier: Barrier[R],
+        runtime: Runtime[R],
         *,
         key: str,
         scope: str,
@@ -82,7 +84,7 @@ class Lease(Generic[R]):
         on_conflict: OnConflict,
         wait_timeout: float,
     ) -> None:
-        self._barrier = barrier
+        self._runtime = runtime
         self.key = key
         self.scope = scope
         self.downstream_key = downstream_key(scope, key)
@@ -99,7 +101,6 @@ class Lease(Generic[R]):
         self.record: Record | None = None
         self._finished = False
         self._lost = False
-        self._tasks: TaskGroup | None = None
         self._entered = False
 
     # -- what the body sees -----------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class Lease(Generic[R]):
         """The recorded outcome's response (replays only)."""
         if self.record is None or self.record.response is None:
             raise UnitOfWorkError(f"key {self.key!r} has no recorded response to replay")
-        return decode_response(self._barrier.codec, self.record.response)
+        return decode_response(self._runtime.codec, self.record.response)
 
     @property
     def checkpoint_data(self) -> JSON:
@@ -133,7 +134,7 @@ class Lease(Generic[R]):
             LeaseLostError: The lease was reclaimed or released meanwhile.
         """
         self._check_held()
-        if not await self._barrier._atomically(
+        if not await self._runtime.atomically(
             lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
         ):
             self._lose()
@@ -146,7 +147,7 @@ class Lease(Generic[R]):
         """
         self._check_held()
         encoded = encode_response(_CHECKPOINTS, data)
-        if not await self._barrier._atomically(
+        if not await self._runtime.atomically(
             lambda storage: storage.checkpoint(self.scope, self.key, self.token, name, encoded)
         ):
             self._lose()
@@ -161,7 +162,7 @@ class Lease(Generic[R]):
             LeaseLostError: The lease was reclaimed or released meanwhile.
         """
         self._check_held()
-        if not await self._barrier._atomically(lambda storage: storage.release(self.scope, self.key, self.token)):
+        if not await self._runtime.atomically(lambda storage: storage.release(self.scope, self.key, self.token)):
             self._lose()
         self._finished = True
 
@@ -173,7 +174,18 @@ class Lease(Generic[R]):
         """
         self._check_held()
         self._finished = True
-        return self._barrier._fenced_unit_of_work(self, session=session)
+        options = self._runtime.options
+        return UnitOfWork(
+            self._runtime,
+            key=self.key,
+            scope=self.scope,
+            fingerprint=None,  # the lease's claim checked it; the fence below checks the token
+            session=session,
+            on_conflict=options.on_conflict,
+            wait_timeout=options.wait_timeout,
+            retention=options.retention_for(self.scope),
+            lease_token=self.token,
+        )
 
     def _check_held(self) -> None:
         if not self._entered or self.replayed:
@@ -185,30 +197,50 @@ class Lease(Generic[R]):
         self._lost = True
         raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
 
-    # -- acquiring --------------------------------------------------------------------------------------
+    # -- the block ------------------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncIterator[Self]:
         if self._entered:
             raise UnitOfWorkError("a lease is entered once; ask the barrier for another")
         self._entered = True
         try:
             await self._acquire()
         except BaseException as exc:
-            self._barrier._count(exc, self.scope)
+            self._runtime.count(exc, self.scope)
             raise
-        self._barrier._count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED, self.scope)
-        if self._heartbeat is not None and not self.replayed:
-            self._tasks = anyio.create_task_group()
-            await self._tasks.__aenter__()
-            self._tasks.start_soon(self._beat, self._heartbeat)
-        return self
+        self._runtime.count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED, self.scope)
+        if self.replayed:
+            yield self
+            return
+        if self._heartbeat is None:
+            yield self  # the body's exception, if any, comes out here and propagates: the lease stays
+        else:
+            failure: BaseException | None = None
+            async with anyio.create_task_group() as beats:
+                beats.start_soon(self._beat, self._heartbeat)
+                try:
+                    yield self
+                except BaseException as exc:  # kept out of the task group, which would wrap it in a group
+                    failure = exc
+                finally:
+                    beats.cancel_scope.cancel()  # the block is over: no more renewals
+            if failure is not None:
+                raise failure  # the body's exception, unchanged: the lease stays
+        if not self._finished:
+            self._finished = True
+            if self._lost:
+                raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
+            raise UnitOfWorkError(
+                f"leased work on key {self.key!r} ended without finish() or release(); the lease stays until it expires"
+            )
 
     async def _acquire(self) -> None:
         deadline = anyio.current_time() + self._wait_timeout
         delay = _POLL_FIRST
         while True:
             try:
-                claimed = await self._barrier._atomically(
+                claimed = await self._runtime.atomically(
                     lambda storage: storage.lease_claim(
                         self.scope, self.key, self._fingerprint, self.token, self._lease, self._wait_timeout
                     ),
@@ -225,16 +257,14 @@ class Lease(Generic[R]):
             if claimed is False:
                 continue  # the record changed between the insert and the read: look again
             record, stale = claimed
-            if record.fingerprint != self._fingerprint:
-                raise FingerprintMismatchError(scope=self.scope, key=self.key, record=record)
-            if record.status.finished:
-                if record.response is None:  # leases never take a compact record over
-                    raise ResponseExpiredError(scope=self.scope, key=self.key, record=record)
+            # Leases never take a compact record over: their external effects happened once already.
+            decision = decide(
+                record, fingerprint=self._fingerprint, on_expired_replay=ExpiredReplay.REJECT, stale=stale
+            )
+            if decision is Decision.REPLAY:
                 self.record = record
                 return
-            if record.status is Status.UNKNOWN:
-                raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=record)
-            if stale and await self._reclaim(record):
+            if decision is Decision.RECLAIM and await self._reclaim(record):
                 return
             # Held: a live lease, or a stale one that its holder or another reclaimer has in hand right now.
             waited = self._wait_timeout - (deadline - anyio.current_time())
@@ -245,14 +275,14 @@ class Lease(Generic[R]):
 
     async def _reclaim(self, stale: Record) -> bool:
         """Take the stale lease over; return whether this caller now holds it."""
-        taken = await self._barrier._atomically(
+        taken = await self._runtime.atomically(
             lambda storage: storage.reclaim(
                 self.scope, self.key, stale.token, self.token, self._lease, self._max_reclaims
             )
         )
         if taken is None:
             return False  # another caller reclaimed it first, or its holder renewed it
-        self._barrier._reclaimed(taken)
+        self._runtime.reclaimed(taken)
         if taken.status is Status.UNKNOWN:
             raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=taken)
         self.attempt = taken.attempt
@@ -271,27 +301,12 @@ class Lease(Generic[R]):
             if self._finished:
                 return
             try:
-                held = await self._barrier._atomically(
+                held = await self._runtime.atomically(
                     lambda storage: storage.renew(self.scope, self.key, self.token, self._lease)
                 )
             except Exception:
+                _log.warning("idembarrier: renewing the lease on key %r failed; trying again", self.key, exc_info=True)
                 continue
             if not held:
                 self._lost = True
                 return
-
-    # -- leaving ----------------------------------------------------------------------------------------
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        finished, self._finished = self._finished, True  # stops the heartbeat
-        if self._tasks is not None:
-            self._tasks.cancel_scope.cancel()
-            await self._tasks.__aexit__(None, None, None)
-        if exc is None and not finished and not self.replayed:
-            if self._lost:
-                raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
-            raise UnitOfWorkError(
-                f"leased work on key {self.key!r} ended without finish() or release(); the lease stays until it expires"
-            )

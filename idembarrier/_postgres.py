@@ -263,7 +263,7 @@ class PostgresStorage:
     """A claim that meets a finished record costs about what a lookup costs: no separate lookup first."""
 
     def __init__(self, conn: AsyncConnection, adapted: Any, table: str) -> None:
-        self._conn = conn
+        self.connection = self._conn = conn
         self._adapted = adapted  # SQLAlchemy's adapter around the asyncpg connection
         self._driver = adapted.driver_connection  # the asyncpg.Connection
         self._table = table

@@ -1,4 +1,15 @@
-"""What a record is: its status and the immutable snapshot of a row that idembarrier hands out."""
+"""What a record is: its status and the immutable snapshot of a row that idembarrier hands out.
+
+A record's life (what a claim that meets it does is decided in `idembarrier._claim`)::
+
+    (no record) ──claim──▶ IN_PROGRESS ──complete/fail──▶ COMPLETED | FAILED ──compact──▶ compact ──purge──▶ (none)
+                               │   ▲                            ▲  (past the response's retention: response dropped)
+             lease stale ──────┤   └──reclaim (attempt + 1)     │
+                               └──past max_reclaims──▶ UNKNOWN ─┴─ resolve (an operator)
+
+A unit of work's IN_PROGRESS row never commits: it commits already finished, or rolls back with the
+body. Only leases commit IN_PROGRESS.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ class Record:
         locked_until: End of the current lease (leased work only; database clock).
         checkpoint: Name of the last checkpoint a lease holder recorded, if any.
         checkpoint_data: The codec's bytes recorded with that checkpoint.
+        stale: Whether, when it was read, its lease had run out by the database's clock (IN_PROGRESS only).
     """
 
     scope: str
@@ -62,3 +74,9 @@ class Record:
     locked_until: datetime | None = None
     checkpoint: str | None = None
     checkpoint_data: bytes | None = None
+    stale: bool = False
+
+    @property
+    def compact(self) -> bool:
+        """Whether only the compact record remains: finished, its response dropped past retention."""
+        return self.status.finished and self.response is None

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from ._barrier import Barrier
+    from ._runtime import Runtime
 
 __all__ = ["MessageRefusedError", "OutboxRelay", "Parked", "Publisher", "outbox_counts"]
 
@@ -129,14 +130,14 @@ class OutboxRelay:
             raise ConfigurationError(f"max_attempts must be at least 1, not {max_attempts!r}")
         if listen_url is not None:
             _check_listen_url(listen_url)
-        self._barrier = barrier
+        self._runtime = barrier.runtime
         self._publisher = publisher
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._max_poll_interval = max_poll_interval
         self._max_attempts = max_attempts
         self._listen_url = listen_url
-        self._outbox = outbox_for(barrier._table)
+        self._outbox = outbox_for(self._runtime.table)
 
     async def relay_once(self) -> int:
         """Publish one batch and mark what the broker acknowledged sent, in one transaction; return how many.
@@ -209,7 +210,7 @@ class OutboxRelay:
             _log.warning("idembarrier: %s (refusal %d of %d)", refused, row.attempts, self._max_attempts)
 
     def _transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return transaction(self._barrier, "relaying the outbox")
+        return transaction(self._runtime, "relaying the outbox")
 
     async def run(
         self,
@@ -228,8 +229,8 @@ class OutboxRelay:
         async with anyio.create_task_group() as tg:
             if stop is not None:
                 tg.start_soon(_set_on, stop, wake.set)
-            engine = self._barrier.sessionmaker.kw.get("bind")
-            await tg.start(listen, engine, self._listen_url, notify_channel(self._barrier._table), wake.set)
+            engine = self._runtime.sessionmaker.kw.get("bind")
+            await tg.start(listen, engine, self._listen_url, notify_channel(self._runtime.table), wake.set)
             task_status.started()
             while stop is None or not stop.is_set():
                 wake.arm()  # before the batch: a notification that arrives during it wakes the next wait
@@ -289,7 +290,7 @@ class OutboxRelay:
 
     async def counts(self) -> tuple[int, int]:
         """How many messages are pending (parked included), and how many of them are parked."""
-        return await outbox_counts(self._barrier)
+        return await outbox_counts(self._runtime)
 
     async def purge_sent(self, older_than: timedelta, *, batch_size: int = 1000) -> int:
         """Delete the messages marked sent more than ``older_than`` ago (database clock); return how many.
@@ -322,11 +323,11 @@ def _check_listen_url(url: str) -> None:
         raise ConfigurationError(f"listen_url must be a postgresql+asyncpg:// URL, not {drivername}://")
 
 
-async def outbox_counts(barrier: Barrier[R]) -> tuple[int, int]:
-    """How many messages of ``barrier``'s outbox are pending (parked included), and how many are parked."""
-    c = outbox_for(barrier._table).c
+async def outbox_counts(runtime: Runtime[R]) -> tuple[int, int]:
+    """How many messages of ``runtime``'s outbox are pending (parked included), and how many are parked."""
+    c = outbox_for(runtime.table).c
     query = select(func.count(), func.count(c.parked_at)).where(c.sent_at.is_(None))
-    async with transaction(barrier, "counting the outbox") as conn:
+    async with transaction(runtime, "counting the outbox") as conn:
         pending, parked = (await conn.execute(query)).one()
     return int(pending), int(parked)
 

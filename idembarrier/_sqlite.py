@@ -71,7 +71,7 @@ class SqliteStorage:
 
     def __init__(self, conn: AsyncConnection, driver: Any, table: str) -> None:
         self._table = table
-        self._conn = conn
+        self.connection = self._conn = conn
         self._driver = driver  # the aiosqlite.Connection under `conn`
         self._lookup = f"SELECT {_COLUMNS} FROM {table} WHERE scope = ? AND key = ?"
         # Runs under BEGIN IMMEDIATE, i.e. holding the database's write lock: no other claim can interleave.

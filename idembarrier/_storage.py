@@ -49,6 +49,9 @@ class Storage(Protocol):
     lookup_first: bool
     """Whether a unit of work looks the key up before it opens its transaction to claim it."""
 
+    connection: AsyncConnection
+    """The connection this storage is bound to."""
+
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key) in one statement."""
         ...

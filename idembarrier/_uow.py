@@ -16,18 +16,16 @@ import anyio
 from sqlalchemy import event
 from sqlalchemy.exc import InvalidRequestError
 
+from ._claim import Decision, decide
 from ._codec import decode_response, round_trip
 from ._config import ExpiredReplay, OnConflict
 from ._errors import checkout, connection_lost, lock_not_available, translate
 from ._exceptions import (
     ConnectError,
     ConnectionLostError,
-    FingerprintMismatchError,
     IdembarrierError,
     KeyInProgressError,
     LeaseLostError,
-    ReconciliationRequiredError,
-    ResponseExpiredError,
     SerializationError,
     StorageError,
     UnitOfWorkError,
@@ -43,9 +41,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
     from sqlalchemy.pool import ConnectionPoolEntry
 
-    from ._barrier import Barrier
-    from ._codec import Codec
     from ._config import Retention
+    from ._runtime import Runtime
     from ._storage import Storage
 
 __all__ = ["UnitOfWork"]
@@ -53,7 +50,12 @@ __all__ = ["UnitOfWork"]
 R = TypeVar("R")
 
 _CLAIM_ATTEMPTS = 3
-"""A key can change hands between a failed claim and the read after it (the holder rolled back): retry."""
+"""Claims of one key in one transaction: it can change hands between a claim and the read after it (the
+holder rolled back, or a compact record was taken over first), so the claim is tried again."""
+
+_CONNECTION_ATTEMPTS = 3
+"""Transactions one unit of work opens at most: a serialization failure, or a pooled connection that had
+died while idle, is retried once more in a fresh transaction of our own."""
 
 
 class UnitOfWork(Generic[R]):
@@ -61,7 +63,9 @@ class UnitOfWork(Generic[R]):
 
     Obtained from `Barrier.unit_of_work` and used as ``async with``. Inside the block, either
     ``uow.replayed`` is true and ``uow.response`` is the recorded outcome (the body must write nothing),
-    or the body writes through ``uow.session`` and ends with `complete` or `fail`.
+    or the body writes through ``uow.session`` and ends with `complete` or `fail`. Where no block can span
+    the work (an ASGI middleware settling from inside the application's ``send``), `start`, `commit` and
+    `rollback` do what entering and leaving the block do.
 
     On a clean exit the business writes and the finished record commit together (or, with a caller's
     session, are released into the caller's transaction for the caller to commit). If the body raises,
@@ -69,8 +73,6 @@ class UnitOfWork(Generic[R]):
     """
 
     __slots__ = (
-        "_barrier",
-        "_codec",
         "_driver",
         "_entered",
         "_fenced",
@@ -78,12 +80,12 @@ class UnitOfWork(Generic[R]):
         "_key",
         "_messages",
         "_on_conflict",
-        "_on_expired_replay",
         "_outcome",
         "_owned",
         "_record",
         "_response",
         "_retention",
+        "_runtime",
         "_savepoint",
         "_scope",
         "_sent",
@@ -95,7 +97,7 @@ class UnitOfWork(Generic[R]):
 
     def __init__(
         self,
-        barrier: Barrier[R],
+        runtime: Runtime[R],
         *,
         key: str,
         scope: str,
@@ -104,11 +106,9 @@ class UnitOfWork(Generic[R]):
         on_conflict: OnConflict,
         wait_timeout: float,
         retention: Retention,
-        on_expired_replay: ExpiredReplay,
-        codec: Codec[R],
         lease_token: uuid.UUID | None = None,
     ) -> None:
-        self._barrier = barrier
+        self._runtime = runtime
         self._key = key
         self._scope = scope
         self._fingerprint = fingerprint
@@ -117,8 +117,6 @@ class UnitOfWork(Generic[R]):
         self._on_conflict = on_conflict
         self._wait_timeout = wait_timeout
         self._retention = retention
-        self._on_expired_replay = on_expired_replay
-        self._codec = codec
         self._token = lease_token or uuid.uuid4()
         self._fenced = lease_token is not None
         self._entered = False
@@ -172,7 +170,7 @@ class UnitOfWork(Generic[R]):
         """The outcome's response: the replayed one, or the one given to `complete`/`fail`."""
         if self._record is not None:
             if self._response is None and self._record.response is not None:
-                self._response = decode_response(self._codec, self._record.response)
+                self._response = decode_response(self._runtime.codec, self._record.response)
             return self._response  # type: ignore[return-value]  # None is what a None response decodes to
         if self._outcome is None:
             raise UnitOfWorkError("the unit of work has no response yet: call complete() or fail() first")
@@ -251,12 +249,32 @@ class UnitOfWork(Generic[R]):
             raise UnitOfWorkError(f"the outcome of key {self._key!r} was already set to {self._outcome[0]}")
         # The first caller gets what every replay will: the response as the codec gives it back (a dict's
         # int keys as strings, tuples as lists, a copy that later changes to ``response`` do not reach).
-        data, decoded = round_trip(self._codec, response)
+        data, decoded = round_trip(self._runtime.codec, response)
         self._outcome, self._response = (status, data), decoded
 
     # -- entering: replay, or claim ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self.commit()
+        else:
+            await self.rollback(exc)  # anything the body raised propagates unchanged, unless translated here
+
+    async def start(self) -> Self:
+        """Replay the key's record, or claim the key and open the transaction; what ``async with`` enters.
+
+        Raises:
+            KeyInProgressError: A concurrent holder has the key (``FAIL``, or ``WAIT`` past ``wait_timeout``).
+            FingerprintMismatchError: The key was used for another request.
+            ReconciliationRequiredError: The key is UNKNOWN.
+            ResponseExpiredError: Only the compact record remains and the policy rejects late replays.
+            StorageError: The database failed; nothing was claimed.
+        """
         if self._entered:
             raise UnitOfWorkError("a unit of work is entered once; ask the barrier for another")
         self._entered = True
@@ -265,9 +283,11 @@ class UnitOfWork(Generic[R]):
             assert self._session is not None
             await self._session.flush()
         reconnected = False
-        for attempt in range(1, _CLAIM_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             if self._owned:
-                self._session = self._barrier.sessionmaker()
+                self._session = self._runtime.sessionmaker()
             assert self._session is not None  # the caller's, or just opened
             self._sent = False
             try:
@@ -277,8 +297,8 @@ class UnitOfWork(Generic[R]):
                 ours = _storage_error(exc, "claiming the key")
                 # Under REPEATABLE READ or SERIALIZABLE a claim that waited for a duplicate which then
                 # committed fails to serialize; a fresh transaction of our own sees that duplicate's record.
-                if isinstance(ours, SerializationError) and self._owned and attempt < _CLAIM_ATTEMPTS:
-                    self._barrier._count(exc, self._scope)
+                if isinstance(ours, SerializationError) and self._owned and attempt < _CONNECTION_ATTEMPTS:
+                    self._runtime.count(exc, self._scope)
                     continue
                 # A pooled connection that died idle, unseen by the driver until the schema check or BEGIN
                 # failed on it (asyncpg's InternalClientError, say): nothing touching the key was sent, and
@@ -286,16 +306,15 @@ class UnitOfWork(Generic[R]):
                 # sent: a claim cut while it waited was someone's decision (pg_terminate_backend), told as is.
                 lost = ours if ours is not None else exc
                 retry = isinstance(lost, ConnectionLostError) and not isinstance(lost, ConnectError)
-                if retry and self._owned and not self._sent and not reconnected and attempt < _CLAIM_ATTEMPTS:
+                if retry and self._owned and not self._sent and not reconnected and attempt < _CONNECTION_ATTEMPTS:
                     reconnected = True
                     continue
-                self._barrier._count(exc, self._scope)
+                self._runtime.count(exc, self._scope)
                 if ours is not None:
                     raise ours from exc
                 raise
-            self._barrier._count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED, self._scope)
+            self._runtime.count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED, self._scope)
             return self
-        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     async def _replay_or_claim(self, session: AsyncSession) -> None:
         try:
@@ -305,7 +324,7 @@ class UnitOfWork(Generic[R]):
         self._driver = _close_at_once_when_invalidated(conn)
         # With the caller's session the schema check waits for our savepoint: a missing table must not
         # abort the caller's transaction.
-        storage = await self._barrier._storage_on(conn, check=self._owned)
+        storage = await self._runtime.storage_on(conn, check=self._owned)
         if self._fenced:
             await self._fence(session, storage)
             return
@@ -313,7 +332,7 @@ class UnitOfWork(Generic[R]):
         # caller's session: a replay keeps its savepoint open, so that nothing the body writes survives.
         if self._owned and storage.lookup_first:
             self._sent = True  # a read only, yet past the point where a fresh connection is taken silently
-            if (record := await storage.lookup(self._scope, self._key)) is not None and self._settle(record):
+            if (record := await storage.lookup(self._scope, self._key)) is not None and self._adopt(record):
                 return
         waits = self._on_conflict is OnConflict.WAIT
         wait = self._wait_timeout if waits else None
@@ -325,7 +344,7 @@ class UnitOfWork(Generic[R]):
             # The wait ran out: on a concurrent holder, or on cleanup busy with a finished record (its
             # compaction holds the row). A plain read, which waits for nobody, tells which.
             record = await self._look_again(session, storage)
-            if record is not None and record.status.finished and self._settle(record):
+            if record is not None and record.status.finished and self._adopt(record):
                 await self._open_savepoint(session)  # a replay keeps a savepoint until the block ends
                 return
             raise KeyInProgressError(scope=self._scope, key=self._key, waited=wait or 0.0) from exc
@@ -334,7 +353,7 @@ class UnitOfWork(Generic[R]):
         """Read the record after a claim that gave up waiting, its failed transaction rolled back first."""
         if self._owned:
             await session.rollback()
-            storage = await self._barrier._storage_on(await session.connection(), check=False)
+            storage = await self._runtime.storage_on(await session.connection(), check=False)
         else:
             await self._release_savepoint(commit=False)
         return await storage.lookup(self._scope, self._key)
@@ -354,7 +373,7 @@ class UnitOfWork(Generic[R]):
             # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
             self._savepoint = await session.begin_nested()
             # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now.
-            await self._barrier._check_schema(await session.connection())
+            await self._runtime.check_schema(await session.connection())
 
     async def _claim(self, session: AsyncSession, storage: Storage, wait: float | None) -> None:
         """Claim the key, waiting at most ``wait`` seconds (None: not at all) for a concurrent holder.
@@ -373,48 +392,56 @@ class UnitOfWork(Generic[R]):
             record = claimed or await storage.lookup(self._scope, self._key)
             if record is None:
                 continue
-            if self._settle(record):
+            if self._adopt(record):
                 return  # a replay: the savepoint stays open until the block ends
             # A late request the policy lets run again: take the compact record over, in our transaction.
             if await storage.retake(self._scope, self._key, self._token, wait):
-                if self._on_expired_replay is ExpiredReplay.ALERT:
-                    self._barrier._count(Outcome.LATE_REPLAY, self._scope)
+                if self._runtime.options.on_expired_replay is ExpiredReplay.ALERT:
+                    self._runtime.count(Outcome.LATE_REPLAY, self._scope)
                 self._storage = storage
                 return
         # The key kept changing hands (claimed, then rolled back or deleted) faster than we could look.
         raise KeyInProgressError(scope=self._scope, key=self._key)
 
-    def _settle(self, record: Record) -> bool:
-        """Adopt an existing record as a replay (True), let a late request run again (False), or raise why not."""
-        if record.fingerprint != self._fingerprint:
-            raise FingerprintMismatchError(scope=self._scope, key=self._key, record=record)
-        if record.status is Status.UNKNOWN:
-            raise ReconciliationRequiredError(scope=self._scope, key=self._key, record=record)
-        if not record.status.finished:
+    def _adopt(self, record: Record) -> bool:
+        """Adopt ``record`` as this call's replay (True), let a late request run again (False), or raise why not."""
+        policy = self._runtime.options.on_expired_replay
+        decision = decide(record, fingerprint=self._fingerprint, on_expired_replay=policy)
+        if decision is Decision.WAIT:  # a unit of work never waits on a committed IN_PROGRESS record
             raise KeyInProgressError(scope=self._scope, key=self._key, record=record)
-        if record.response is None:  # a compact record: the request was made, its response is gone
-            if self._on_expired_replay is ExpiredReplay.REJECT:
-                raise ResponseExpiredError(scope=self._scope, key=self._key, record=record)
+        if decision is Decision.RETAKE:
             return False
         self._record = record
         return True
 
     # -- leaving: commit, or roll back ------------------------------------------------------------------
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc is None:
-            try:
-                await self._finish()
-            except BaseException as err:
-                await self._abandon(err)
-                raise  # already ours where it is the database's doing; see _commit
-            return
-        await self._abandon(exc)
-        if (lost := _body_error(exc)) is not None:
-            raise lost from exc
-        # Anything else the body raised propagates unchanged.
+    async def commit(self) -> None:
+        """End the work cleanly, as leaving the block without an exception does.
+
+        A replay gives its session back; an execution commits its writes with the recorded outcome (with a
+        caller's session: releases them into the caller's transaction).
+
+        Raises:
+            UnitOfWorkError: No outcome was set, or a replay wrote something; everything rolled back.
+            ConnectionLostError: The connection was lost; ``outcome_unknown`` tells whether a COMMIT was in
+                flight (then only a retry with the same key can tell whether it took effect).
+        """
+        try:
+            await self._finish()
+        except BaseException as err:
+            await self._abandon(err)
+            raise  # already ours where it is the database's doing; see _commit
+
+    async def rollback(self, cause: BaseException) -> None:
+        """Roll everything back because of ``cause``, as leaving the block with it does.
+
+        Returns normally when ``cause`` is to propagate as it is (the body's own exception); raises our
+        `StorageError` from it when it is the database's doing (a lost connection, a serialization failure).
+        """
+        await self._abandon(cause)
+        if (lost := _body_error(cause)) is not None:
+            raise lost from cause
 
     async def _finish(self) -> None:
         if self._record is not None:
@@ -438,7 +465,7 @@ class UnitOfWork(Generic[R]):
 
     async def _commit(self, outcome: tuple[Status, bytes]) -> None:
         session, storage = self.session, self._storage
-        assert storage is not None  # claimed in __aenter__
+        assert storage is not None  # claimed in start()
         status, response = outcome
         if not storage.in_transaction():
             raise UnitOfWorkError(
@@ -448,7 +475,7 @@ class UnitOfWork(Generic[R]):
             )
         try:
             if self._messages:
-                await write_outbox(session, self._barrier._table, self._messages)
+                await write_outbox(session, self._runtime.table, self._messages)
             finished = await storage.finish(self._scope, self._key, self._token, status, response, self._retention)
         except Exception as exc:
             if (ours := _storage_error(exc, "recording the outcome")) is not None:
@@ -499,7 +526,7 @@ class UnitOfWork(Generic[R]):
         """
         session = self._session
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self._barrier.options.cleanup_timeout) as bounded:
+            with anyio.move_on_after(self._runtime.options.cleanup_timeout) as bounded:
                 try:
                     if self._savepoint is not None:
                         await self._release_savepoint(commit=False)
@@ -521,7 +548,7 @@ class UnitOfWork(Generic[R]):
                         raise
                     await self._discard(session)
             if bounded.cancelled_caught:
-                silent = f"the rollback got no answer within {self._barrier.options.cleanup_timeout} s"
+                silent = f"the rollback got no answer within {self._runtime.options.cleanup_timeout} s"
                 await self._discard(session)
                 if cause is not None:
                     cause.add_note(f"idembarrier: {silent}; the connection was closed and invalidated")
@@ -535,7 +562,7 @@ class UnitOfWork(Generic[R]):
             terminate()  # asyncpg: closes the socket now; SQLAlchemy's own invalidation would wait for a reply
         if not self._owned or session is None:
             return  # the caller's session: its next use fails, as its connection is closed
-        with anyio.move_on_after(self._barrier.options.cleanup_timeout):
+        with anyio.move_on_after(self._runtime.options.cleanup_timeout):
             try:
                 await session.invalidate()
             except Exception:  # the connection is closed already; the session is given up

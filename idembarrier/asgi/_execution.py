@@ -17,7 +17,7 @@ the response go out, so a client never sees a success that could still roll back
 - an exception once the response has begun → it propagates; the client's response is cut short.
 
 Because the outcome is settled from inside the application's ``send``, while the application is still
-running, the unit of work is entered and exited by hand (``__aenter__``/``__aexit__``) rather than with
+running, the unit of work is driven by its named steps (``start``/``commit``/``rollback``) rather than with
 ``async with``: no block of the middleware's own spans exactly "until the response is complete".
 """
 
@@ -85,7 +85,7 @@ class Execution:
             return exc
         self._open = False
         try:
-            await self._uow.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._uow.rollback(exc)
         except BaseException as ours:
             return ours
         return exc
@@ -137,11 +137,11 @@ class Execution:
                 try:
                     (self._uow.complete if status < 400 else self._uow.fail)(response)
                 except BaseException as exc:
-                    await self._uow.__aexit__(type(exc), exc, exc.__traceback__)  # nothing was recorded
+                    await self._uow.rollback(exc)  # nothing was recorded
                     raise
-                await self._uow.__aexit__(None, None, None)
+                await self._uow.commit()
             else:
-                await self._uow.__aexit__(_NotStored, _NotStored(), None)
+                await self._uow.rollback(_NotStored())
         except BaseException as exc:
             self._failure = exc
             raise

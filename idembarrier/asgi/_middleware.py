@@ -194,7 +194,7 @@ class IdempotencyMiddleware:
                 raise
             return
         try:
-            await uow.__aenter__()
+            await uow.start()
         except KeyInProgressError:
             detail = "the first request with this key has not finished; retry with the same key later"
             await send_problem(send, Problem.KEY_IN_PROGRESS, detail, retry_after=settings.retry_after)
@@ -263,12 +263,12 @@ async def _replay(uow: UnitOfWork[HTTPResponse], send: Send, retry_after: int) -
     try:
         response = uow.response
     except Exception as exc:  # the codec cannot read the record
-        await uow.__aexit__(type(exc), exc, exc.__traceback__)
+        await uow.rollback(exc)
         if await answer_failure(send, exc, retry_after):
             raise
         return
     try:
-        await uow.__aexit__(None, None, None)  # a replay wrote nothing: this only gives back the session
+        await uow.commit()  # a replay wrote nothing: this only gives back the session
     except Exception:
         # The response is in hand and true; a failed rollback of a read-only transaction changes nothing
         # the client must know.
