@@ -203,21 +203,17 @@ async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
 
 
 async def _inspect(barrier: Barrier, args: argparse.Namespace) -> int:
-    from .._keys import validate_key
-
-    scope, key = validate_key(args.scope, what="scope"), validate_key(args.key)
-    found = await barrier._atomically(lambda storage: storage.inspect(scope, key))
-    if found is None:
+    record = await barrier.inspect(args.key, scope=args.scope)
+    if record is None:
         _print(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
         return 1
-    record = found.record
     data = {
         "found": True,
         "scope": record.scope,
         "key": record.key,
         "status": record.status.value,
         "attempt": record.attempt,
-        "stale": found.stale,
+        "stale": record.stale,
         "fingerprint": None if record.fingerprint is None else record.fingerprint.hex(),
         "response": None if record.response is None else record.response.decode(errors="replace"),
         "checkpoint": record.checkpoint,
