@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,9 +28,8 @@ FIX = (
 
 
 def migrations_path() -> Path:
-    """Return the folder of the Alembic scripts: inside the installed wheel, or at a checkout's root."""
-    packaged = Path(str(files("idembarrier"))) / "_migrations"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "migrations"
+    """Return the folder of the Alembic scripts, ``idembarrier/migrations`` (``idembarrier:migrations`` to Alembic)."""
+    return Path(__file__).resolve().parent / "migrations"
 
 
 async def upgrade(

@@ -379,7 +379,8 @@ async def test_built_wheel_carries_and_runs_migrations(empty_pg: Empty, tmp_path
     (wheel,) = dist.glob("idembarrier-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    assert {"idembarrier/_migrations/env.py", "idembarrier/_migrations/versions/0001_records.py"} <= names
+    shipped = {f"idembarrier/migrations/{name}" for name in ("env.py", "script.py.mako", "versions/0001_records.py")}
+    assert shipped <= names
 
     # A venv of its own, without system site-packages, with the wheel's declared dependencies installed
     # from the package index: the probe then sees only what a user installing the wheel would get.
@@ -397,7 +398,7 @@ async def test_built_wheel_carries_and_runs_migrations(empty_pg: Empty, tmp_path
     assert version == HEAD
     assert Path(module).is_relative_to(venv)
     assert Path(scripts).is_relative_to(venv)
-    assert Path(scripts).name == "_migrations"
+    assert Path(scripts).name == "migrations"
     assert await versions(empty_pg.engine) == [HEAD]
 
 

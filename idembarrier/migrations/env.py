@@ -1,6 +1,7 @@
 """Alembic environment for idembarrier's own tables, with its own version table.
 
-Run from the repository root: ``IDEMBARRIER_DATABASE_URL=postgresql+asyncpg://… alembic upgrade head``
+Run from the repository root, whose ``alembic.ini`` points here (``script_location = idembarrier:migrations``):
+``IDEMBARRIER_DATABASE_URL=postgresql+asyncpg://… alembic upgrade head``
 (``-x table=NAME -x schema=NAME`` to place the records table). `idembarrier.upgrade()` runs the same
 scripts on a connection it passes in ``config.attributes``.
 """
