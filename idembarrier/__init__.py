@@ -7,9 +7,9 @@ the business writes, so the writes and the key's outcome commit, or roll back, t
 from __future__ import annotations
 
 from ._alembic import include_object, include_object_for
-from ._barrier import DEFAULT_LEASE, Barrier, Purged, Unresolved
+from ._barrier import Barrier, Purged, Unresolved
 from ._codec import JSON, Codec, DataclassCodec, JSONCodec, PydanticCodec
-from ._config import DEFAULT_RECORD_RETENTION, DEFAULT_RETENTION, ExpiredReplay, OnConflict, Retention
+from ._config import DEFAULT_LEASE, DEFAULT_RECORD_RETENTION, DEFAULT_RETENTION, ExpiredReplay, OnConflict, Retention
 from ._engines import create_sqlite_engine
 from ._exceptions import (
     ConfigurationError,

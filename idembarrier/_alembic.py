@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import MetaData, Table
 
+from ._config import DEFAULT_TABLE
 from ._schema import VERSION_TABLE, records_table
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["include_object", "include_object_for", "owned_tables"]
 
 
-def owned_tables(table: str = "idempotency_keys") -> frozenset[str]:
+def owned_tables(table: str = DEFAULT_TABLE) -> frozenset[str]:
     """The names of the tables idembarrier owns for the records table ``table``, its version table included."""
     metadata = MetaData()
     records_table(metadata, table)
@@ -36,7 +37,7 @@ def owned_tables(table: str = "idempotency_keys") -> frozenset[str]:
 
 
 def include_object_for(
-    *, table: str = "idempotency_keys", schema: str | None = None
+    *, table: str = DEFAULT_TABLE, schema: str | None = None
 ) -> Callable[[SchemaItem, str | None, str, bool, SchemaItem | None], bool]:
     """Return an Alembic ``include_object`` hook that leaves out idembarrier's tables.
 

@@ -10,7 +10,11 @@ from typing_extensions import TypeVar
 
 from ._codec import JSON, Codec, JSONCodec, round_trip
 from ._config import (
+    DEFAULT_CLEANUP_TIMEOUT,
+    DEFAULT_LEASE,
     DEFAULT_RETENTION,
+    DEFAULT_TABLE,
+    DEFAULT_WAIT_TIMEOUT,
     ExpiredReplay,
     OnConflict,
     Options,
@@ -37,9 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["Barrier"]
 
 R = TypeVar("R", default=JSON)
-
-DEFAULT_LEASE = timedelta(seconds=30)
-"""How long a lease stays its holder's without renewal."""
 
 
 class Barrier(Generic[R]):
@@ -70,17 +71,17 @@ class Barrier(Generic[R]):
         sessionmaker: async_sessionmaker[AsyncSession],
         *,
         codec: Codec[R] | None = None,
-        table: str = "idempotency_keys",
+        table: str = DEFAULT_TABLE,
         schema: str | None = None,
         on_conflict: OnConflict = OnConflict.WAIT,
-        wait_timeout: float = 10.0,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         retention: timedelta | Retention = DEFAULT_RETENTION,
         retention_by_scope: Mapping[str, Retention] | None = None,
         on_expired_replay: ExpiredReplay = ExpiredReplay.REJECT,
         max_replay_window: timedelta | None = None,
         check_schema: bool = True,
         on_reclaim: Callable[[Record], object] | None = None,
-        cleanup_timeout: float = 0.5,
+        cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]

@@ -12,8 +12,12 @@ from types import MappingProxyType
 from ._exceptions import ConfigurationError
 
 __all__ = [
+    "DEFAULT_CLEANUP_TIMEOUT",
+    "DEFAULT_LEASE",
     "DEFAULT_RECORD_RETENTION",
     "DEFAULT_RETENTION",
+    "DEFAULT_TABLE",
+    "DEFAULT_WAIT_TIMEOUT",
     "ExpiredReplay",
     "OnConflict",
     "Options",
@@ -22,8 +26,17 @@ __all__ = [
     "check_wait_timeout",
 ]
 
+DEFAULT_TABLE = "idempotency_keys"
+"""The records table's name; the outbox, failures and version tables are named after it."""
+DEFAULT_WAIT_TIMEOUT = 10.0
+"""Longest wait, in seconds, for a concurrent holder of a key."""
+DEFAULT_CLEANUP_TIMEOUT = 0.5
+"""Longest wait, in seconds, for the rollback after a failure or a cancellation."""
+DEFAULT_LEASE = timedelta(seconds=30)
+"""How long a lease stays its holder's without renewal."""
 DEFAULT_RETENTION = timedelta(days=7)
-"""How long a finished record keeps its response: the article's minimum for Kafka-fed systems."""
+"""How long a finished record keeps its response: a week covers the replay horizon of most brokers (Kafka's
+default log retention is 7 days) and of clients retrying after an outage."""
 DEFAULT_RECORD_RETENTION = timedelta(days=30)
 """How long the compact record (scope, key, fingerprint, status, timestamps) outlives its response."""
 
@@ -101,16 +114,16 @@ class Options:
             connection that does not answer within it is invalidated (closed, never pooled again).
     """
 
-    table: str = "idempotency_keys"
+    table: str = DEFAULT_TABLE
     schema: str | None = None
     on_conflict: OnConflict = OnConflict.WAIT
-    wait_timeout: float = 10.0
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     retention: Retention = field(default_factory=Retention)
     retention_by_scope: Mapping[str, Retention] = field(default_factory=dict)
     on_expired_replay: ExpiredReplay = ExpiredReplay.REJECT
     max_replay_window: timedelta | None = None
     check_schema: bool = True
-    cleanup_timeout: float = 0.5
+    cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_conflict", OnConflict(self.on_conflict))

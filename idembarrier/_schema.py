@@ -21,6 +21,7 @@ from sqlalchemy import (
     text,
 )
 
+from ._config import DEFAULT_TABLE
 from ._record import Status
 
 __all__ = ["VERSION_TABLE", "failures_name", "failures_table", "outbox_name", "outbox_table", "records_table"]
@@ -31,7 +32,7 @@ VERSION_TABLE = "idembarrier_alembic_version"
 _STATUSES = ", ".join(f"'{status.value}'" for status in Status)
 
 
-def records_table(metadata: MetaData, name: str = "idempotency_keys", schema: str | None = None) -> Table:
+def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | None = None) -> Table:
     """Declare the records table, and its outbox (see `outbox_table`), on ``metadata``.
 
     Columns:
@@ -99,7 +100,7 @@ def outbox_name(records: str) -> str:
     return f"{records}_outbox"
 
 
-def outbox_table(metadata: MetaData, records: str = "idempotency_keys", schema: str | None = None) -> Table:
+def outbox_table(metadata: MetaData, records: str = DEFAULT_TABLE, schema: str | None = None) -> Table:
     """Declare the outbox of the records table ``records`` on ``metadata``: ``<records>_outbox``.
 
     Columns:
@@ -157,7 +158,7 @@ def failures_name(records: str) -> str:
     return f"{records}_failures"
 
 
-def failures_table(metadata: MetaData, records: str = "idempotency_keys", schema: str | None = None) -> Table:
+def failures_table(metadata: MetaData, records: str = DEFAULT_TABLE, schema: str | None = None) -> Table:
     """Declare the handler failures of consumed messages on ``metadata``: ``<records>_failures``.
 
     One row per (scope, key) of a consumed message whose handler raised, counted in transactions of their

@@ -30,7 +30,7 @@ from ._header import parse_key_header
 from ._problems import Problem, send_problem
 from ._request import RequestHead, request_fingerprint
 from ._response import DEFAULT_STORED_HEADERS
-from ._settings import Settings
+from ._settings import DEFAULT_MAX_BYTES, Settings
 from ._state import STATE_KEY, UnguardedRequestError
 
 if TYPE_CHECKING:
@@ -85,8 +85,8 @@ class IdempotencyMiddleware:
         require_key: bool = True,
         fingerprint: Collection[FingerprintPart] = ("method", "path", "query", "body"),
         normalise_body: Callable[[bytes], object] | None = None,
-        max_body_bytes: int = 1 << 20,
-        max_response_bytes: int = 1 << 20,
+        max_body_bytes: int = DEFAULT_MAX_BYTES,
+        max_response_bytes: int = DEFAULT_MAX_BYTES,
         on_conflict: OnConflict | None = None,
         retry_after: int = 1,
         store_statuses: Collection[int] = (),

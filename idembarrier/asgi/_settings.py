@@ -10,7 +10,10 @@ from .._exceptions import ConfigurationError
 from ._request import FINGERPRINT_PARTS, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, check_stored_headers
 
-__all__ = ["Settings"]
+DEFAULT_MAX_BYTES = 1 << 20
+"""The largest request body read, and the largest response held back whole, by default: 1 MiB."""
+
+__all__ = ["DEFAULT_MAX_BYTES", "Settings"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,8 +25,8 @@ class Settings:
     require_key: bool = True
     fingerprint: frozenset[str] = FINGERPRINT_PARTS
     normalise_body: Callable[[bytes], object] | None = None
-    max_body_bytes: int = 1 << 20
-    max_response_bytes: int = 1 << 20
+    max_body_bytes: int = DEFAULT_MAX_BYTES
+    max_response_bytes: int = DEFAULT_MAX_BYTES
     on_conflict: OnConflict | None = None
     retry_after: int = 1
     store_statuses: frozenset[int] = frozenset()

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
+from .._config import DEFAULT_TABLE
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--database-url", default=os.environ.get("IDEMBARRIER_DATABASE_URL"), help=_DB_HELP)
-        command.add_argument("--table", default="idempotency_keys", help="records table (default %(default)s)")
+        command.add_argument("--table", default=DEFAULT_TABLE, help="records table (default %(default)s)")
         command.add_argument("--schema", default=None, help="PostgreSQL schema of the records table")
         command.add_argument("--json", action="store_true", help="print JSON instead of text")
         if name == "purge":
