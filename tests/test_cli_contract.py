@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import idembarrier
+from idembarrier import cli
 from tests._cli import run
 
 if TYPE_CHECKING:
@@ -165,6 +166,17 @@ def test_version_prints_the_installed_distributions_version(capfd: pytest.Captur
     """``idembarrier --version`` prints the version from the installed distribution's metadata."""
     done = run(capfd, "--version")
     assert (done.status, done.out, done.err) == (0, f"idembarrier {idembarrier.__version__}\n", "")
+
+
+def test_a_bug_leaves_main_with_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception that is not a usage, configuration or database failure is raised, not printed as one."""
+
+    def broken(args: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_run_lab", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["lab"])
 
 
 def test_python_m_idembarrier_is_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
