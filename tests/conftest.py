@@ -1,7 +1,8 @@
 """Fixtures: a migrated PostgreSQL template database cloned per test, and a migrated SQLite file per test.
 
 The PostgreSQL server comes from IDEMBARRIER_TEST_DATABASE_URL (default: the local server, database
-``test``). When it does not answer, the session fails at once; no test is skipped for want of it.
+``test``). Where it does not answer, or IDEMBARRIER_TEST_EMBEDDED_POSTGRES=1, the session starts an embedded
+one instead (see `tests._postgres_server`); no test is skipped for want of a server.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 import idembarrier
+from tests import _postgres_server
 from tests.faultproxy import FaultProxy
 from tests.models import Base, Payment
 
@@ -25,10 +26,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 from typing import Any
 
-ADMIN_URL = make_url(
-    os.environ.get("IDEMBARRIER_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-)
+ADMIN_URL = _postgres_server.session_url()
 TEMPLATE = f"idembarrier_template_{os.getpid()}"
+
+
+def pytest_report_header() -> str:
+    return _postgres_server.report_header()
 
 
 @pytest.fixture(scope="session")
