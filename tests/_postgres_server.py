@@ -69,16 +69,26 @@ class EmbeddedPostgres:
         return self.directory / "data"
 
     @classmethod
-    def start(cls, like: URL) -> EmbeddedPostgres:
-        """Start a cluster on a free port with the user (a superuser) and the database that ``like`` names."""
+    def start(cls, like: URL, *, password: str | None = None) -> EmbeddedPostgres:
+        """Start a cluster on a free port with the user (a superuser) and the database that ``like`` names.
+
+        With ``password``, the user must give it (SCRAM authentication) and the URL carries it.
+        """
         user, database = like.username or "postgres", like.database or "postgres"
         directory = Path(tempfile.mkdtemp(prefix="idembarrier-postgres-"))
         run_as = _unprivileged_user(directory)
         port = _free_port()
-        url = like.set(username=user, password=None, host="127.0.0.1", port=port, database=database)
+        url = like.set(username=user, password=password, host="127.0.0.1", port=port, database=database)
         server = cls(url, directory, run_as)
+        auth = ["--auth=trust"]
+        if password is not None:
+            secret = directory / "password"
+            secret.write_text(password)
+            if run_as is not None:
+                shutil.chown(secret, run_as)
+            auth = ["--auth=scram-sha-256", f"--pwfile={secret}"]
         try:
-            server._run("initdb", "-D", server.data, "-U", user, "--auth=trust", "--encoding=UTF8", "--locale=C")
+            server._run("initdb", "-D", server.data, "-U", user, *auth, "--encoding=UTF8", "--locale=C")
             with (server.data / "postgresql.conf").open("a") as conf:
                 conf.write(_SETTINGS.format(port=port, directory=directory))
             server._run("pg_ctl", "-D", server.data, "-l", directory / "server.log", "-w", "-t", "60", "start")

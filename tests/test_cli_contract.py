@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 import idembarrier
 from idembarrier import cli
 from tests._cli import run
+from tests._postgres_server import EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -105,6 +106,29 @@ def test_an_unknown_role_exits_3_with_the_servers_reason(capfd: pytest.CaptureFi
     done = run(capfd, "stats", "--database-url", _url(username="idembarrier_no_such_role"))
     assert done.status == 3
     assert 'role "idembarrier_no_such_role" does not exist' in done.line
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of its own that checks passwords (SCRAM), unlike the trusting test server."""
+    server = EmbeddedPostgres.start(make_url("postgresql+asyncpg://postgres@127.0.0.1/postgres"), password="right")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("command", ["migrate", "stats", "inspect"])
+def test_a_wrong_password_exits_3_saying_authentication_failed(
+    command: str, password_server: EmbeddedPostgres, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A password the server refuses exits 3 with the server's reason and SQLSTATE, never "the database failed"."""
+    wrong = password_server.url.set(password="wrong").render_as_string(hide_password=False)
+    done = run(capfd, *_database_url_args(command, wrong))
+    assert done.status == 3
+    assert 'password authentication failed for user "postgres"' in done.line
+    assert "28P01" in done.line
+    assert "wrong" not in done.line  # the password is never printed
 
 
 @pytest.mark.parametrize("command", COMMANDS)
