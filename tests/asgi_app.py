@@ -31,6 +31,7 @@ from idembarrier.asgi import (
     unit_of_work,
     unit_of_work_session,
 )
+from tests.helpers import Boom
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -41,10 +42,6 @@ if TYPE_CHECKING:
 
 Work = Annotated[UnitOfWork[HTTPResponse], Depends(unit_of_work)]
 Session = Annotated[AsyncSession, Depends(unit_of_work_session)]
-
-
-class Boom(Exception):
-    """A route's own failure, in the middle of its writes."""
 
 
 class PaymentIn(BaseModel):

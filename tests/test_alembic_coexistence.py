@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import idembarrier
 from idembarrier._alembic import owned_tables
 from idembarrier._schema import VERSION_TABLE
-from tests.conftest import ADMIN_URL, _admin
+from tests.helpers import fresh_database
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -76,12 +75,8 @@ asyncio.run(main())
 @pytest.fixture
 async def app_database() -> AsyncIterator[str]:
     """A fresh, empty PostgreSQL database for one application (dropped afterwards)."""
-    name = f"idembarrier_app_{uuid.uuid4().hex[:12]}"
-    await _admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN_URL.set(database=name).render_as_string(hide_password=False)
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with fresh_database("idembarrier_app") as url:
+        yield url.render_as_string(hide_password=False)
 
 
 async def _install(url: str, *, table: str = "idempotency_keys", schema: str | None = None) -> None:

@@ -7,7 +7,6 @@ that the requests left behind: the one effect that idempotency is about.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import TYPE_CHECKING
 
 import anyio
@@ -15,7 +14,8 @@ import pytest
 
 from idembarrier import OnConflict, UnitOfWorkError
 from idembarrier.asgi import Problem, UnguardedRequestError
-from tests.asgi_app import Boom, running
+from tests.asgi_app import running
+from tests.helpers import Boom, lock_waiters, new_key
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
     from tests.conftest import Database
 
 PROBLEM_JSON = "application/problem+json"
-
-
-def new_key() -> str:
-    return f"pay-{uuid.uuid4()}"
 
 
 def keyed(key: str, **headers: str) -> dict[str, str]:
@@ -46,17 +42,6 @@ def assert_problem(response: httpx.Response, problem: Problem) -> dict[str, obje
     assert document["title"] == problem.title
     assert document["detail"]
     return document
-
-
-async def lock_waits(db: Database, waiting: int) -> None:
-    """Return once ``waiting`` PostgreSQL backends wait on a lock (the claim of a held key)."""
-    sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    with anyio.fail_after(20):
-        while True:
-            async with db.engine.connect() as conn:
-                if (await conn.exec_driver_sql(sql)).scalar_one() >= waiting:
-                    return
-            await anyio.sleep(0.005)  # the wait happens inside the server, which no event reaches: poll it
 
 
 # -- first request, replay, storms ------------------------------------------------------------------------
@@ -119,7 +104,7 @@ async def test_storm_of_identical_requests_has_one_effect(db: Database) -> None:
                 for _ in range(callers - 1):
                     tg.start_soon(call)
                 if db.dialect == "postgresql":
-                    await lock_waits(db, callers - 1)  # every duplicate waits on the held claim
+                    await lock_waiters(db, callers - 1)  # every duplicate waits on the held claim
                 site.gate.release.set()
     assert [r.status_code for r in responses] == [201] * callers
     assert len({r.content for r in responses}) == 1

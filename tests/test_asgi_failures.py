@@ -29,16 +29,13 @@ from idembarrier import (
 from idembarrier.asgi import HTTPResponseCodec, IdempotencyMiddleware, Problem, RequestHead, ScopeRefusedError
 from idembarrier.asgi._failures import answer_for
 from tests.faultproxy import CommitCut, FaultProxy
+from tests.helpers import Boom
 from tests.models import Payment
 from tests.test_asgi_units import Exchange, guard, public
 
 if TYPE_CHECKING:
     from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
-
-
-class Boom(Exception):
-    """The application's own failure."""
 
 
 def problem_of(exchange: Exchange) -> dict[str, object]:

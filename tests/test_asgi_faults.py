@@ -9,7 +9,6 @@ problem), a lost COMMIT reply is the outcome-unknown problem, and every key ends
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ import anyio
 from idembarrier.asgi import Problem
 from tests.asgi_app import running
 from tests.faultproxy import CommitCut, FaultProxy
+from tests.helpers import new_key
 
 if TYPE_CHECKING:
     import httpx
@@ -79,7 +79,7 @@ async def test_database_faults_answer_503_problems_and_the_same_key_settles_each
         behind = dataclasses.replace(pg_db, url=proxy.url(pg_db.url))
         async with running(behind) as site:
             for fault in FAULTS * KEYS_PER_FAULT:
-                key = f"pay-{uuid.uuid4()}"
+                key = new_key()
                 keys.append(key)
                 response = await first_request(site, proxy, fault, key)
                 firsts[fault][kind_of(response)] += 1

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections import Counter
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 import anyio
@@ -29,11 +29,12 @@ from idembarrier import (
     OnConflict,
     Status,
 )
+from tests import models
+from tests.helpers import Boom, lock_waiters, new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
     from types import TracebackType
 
     from anyio.abc import TaskStatus
@@ -44,14 +45,6 @@ SCOPE = "payments"
 PG_POOL = 40
 """Connections a many-caller test shares on PostgreSQL. The fixture's pool would open one per caller, past
 the server's max_connections (100); callers beyond the pool queue for a connection, as in a real app."""
-
-
-class Boom(Exception):
-    """The winner's own failure."""
-
-
-def new_key() -> str:
-    return f"order-{uuid.uuid4()}"
 
 
 @asynccontextmanager
@@ -95,19 +88,11 @@ class Waiters:
         """Return once ``waiting`` duplicates wait on the claim while the holder is inside its body."""
         with anyio.fail_after(20):
             if self._db.dialect == "postgresql":
-                # The wait happens inside the server, which no event reaches: poll its own view of it.
-                while await self._lock_waits() < waiting:  # noqa: ASYNC110 - no event can tell this
-                    await anyio.sleep(0.005)
+                await lock_waiters(self._db, waiting)
             else:
                 while self._begun < waiting + 1:  # the holder's BEGIN IMMEDIATE, then one per duplicate
                     self._seen = anyio.Event()
                     await self._seen.wait()
-
-    async def _lock_waits(self) -> int:
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        async with self._db.engine.connect() as conn:
-            count: int = (await conn.exec_driver_sql(sql)).scalar_one()
-        return count
 
 
 class Winner:
@@ -313,27 +298,14 @@ async def test_waiting_duplicate_with_another_fingerprint_gets_a_mismatch(db: Da
 
 
 # One OS process hammering the keys given on its command line. It imports the installed idembarrier (its
-# working directory is not the repository) and declares the business table itself.
-CHILD = """
+# working directory is not the repository), so the business table is declared by `tests.models`' own text.
+CHILD_MAIN = """
 import json, os, sys
 
 import anyio
-from sqlalchemy import Integer, MetaData, String
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from idembarrier import Barrier, KeyInProgressError, OnConflict
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData()
-
-
-class Payment(Base):
-    __tablename__ = "payments"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    key: Mapped[str] = mapped_column(String(255))
-    amount: Mapped[int] = mapped_column(Integer)
 
 
 async def main(url, attempts, keys):
@@ -368,6 +340,7 @@ async def main(url, attempts, keys):
 
 anyio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3:])
 """
+CHILD = Path(models.__file__).read_text() + CHILD_MAIN
 
 
 async def test_processes_hammering_the_same_keys_run_each_once(pg_db: Database, tmp_path: Path) -> None:

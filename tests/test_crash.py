@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,13 +21,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from idembarrier import (
-    JSON,
     Barrier,
     ConnectionLostError,
     IdembarrierError,
     KeyInProgressError,
     OnConflict,
 )
+from tests.helpers import lock_waiters, new_key, pay
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -45,6 +44,7 @@ import asyncio, sys
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from idembarrier import Barrier
+from tests.helpers import lock_waiters, new_key, pay
 from tests.models import Payment
 
 async def main(url, key):
@@ -59,22 +59,6 @@ async def main(url, key):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
-
-
-def new_key() -> str:
-    return f"order-{uuid.uuid4()}"
-
-
-async def pay(barrier: Barrier, key: str, *, on_conflict: OnConflict | None = None) -> JSON:
-    """One payment row, its id as the response; a replay returns the recorded response."""
-    async with barrier.unit_of_work(key, scope="payments", on_conflict=on_conflict) as uow:
-        if uow.replayed:
-            return uow.response
-        payment = Payment(key=key, amount=100)
-        uow.session.add(payment)
-        await uow.session.flush()
-        uow.complete({"payment_id": payment.id})
-    return uow.response
 
 
 async def backend_pid(session: AsyncSession) -> int:
@@ -101,21 +85,6 @@ async def wait_until_gone(db: Database, pid: int) -> None:
                 found = (await conn.execute(GONE, {"pid": pid})).first()
             if found is None:
                 return
-            await anyio.sleep(0.01)
-
-
-async def wait_for_lock_waiter(db: Database) -> int:
-    """Poll pg_stat_activity until a backend of ``db`` waits on a lock, for at most 10 s; return its pid."""
-    sql = text(
-        "SELECT pid FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-    )
-    with anyio.fail_after(10):
-        while True:
-            async with db.engine.connect() as conn:
-                pid: int | None = (await conn.execute(sql)).scalar()
-            if pid is not None:
-                return pid
             await anyio.sleep(0.01)
 
 
@@ -207,7 +176,8 @@ async def test_waiting_duplicate_whose_backend_is_terminated_gets_connection_los
         await uow.session.flush()
         async with anyio.create_task_group() as tg:
             tg.start_soon(duplicate)
-            await terminate(pg_db, await wait_for_lock_waiter(pg_db))
+            [waiter] = await lock_waiters(pg_db)
+            await terminate(pg_db, waiter)
         uow.complete({"payment_id": payment.id})
     assert len(lost) == 1
     assert isinstance(lost[0].__cause__, DRIVER_ERRORS)

@@ -6,35 +6,27 @@ with ``outcome_unknown``, and a retry with the same key replays (it committed) o
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 import anyio
 import asyncpg
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from idembarrier import JSON, Barrier, ConnectionLostError, StorageError
+from idembarrier import Barrier, ConnectionLostError, StorageError
 from tests.faultproxy import CommitCut, FaultProxy
+from tests.helpers import new_key, pay
 from tests.models import Payment
 
 if TYPE_CHECKING:
     from tests.conftest import Database
 
 
-async def pay(barrier: Barrier[JSON], key: str) -> JSON:
-    """One payment under ``key``: a business row and its recorded response, in one transaction."""
-    async with barrier.unit_of_work(key, scope="payments") as uow:
-        if not uow.replayed:
-            uow.session.add(Payment(key=key, amount=1))
-            uow.complete({"paid": key})
-    return uow.response
-
-
 async def test_proxy_forwards_a_unit_of_work(pg_db: Database, proxied: AsyncEngine) -> None:
     """Without a fault, a unit of work through the proxy commits as it would directly."""
-    key = f"k-{uuid.uuid4()}"
-    assert await pay(Barrier(async_sessionmaker(proxied)), key) == {"paid": key}
+    key = new_key()
+    assert await pay(Barrier(async_sessionmaker(proxied)), key) == {"payment_id": 1, "amount": 100}
     assert await pg_db.payments(key) == 1
 
 
@@ -43,7 +35,7 @@ async def test_commit_without_a_reply_is_an_unknown_outcome(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine, how: CommitCut, committed: int
 ) -> None:
     """A COMMIT whose reply is lost raises ConnectionLostError(outcome_unknown=True), whether it committed or not."""
-    barrier, key = Barrier(async_sessionmaker(proxied)), f"k-{uuid.uuid4()}"
+    barrier, key = Barrier(async_sessionmaker(proxied)), new_key()
     proxy.cut_at_commit(how)
     with pytest.raises(ConnectionLostError) as caught:
         await pay(barrier, key)
@@ -57,19 +49,21 @@ async def test_retry_after_an_unknown_outcome_replays_or_runs_once(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine, how: CommitCut
 ) -> None:
     """The retry with the same key after a lost COMMIT reply leaves exactly one payment."""
-    barrier, key = Barrier(async_sessionmaker(proxied)), f"k-{uuid.uuid4()}"
+    barrier, key = Barrier(async_sessionmaker(proxied)), new_key()
     proxy.cut_at_commit(how)
     with pytest.raises(ConnectionLostError):
         await pay(barrier, key)
-    assert await pay(barrier, key) == {"paid": key}
-    assert await pg_db.payments(key) == 1
+    response = await pay(barrier, key)
+    async with pg_db.engine.connect() as conn:
+        (paid,) = (await conn.execute(select(Payment.id).where(Payment.key == key))).scalars()
+    assert response == {"payment_id": paid, "amount": 100}  # the one payment, replayed or run by the retry
 
 
 async def test_connection_cut_before_the_commit_is_a_known_outcome(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine
 ) -> None:
     """A connection cut while the body runs raises ConnectionLostError(outcome_unknown=False): nothing committed."""
-    barrier, key = Barrier(async_sessionmaker(proxied)), f"k-{uuid.uuid4()}"
+    barrier, key = Barrier(async_sessionmaker(proxied)), new_key()
     with pytest.raises(ConnectionLostError) as caught:
         async with barrier.unit_of_work(key, scope="payments") as uow:
             uow.session.add(Payment(key=key, amount=1))
@@ -87,9 +81,9 @@ async def test_commit_cut_after_its_reply_leaves_the_commit_acknowledged(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine
 ) -> None:
     """A connection cut just after the COMMIT's reply was forwarded: the caller is told it committed."""
-    key = f"k-{uuid.uuid4()}"
+    key = new_key()
     proxy.cut_at_commit(CommitCut.AFTER_REPLY)
-    assert await pay(Barrier(async_sessionmaker(proxied)), key) == {"paid": key}
+    assert await pay(Barrier(async_sessionmaker(proxied)), key) == {"payment_id": 1, "amount": 100}
     assert proxy.faults["cut_after_commit_reply"] == 1
     assert await pg_db.payments(key) == 1
 
@@ -98,12 +92,12 @@ async def test_refused_connects_are_a_storage_error_until_healed(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine
 ) -> None:
     """While the proxy refuses connects, entering raises a StorageError; once healed, the same port serves."""
-    barrier, key = Barrier(async_sessionmaker(proxied)), f"k-{uuid.uuid4()}"
+    barrier, key = Barrier(async_sessionmaker(proxied)), new_key()
     proxy.refuse()
     with pytest.raises(StorageError):
         await pay(barrier, key)
     await proxy.heal()
-    assert await pay(barrier, key) == {"paid": key}
+    assert await pay(barrier, key) == {"payment_id": 1, "amount": 100}
 
 
 async def test_half_open_connection_answers_nothing(pg_db: Database, proxy: FaultProxy) -> None:

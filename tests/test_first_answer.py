@@ -4,7 +4,6 @@ retry receives, because the first caller gets the response as the codec will giv
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,6 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from idembarrier import JSON, Barrier, DataclassCodec, ResponseEncodingError, Status
+from tests.helpers import new_key
 
 if TYPE_CHECKING:
     from tests.conftest import Database
@@ -22,7 +22,7 @@ async def first_and_replay(
 ) -> tuple[object, object]:
     """Record ``response`` for a new key and return (what the first caller got, what a retry gets)."""
     barrier: Barrier[JSON] = Barrier(async_sessionmaker(db.engine))
-    key = f"k-{uuid.uuid4()}"
+    key = new_key()
     async with barrier.unit_of_work(key, scope="answers") as first:
         (first.complete if status is Status.COMPLETED else first.fail)(response)  # type: ignore[arg-type]
     async with barrier.unit_of_work(key, scope="answers") as again:
@@ -54,7 +54,7 @@ async def test_recorded_failure_reaches_the_first_caller_as_stored(db: Database)
 async def test_response_mutated_after_complete_is_not_the_first_answer(pg_db: Database) -> None:
     """Changing the object after complete() changes neither what the first caller gets nor the record."""
     barrier: Barrier[JSON] = Barrier(async_sessionmaker(pg_db.engine))
-    key, response = f"k-{uuid.uuid4()}", {"items": [1]}
+    key, response = new_key(), {"items": [1]}
     async with barrier.unit_of_work(key, scope="answers") as first:
         first.complete(response)  # type: ignore[arg-type]
         response["items"].append(2)
@@ -77,7 +77,7 @@ class Receipt:
 async def test_dataclass_codec_first_answer_is_the_decoded_one(pg_db: Database) -> None:
     """With DataclassCodec the first caller gets the instance a replay decodes (nested ones as dicts)."""
     barrier = Barrier(async_sessionmaker(pg_db.engine), codec=DataclassCodec(Receipt))
-    key, response = f"k-{uuid.uuid4()}", Receipt(Inner(1))
+    key, response = new_key(), Receipt(Inner(1))
     async with barrier.unit_of_work(key, scope="answers") as first:
         first.complete(response)
         response.inner.n = 2
@@ -100,7 +100,7 @@ class WriteOnly:
 async def test_response_that_does_not_round_trip_is_refused_at_complete(pg_db: Database) -> None:
     """complete() raises ResponseEncodingError when the codec cannot decode what it encoded; nothing commits."""
     barrier = Barrier(async_sessionmaker(pg_db.engine), codec=WriteOnly())
-    key = f"k-{uuid.uuid4()}"
+    key = new_key()
     with pytest.raises(ResponseEncodingError, match="never replay"):
         async with barrier.unit_of_work(key, scope="answers") as uow:
             uow.complete("anything")
@@ -110,7 +110,7 @@ async def test_response_that_does_not_round_trip_is_refused_at_complete(pg_db: D
 async def test_resolution_that_does_not_round_trip_is_refused(pg_db: Database) -> None:
     """An operator's resolve() refuses a response its codec cannot read back; the record stays unresolved."""
     barrier = Barrier(async_sessionmaker(pg_db.engine), codec=WriteOnly())
-    key = f"k-{uuid.uuid4()}"
+    key = new_key()
     with pytest.raises(ResponseEncodingError, match="never replay"):
         await barrier.resolve(key, scope="answers", status=Status.COMPLETED, response="by hand")
     assert await pg_db.records(key) == []

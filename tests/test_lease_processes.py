@@ -26,6 +26,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy import text
 
 from idembarrier import JSON, Barrier, KeyInProgressError, OnConflict, Record
+from tests.helpers import new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -191,10 +192,6 @@ async def spawn(
             process.kill()  # also ends a SIGSTOPped child
         with anyio.CancelScope(shield=True):
             await process.aclose()
-
-
-def new_key() -> str:
-    return f"charge-{uuid.uuid4()}"
 
 
 async def until_stale(db: Database, key: str) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import idembarrier
 from idembarrier import ExpiredReplay, Retention
 from idembarrier.kafka import CONTRACT_HEADER, MESSAGE_ID_HEADER, OutboxRelay, consume, message_id
+from tests.helpers import new_key
 from tests.models import Payment
 from tests.test_kafka import Delivered
 from tests.test_outbox import Collecting
@@ -50,7 +51,7 @@ async def consume_all(barrier: idembarrier.Barrier, messages: list[Message]) -> 
 async def test_allow_reexecution_after_compaction_commits_and_its_event_is_new(db: Database) -> None:
     """Under ALLOW a late request runs again: its message commits beside the first one's and is consumed."""
     barrier = idembarrier.Barrier(db.sessionmaker, on_expired_replay=ExpiredReplay.ALLOW)
-    key = f"o-{uuid.uuid4()}"
+    key = new_key()
     assert await order(barrier, key, GONE)
     assert (await barrier.purge()).compacted == 1
     assert await order(barrier, key, GONE)  # the first execution's outbox row is still there, pending
@@ -65,7 +66,7 @@ async def test_allow_reexecution_after_compaction_commits_and_its_event_is_new(d
 async def test_a_key_new_again_after_retention_publishes_new_ids(db: Database) -> None:
     """A key whose record cleanup deleted runs as new, and its message is not taken for the old one."""
     barrier = idembarrier.Barrier(db.sessionmaker)
-    key = f"o-{uuid.uuid4()}"
+    key = new_key()
     publisher = Collecting()
     relay = OutboxRelay(barrier, publisher)
     assert await order(barrier, key, FORGOTTEN)

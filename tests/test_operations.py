@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -19,16 +18,13 @@ from idembarrier import (
     Outcome,
     Status,
 )
+from tests.helpers import new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
     from tests.conftest import Database
 
 SCOPE = "ops"
-
-
-def new_key() -> str:
-    return f"op-{uuid.uuid4()}"
 
 
 async def run(barrier: Barrier, key: str, *, fingerprint: object = None, retention: timedelta | None = None) -> None:

@@ -25,7 +25,8 @@ from idembarrier import (
     otel,
 )
 from idembarrier.otel import Instrumentation, instrument
-from tests.test_operations import SCOPE, left_behind, new_key, run
+from tests.helpers import new_key
+from tests.test_operations import SCOPE, left_behind, run
 from tests.test_retention import expired, pay
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from idembarrier import ConfigurationError, SchemaError, StorageError
 from idembarrier.cli import _failure, main
 from idembarrier.cli._reason import driver_reason
-from tests.conftest import ADMIN_URL
+from tests.helpers import admin_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -31,9 +31,10 @@ def _raised_from(cause: BaseException) -> StorageError:
 
 async def test_a_postgresql_error_gives_the_servers_message_and_sqlstate() -> None:
     """asyncpg's ``message`` and ``sqlstate`` fields are the reason, read through our wrapper's cause."""
+    server = admin_url()
     with pytest.raises(asyncpg.InvalidCatalogNameError) as caught:
         await asyncpg.connect(
-            host=ADMIN_URL.host, port=ADMIN_URL.port, user=ADMIN_URL.username, database="idembarrier_no_such_db"
+            host=server.host, port=server.port, user=server.username, database="idembarrier_no_such_db"
         )
     reason = driver_reason(_raised_from(caught.value))
     assert reason == 'database "idembarrier_no_such_db" does not exist (SQLSTATE 3D000)'
@@ -75,7 +76,7 @@ def test_a_failure_without_a_driver_cause_has_no_reason() -> None:
 def refused_url() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        yield ADMIN_URL.set(host="127.0.0.1", port=sock.getsockname()[1]).render_as_string(hide_password=False)
+        yield admin_url().set(host="127.0.0.1", port=sock.getsockname()[1]).render_as_string(hide_password=False)
 
 
 def test_main_prints_one_line_and_exits_3_when_the_database_refuses(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from idembarrier import (
     Retention,
     Status,
 )
+from tests.helpers import new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 SCOPE = "late"
 GONE = Retention(response=timedelta(0), record=timedelta(days=30))
 """The response expires at completion; the compact record stays a month."""
-
-
-def new_key() -> str:
-    return f"late-{uuid.uuid4()}"
 
 
 async def pay(barrier: Barrier, key: str, *, retention: Retention | None = None, fingerprint: object = 1) -> bool:
