@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -28,32 +27,13 @@ from idembarrier import (
     Status,
     UnitOfWorkError,
 )
+from tests.helpers import Boom, new_key, pay
 from tests.models import Payment
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from tests.conftest import Database
-
-
-class Boom(Exception):
-    """The body's own failure."""
-
-
-def new_key() -> str:
-    return f"order-{uuid.uuid4()}"
-
-
-async def pay(barrier: Barrier, key: str, *, amount: int = 100, fingerprint: object = None) -> JSON:
-    """The quickstart's body: one payment row, its id as the response."""
-    async with barrier.unit_of_work(key, scope="payments", fingerprint=fingerprint) as uow:
-        if uow.replayed:
-            return uow.response
-        payment = Payment(key=key, amount=amount)
-        uow.session.add(payment)
-        await uow.session.flush()
-        uow.complete({"payment_id": payment.id, "amount": amount})
-    return uow.response
 
 
 async def test_first_call_commits_business_row_and_completed_record(db: Database) -> None:
@@ -174,13 +154,22 @@ async def test_fingerprint_is_canonical_json(db: Database) -> None:
     assert await db.payments(key) == 1
 
 
-async def test_fingerprint_bytes_and_missing_fingerprint_differ(db: Database) -> None:
-    """A record made without a fingerprint does not replay for a call that gives one (and vice versa)."""
+async def test_bytes_fingerprint_replays_for_the_same_bytes(db: Database) -> None:
+    """A bytes fingerprint is hashed as given: the same bytes, as a bytearray too, replay the first response."""
     barrier, key = Barrier(db.sessionmaker), new_key()
-    await pay(barrier, key, fingerprint=b"raw body")
-    assert await pay(barrier, key, fingerprint=bytearray(b"raw body")) is not None
+    first = await pay(barrier, key, fingerprint=b"raw body")
+    assert await pay(barrier, key, fingerprint=bytearray(b"raw body")) == first
+    assert await db.payments(key) == 1
+
+
+@pytest.mark.parametrize(("recorded", "given"), [(b"raw body", None), (None, b"raw body")])
+async def test_fingerprint_bytes_and_missing_fingerprint_differ(db: Database, recorded: object, given: object) -> None:
+    """A record made without a fingerprint does not replay for a call that gives one, and vice versa."""
+    barrier, key = Barrier(db.sessionmaker), new_key()
+    await pay(barrier, key, fingerprint=recorded)
     with pytest.raises(FingerprintMismatchError):
-        await pay(barrier, key)
+        await pay(barrier, key, fingerprint=given)
+    assert await db.payments(key) == 1
 
 
 async def test_body_without_outcome_is_rolled_back_with_an_error(db: Database) -> None:
