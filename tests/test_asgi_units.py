@@ -256,28 +256,10 @@ def test_dependency_without_a_guarded_request_raises() -> None:
 
 # -- the public namespace and its imports -----------------------------------------------------------------
 
-EXPECTED = [
-    "DEFAULT_STORED_HEADERS",
-    "FingerprintPart",
-    "HTTPResponse",
-    "HTTPResponseCodec",
-    "IdempotencyMiddleware",
-    "NEVER_STORED_HEADERS",
-    "Problem",
-    "RequestHead",
-    "STATE_KEY",
-    "ScopeRefusedError",
-    "UnguardedRequestError",
-    "parse_key_header",
-    "unit_of_work",
-    "unit_of_work_session",
-]
 
-
-def test_asgi_all_is_pinned() -> None:
-    """`idembarrier.asgi.__all__` holds exactly the expected names, each documented where it is defined."""
-    assert sorted(idembarrier.asgi.__all__) == sorted(EXPECTED)
-    for name in EXPECTED:
+def test_asgi_exports_are_documented() -> None:
+    """Each class and function in `idembarrier.asgi.__all__` carries a docstring (the names: test_exported_members)."""
+    for name in idembarrier.asgi.__all__:
         member = getattr(idembarrier.asgi, name)
         if inspect.isclass(member) or inspect.isfunction(member):
             assert (member.__doc__ or "").strip(), name
