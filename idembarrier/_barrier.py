@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Generic, NamedTuple
 
@@ -245,8 +245,7 @@ class Barrier(Generic[R]):
         Its ``stale`` tells whether an IN_PROGRESS record's lease had run out when it was read.
         """
         scope, key = validate_key(scope, what="scope"), validate_key(key)
-        found = await self._runtime.atomically(lambda storage: storage.inspect(scope, key))
-        return None if found is None else replace(found.record, stale=found.stale)
+        return await self._runtime.atomically(lambda storage: storage.inspect(scope, key))
 
     async def unresolved(self, *, limit: int = 100) -> list[Unresolved]:
         """List the keys that need a person, oldest first: UNKNOWN records and leases gone stale."""
@@ -270,15 +269,10 @@ class Barrier(Generic[R]):
         if await self._runtime.atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
             return
         found = await self._runtime.atomically(lambda storage: storage.inspect(scope, key))
-        if found is not None and found.record.status is Status.IN_PROGRESS:
-            raise KeyInProgressError(scope=scope, key=key, record=found.record)
-        state = "has no record" if found is None else f"is already {found.record.status}"
-        raise ConflictError(
-            f"key {key!r} in scope {scope!r} {state}",
-            scope=scope,
-            key=key,
-            record=None if found is None else found.record,
-        )
+        if found is not None and found.status is Status.IN_PROGRESS:
+            raise KeyInProgressError(scope=scope, key=key, record=found)
+        state = "has no record" if found is None else f"is already {found.status}"
+        raise ConflictError(f"key {key!r} in scope {scope!r} {state}", scope=scope, key=key, record=found)
 
     def observe(self, observer: Callable[[Outcome, str], object]) -> None:
         """Call ``observer(outcome, scope)`` for every outcome this barrier counts (metrics exporters use it).

@@ -33,9 +33,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import anyio
 from sqlalchemy import MetaData, delete
-from sqlalchemy.dialects import postgresql, sqlite
 
-from ._atomic import transaction
 from ._backoff import Backoff
 from ._errors import transient
 from ._exceptions import (
@@ -565,23 +563,12 @@ class _Loop(Generic[P, M, R]):
 
     async def _count_failure(self, key: str, exc: BaseException) -> int:
         """Count a handler failure of ``key`` in a transaction of its own; return the count so far."""
-        c = self.failures.c
         error = repr(exc)[:_MAX_ERROR]
         self.failed.add(key)
+        runtime = self.barrier.runtime
         try:
-            async with transaction(self.barrier.runtime, "counting a handler failure") as conn:
-                dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-                # The upsert counts atomically: two consumers of one message (a rebalance) each add one.
-                upsert = dialect.insert(self.failures).values(scope=self.scope, key=key, attempts=1, last_error=error)
-                upsert = upsert.on_conflict_do_update(
-                    index_elements=[c.scope, c.key],
-                    set_={
-                        "attempts": c.attempts + 1,
-                        "last_error": error,
-                        "last_failed_at": upsert.excluded.last_failed_at,
-                    },
-                ).returning(c.attempts)
-                attempts: int = (await conn.execute(upsert)).scalar_one()
+            async with runtime.transaction("counting a handler failure", wait=runtime.options.wait_timeout) as storage:
+                attempts = await storage.count_failure(self.scope, key, error)
         except StorageError as err:
             raise _Retry(err, f"counting a failure of {key}") from err
         return attempts

@@ -29,6 +29,7 @@ from ._exceptions import (
 )
 from ._metrics import Outcome
 from ._record import Record, Status
+from ._storage import Claimed, Raced
 from ._uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -252,14 +253,14 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
                 if lock_not_available(exc):
                     raise KeyInProgressError(scope=self.scope, key=self.key, waited=self._wait_timeout) from exc
                 raise
-            if claimed is True:
+            if isinstance(claimed, Claimed):
                 return
-            if claimed is False:
+            if isinstance(claimed, Raced):
                 continue  # the record changed between the insert and the read: look again
-            record, stale = claimed
+            record = claimed.record
             # Leases never take a compact record over: their external effects happened once already.
             decision = decide(
-                record, fingerprint=self._fingerprint, on_expired_replay=ExpiredReplay.REJECT, stale=stale
+                record, fingerprint=self._fingerprint, on_expired_replay=ExpiredReplay.REJECT, stale=record.stale
             )
             if decision is Decision.REPLAY:
                 self.record = record

@@ -1,10 +1,12 @@
 """LISTEN for the outbox's notifications, and keep listening: reconnect with backoff, detect a pooler.
 
-PostgreSQL through asyncpg only; elsewhere the relay polls. The listening connection is the barrier's
-engine's, or a direct one from ``listen_url`` when the engine goes through a transaction pooler. Once
-listening, a probe NOTIFY sent through the barrier's engine must arrive: behind a transaction pooler LISTEN
-is accepted yet belongs to no session, and nothing would ever arrive. When it does not, the relay says so
-once in the log and polls.
+PostgreSQL's side of the seam (`idembarrier._postgres` registers it as its `Dialect.listen`; the relay asks
+`idembarrier._storage.listen`, and polls where a dialect has none). Through asyncpg only.
+
+The listening connection is the barrier's engine's, or a direct one from ``listen_url`` when the engine goes
+through a transaction pooler. Once listening, a probe NOTIFY sent through the barrier's engine must arrive:
+behind a transaction pooler LISTEN is accepted yet belongs to no session, and nothing would ever arrive.
+When it does not, the relay says so once in the log and polls.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _PROBE = "idembarrier-probe"
 
 
 async def listen(
-    engine: AsyncEngine | None,
+    engine: AsyncEngine,
     listen_url: str | None,
     channel: str,
     wake: Callable[[], object],
@@ -50,9 +52,6 @@ async def listen(
     returns at once where LISTEN cannot work). After each reconnection it wakes the relay once, for what
     committed while nobody listened.
     """
-    if engine is None or engine.dialect.name != "postgresql":
-        task_status.started()
-        return
     source = engine if listen_url is None else create_async_engine(listen_url, poolclass=NullPool)
     if source.dialect.name != "postgresql" or source.dialect.driver != "asyncpg":
         _log.warning("idembarrier: LISTEN needs postgresql+asyncpg, not %s; the relay polls", source.url.drivername)

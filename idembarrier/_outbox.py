@@ -19,19 +19,15 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import MetaData, Table, func, insert, select
-
 from ._exceptions import UnitOfWorkError
-from ._schema import outbox_table
+from ._schema import outbox_name
 
 if TYPE_CHECKING:
     import uuid
     from collections.abc import Mapping, Sequence
-
-    from sqlalchemy.ext.asyncio import AsyncSession
 
     from ._storage import TableName
 
@@ -42,13 +38,12 @@ __all__ = [
     "MESSAGE_ID_HEADER",
     "SCOPE_HEADER",
     "Message",
+    "Parked",
     "contract_headers",
     "decode_headers",
     "encode_headers",
     "message_id",
     "notify_channel",
-    "outbox_for",
-    "write_outbox",
 ]
 
 CONTRACT_HEADER = "idempotency-contract"
@@ -90,6 +85,18 @@ class Message:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """A message the relay gave up on after ``max_attempts`` refusals; its key's later messages wait."""
+
+    message_id: str
+    topic: str
+    key: bytes | None
+    attempts: int
+    last_error: str | None
+    parked_at: datetime
+
+
 def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
     """The JSON text the outbox stores for ``headers``: ``[[name, base64 value], ...]``."""
     return json.dumps([[name, base64.b64encode(value).decode("ascii")] for name, value in headers])
@@ -120,27 +127,7 @@ def contract_headers(
     return mid, ours + list(extra.items())
 
 
-@lru_cache(maxsize=64)
-def outbox_for(table: TableName) -> Table:
-    """The outbox `Table` of the records table ``table``, declared once per table."""
-    return outbox_table(MetaData(), table.name, table.schema)
-
-
 def notify_channel(table: TableName) -> str:
     """The PostgreSQL channel a commit that wrote to the outbox of ``table`` notifies: the outbox's name."""
-    outbox = outbox_for(table)
-    return outbox.fullname
-
-
-async def write_outbox(session: AsyncSession, table: TableName, rows: Sequence[Mapping[str, object]]) -> None:
-    """Insert ``rows`` into the outbox through ``session``'s connection, in its transaction (or savepoint).
-
-    On PostgreSQL, also notify the outbox's channel (see `notify_channel`) in the same transaction: the
-    notification is delivered at its commit, and never if it rolls back, so a listening relay wakes exactly
-    when there is something to relay. On the connection, not the session: the body's pending objects are
-    flushed by the commit, where their errors are told apart from ours.
-    """
-    conn = await session.connection()
-    await conn.execute(insert(outbox_for(table)), list(rows))
-    if conn.dialect.name == "postgresql":
-        await conn.execute(select(func.pg_notify(notify_channel(table), "")))
+    outbox = outbox_name(table.name)
+    return f"{table.schema}.{outbox}" if table.schema else outbox

@@ -1,9 +1,10 @@
-"""PostgreSQL through asyncpg: the records table's atomic statements.
+"""PostgreSQL through asyncpg: every statement on idembarrier's tables, named, with its concurrency condition.
 
 The statements run on the unit of work's own connection, in its transaction, but go straight to the
 asyncpg connection under SQLAlchemy's: that skips SQLAlchemy's per-statement overhead, about 100 µs of
 client CPU each, which is most of what the barrier costs (see benchmarks/). SQLAlchemy still opens,
 commits and rolls back the transaction, so the session's bookkeeping and the pool's reset stay exact.
+Rows are read by column name.
 """
 
 from __future__ import annotations
@@ -12,60 +13,60 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from ._exceptions import UnitOfWorkError
+from ._listen import listen
+from ._outbox import Message, Parked, decode_headers
 from ._record import Record, Status
-from ._storage import Found, pool_connection
+from ._storage import Claim, Claimed, Dialect, Existing, Raced, pool_connection
 
 if TYPE_CHECKING:
     import uuid
+    from collections.abc import Mapping, Sequence
     from datetime import timedelta
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from ._config import Retention
+    from ._storage import Names
 
-__all__ = ["PostgresStorage"]
+__all__ = ["DIALECT", "PostgresStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
-# A lease's view of a record adds its lease, its checkpoint, and whether the lease is stale.
+_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data"
 # A lease is stale once its end has passed on the database's clock (clock_timestamp(): the wall clock, not
 # the transaction's start). An IN_PROGRESS record without an end is stale too: only a unit of work whose
 # session was committed from inside its body can leave one behind.
 _STALE = "coalesce(locked_until, '-infinity') <= clock_timestamp()"
-_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data, {_STALE}"
+_HELD = "scope = $1 AND key = $2 AND token = $3 AND status = 'IN_PROGRESS'"
+_OUTBOX_COLUMNS = ("message_id", "topic", "key", "value", "headers", "scope", "record_key", "position")
 
 
-def _found(row: Any) -> Found:
-    """The record and staleness in ``row``'s `_LEASE_COLUMNS`."""
-    return Found(_record(row), bool(row[13]))
-
-
-def _record(row: Any, at: int = 0) -> Record:
-    """The record in ``row``'s columns from ``at`` on (in ``_COLUMNS`` order, then the lease's, if any)."""
-    leased = len(row) >= at + 13
+def _record(row: Any, *, stale: bool = False) -> Record:
+    """The record in ``row``'s columns, read by name (the lease's columns where the statement reads them)."""
     return Record(
-        scope=row[at],
-        key=row[at + 1],
-        status=Status(row[at + 2]),
-        fingerprint=row[at + 3],
-        response=row[at + 4],
-        token=row[at + 5],
-        attempt=row[at + 6],
-        created_at=row[at + 7],
-        completed_at=row[at + 8],
-        expires_at=row[at + 9],
-        locked_until=row[at + 10] if leased else None,
-        checkpoint=row[at + 11] if leased else None,
-        checkpoint_data=row[at + 12] if leased else None,
+        scope=row["scope"],
+        key=row["key"],
+        status=Status(row["status"]),
+        fingerprint=row["fingerprint"],
+        response=row["response"],
+        token=row["token"],
+        attempt=row["attempt"],
+        created_at=row["created_at"],
+        completed_at=row["completed_at"],
+        expires_at=row["expires_at"],
+        locked_until=row.get("locked_until"),
+        checkpoint=row.get("checkpoint_name"),
+        checkpoint_data=row.get("checkpoint_data"),
+        stale=stale,
     )
 
 
-class _Statements(NamedTuple):
-    lookup: str
-    claim: str
-    claim_nowait: str
-    finish: str
-    retake_nowait: str
-    retake: str
+def _claimed(row: Any) -> Claim:
+    """What a claim's row says: ``claimed``, else the record beside it when the statement saw one."""
+    if row["claimed"]:
+        return Claimed()
+    if row["status"] is None:
+        return Raced()
+    return Existing(_record(row, stale=bool(row.get("stale", False))))
 
 
 def _failing_fast(dml: str) -> str:
@@ -88,15 +89,65 @@ def _failing_fast(dml: str) -> str:
         FROM saved LEFT JOIN done ON true"""
 
 
+def _claim_or_read(insert: str, table: str, columns: str) -> str:
+    """``insert`` (``RETURNING 1``), then in the same statement the record in its way, if its snapshot sees it.
+
+    Always one row: ``claimed`` is true when the insert took the key; else ``columns`` are the existing
+    record's, or NULL when the snapshot, taken before any wait, cannot see it.
+    """
+    return f"""
+        WITH claimed AS ({insert})
+        SELECT EXISTS (SELECT FROM claimed) AS claimed, existing.*
+        FROM (SELECT) AS one LEFT JOIN (
+            SELECT {columns} FROM {table} WHERE scope = $1 AND key = $2
+        ) AS existing ON NOT EXISTS (SELECT FROM claimed)"""
+
+
+class _Statements(NamedTuple):
+    """Every statement on one records table, its outbox and its failures, by name."""
+
+    lookup: str
+    claim: str
+    claim_nowait: str
+    finish: str
+    retake: str
+    retake_nowait: str
+    lease_claim: str
+    inspect: str
+    reclaim: str
+    renew: str
+    checkpoint: str
+    fence: str
+    release: str
+    unresolved: str
+    resolve: str
+    distribution: str
+    purge: str
+    compact: str
+    write_outbox: str
+    notify: str
+    claim_outbox: str
+    mark_sent: str
+    refuse: str
+    parked: str
+    release_parked: str
+    drop_parked: str
+    outbox_counts: str
+    purge_sent: str
+    count_failure: str
+
+
 @cache
-def _statements(table: str) -> _Statements:
-    """The statements on ``table``, built once per table."""
+def _statements(names: Names) -> _Statements:
+    """The statements on ``names``' tables, built once per records table."""
+    table, outbox = names.records, names.outbox
     retake = f"""
         UPDATE {table}
         SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
             completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
             checkpoint_name = NULL, checkpoint_data = NULL
         WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL"""
+    parked_one = "message_id = $1 AND parked_at IS NOT NULL AND sent_at IS NULL"
     return _Statements(
         # Read committed: each statement sees what committed before it started, so this sees a record
         # committed while our claim waited for it.
@@ -105,19 +156,16 @@ def _statements(table: str) -> _Statements:
         # check and insert: if another transaction inserted the key and has not committed, this INSERT
         # waits for it, then inserts (it rolled back) or does nothing (it committed). The wait is bounded
         # by the driver's statement timeout, which cancels the statement. When nothing was inserted, the
-        # second branch returns the existing record, if this statement's snapshot, taken before any wait,
-        # can see it: a replay costs one statement; a record committed during the wait needs a lookup.
-        claim=f"""
-            WITH claimed AS (
-                INSERT INTO {table} (scope, key, fingerprint, status, token)
+        # same statement returns the existing record, if its snapshot, taken before any wait, can see it:
+        # a replay costs one statement; a record committed during the wait needs a lookup.
+        claim=_claim_or_read(
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token)
                 VALUES ($1, $2, $3, 'IN_PROGRESS', $4)
                 ON CONFLICT (scope, key) DO NOTHING
-                RETURNING token
-            )
-            SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM claimed
-            UNION ALL
-            SELECT false, {_COLUMNS} FROM {table}
-            WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT FROM claimed)""",
+                RETURNING 1""",
+            table,
+            _COLUMNS,
+        ),
         # The same claim, failing fast (see `_failing_fast`).
         claim_nowait=_failing_fast(
             f"""INSERT INTO {table} (scope, key, fingerprint, status, token)
@@ -140,78 +188,19 @@ def _statements(table: str) -> _Statements:
         # lock makes a concurrent late duplicate wait, then find the record IN_PROGRESS no more.
         retake=f"{retake} RETURNING 1",
         retake_nowait=_failing_fast(f"{retake} AND EXISTS (SELECT FROM applied) RETURNING 1 AS result"),
-    )
-
-
-@cache
-def _operations(table: str) -> tuple[str, str, str]:
-    """The statements of `distribution`, `purge` and `compact` on ``table``."""
-    distribution = f"""
-        SELECT status, count(*), clock_timestamp() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS')
-        FROM {table} GROUP BY status"""
-    # SKIP LOCKED: a purger never waits for, nor deletes under, a row another transaction holds; the
-    # partial index on expires_at serves the scan. IN_PROGRESS and UNKNOWN records are never selected.
-    purge = f"""
-        WITH doomed AS (
-            SELECT scope, key FROM {table}
-            WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= clock_timestamp()
-            ORDER BY expires_at LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        ), deleted AS (
-            DELETE FROM {table} AS t USING doomed
-            WHERE t.scope = doomed.scope AND t.key = doomed.key
-            RETURNING 1
-        )
-        SELECT count(*) FROM deleted"""
-    # Drops responses past their horizon, keeping the compact record; the same SKIP LOCKED discipline.
-    compact = f"""
-        WITH due AS (
-            SELECT scope, key FROM {table}
-            WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
-              AND response_expires_at <= clock_timestamp()
-            ORDER BY response_expires_at LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        ), compacted AS (
-            UPDATE {table} AS t SET response = NULL, updated_at = clock_timestamp() FROM due
-            WHERE t.scope = due.scope AND t.key = due.key
-            RETURNING 1
-        )
-        SELECT count(*) FROM compacted"""
-    return distribution, purge, compact
-
-
-class _LeaseStatements(NamedTuple):
-    claim: str
-    inspect: str
-    reclaim: str
-    renew: str
-    checkpoint: str
-    fence: str
-    release: str
-    unresolved: str
-    resolve: str
-
-
-@cache
-def _lease_statements(table: str) -> _LeaseStatements:
-    """The statements of leased work on ``table``, built once per table; each runs as its own transaction
-    unless said otherwise, so its effect is durable (or absent) as soon as it returns."""
-    held = "scope = $1 AND key = $2 AND token = $3 AND status = 'IN_PROGRESS'"
-    return _LeaseStatements(
+        # -- leased work: each statement runs as its own transaction unless said otherwise, so its effect
+        # is durable (or absent) as soon as it returns.
         # The same atomic claim as a unit of work's, committed at once with a lease ending on the
         # database's clock. A conflicting row is returned when visible, with its staleness.
-        claim=f"""
-            WITH claimed AS (
-                INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
+        lease_claim=_claim_or_read(
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
                 VALUES ($1, $2, $3, 'IN_PROGRESS', $4, clock_timestamp() + $5::interval)
                 ON CONFLICT (scope, key) DO NOTHING
-                RETURNING token
-            )
-            SELECT true, {", ".join(["NULL"] * 14)} FROM claimed
-            UNION ALL
-            SELECT false, {_LEASE_COLUMNS} FROM {table}
-            WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT FROM claimed)""",
-        inspect=f"SELECT {_LEASE_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2",
+                RETURNING 1""",
+            table,
+            f"{_LEASE_COLUMNS}, {_STALE} AS stale",
+        ),
+        inspect=f"SELECT {_LEASE_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = $1 AND key = $2",
         # Takes over a stale lease. Conditioned on the token the reclaimer saw, so of two reclaimers of the
         # same lease exactly one matches (the other finds the new token); conditioned on staleness by the
         # database's clock. SKIP LOCKED: a row another transaction holds (its holder renewing, another
@@ -224,23 +213,23 @@ def _lease_statements(table: str) -> _LeaseStatements:
                 status = CASE WHEN attempt > $6 THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
                 locked_until = CASE WHEN attempt > $6 THEN NULL ELSE clock_timestamp() + $5::interval END
             WHERE ctid = (
-                SELECT ctid FROM {table} WHERE {held} AND {_STALE} FOR UPDATE SKIP LOCKED
+                SELECT ctid FROM {table} WHERE {_HELD} AND {_STALE} FOR UPDATE SKIP LOCKED
             )
             RETURNING {_LEASE_COLUMNS}""",
         # Renewal, checkpoint and release are fenced by the token: a holder whose lease was reclaimed
         # matches no row and learns it lost the lease.
         renew=f"""
             UPDATE {table} SET locked_until = clock_timestamp() + $4::interval, updated_at = clock_timestamp()
-            WHERE {held} RETURNING 1""",
+            WHERE {_HELD} RETURNING 1""",
         checkpoint=f"""
             UPDATE {table} SET checkpoint_name = $4, checkpoint_data = $5, updated_at = clock_timestamp()
-            WHERE {held} RETURNING 1""",
+            WHERE {_HELD} RETURNING 1""",
         # Inside the completing transaction: the row lock keeps a reclaimer out (its SKIP LOCKED passes the
         # row by) until the outcome commits, after which the record is no longer IN_PROGRESS.
-        fence=f"SELECT 1 FROM {table} WHERE {held} FOR UPDATE",
-        release=f"DELETE FROM {table} WHERE {held} RETURNING 1",
+        fence=f"SELECT 1 FROM {table} WHERE {_HELD} FOR UPDATE",
+        release=f"DELETE FROM {table} WHERE {_HELD} RETURNING 1",
         unresolved=f"""
-            SELECT {_LEASE_COLUMNS}, clock_timestamp() - created_at FROM {table}
+            SELECT {_LEASE_COLUMNS}, clock_timestamp() - created_at AS age FROM {table}
             WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE})
             ORDER BY created_at LIMIT $1""",
         # An operator's resolution: only of an UNKNOWN record or a stale lease, never of a live holder's.
@@ -253,6 +242,97 @@ def _lease_statements(table: str) -> _LeaseStatements:
             WHERE scope = $1 AND key = $2
               AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
             RETURNING 1""",
+        # -- operations
+        distribution=f"""
+            SELECT status, count(*) AS records,
+                   clock_timestamp() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS') AS oldest
+            FROM {table} GROUP BY status""",
+        # SKIP LOCKED: a purger never waits for, nor deletes under, a row another transaction holds; the
+        # partial index on expires_at serves the scan. IN_PROGRESS and UNKNOWN records are never selected.
+        purge=f"""
+            WITH doomed AS (
+                SELECT scope, key FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= clock_timestamp()
+                ORDER BY expires_at LIMIT $1
+                FOR UPDATE SKIP LOCKED
+            ), deleted AS (
+                DELETE FROM {table} AS t USING doomed
+                WHERE t.scope = doomed.scope AND t.key = doomed.key
+                RETURNING 1
+            )
+            SELECT count(*) FROM deleted""",
+        # Drops responses past their horizon, keeping the compact record; the same SKIP LOCKED discipline.
+        compact=f"""
+            WITH due AS (
+                SELECT scope, key FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+                  AND response_expires_at <= clock_timestamp()
+                ORDER BY response_expires_at LIMIT $1
+                FOR UPDATE SKIP LOCKED
+            ), compacted AS (
+                UPDATE {table} AS t SET response = NULL, updated_at = clock_timestamp() FROM due
+                WHERE t.scope = due.scope AND t.key = due.key
+                RETURNING 1
+            )
+            SELECT count(*) FROM compacted""",
+        # -- the outbox
+        # In the unit of work's transaction: the messages exist if and only if it commits.
+        write_outbox=f"""
+            INSERT INTO {outbox} ({", ".join(_OUTBOX_COLUMNS)})
+            VALUES ({", ".join(f"${i}" for i in range(1, len(_OUTBOX_COLUMNS) + 1))})""",
+        # Delivered at the commit, and never if it rolls back: a listening relay wakes exactly when there
+        # is something to relay.
+        notify="SELECT pg_notify($1, '')",
+        # The next pending rows, oldest first. A parked message holds back the later messages of its
+        # (topic, key): order per key is kept; unkeyed messages have no order to keep (NULL = NULL is not
+        # true), so they are never held. SKIP LOCKED: a relay never waits for, nor re-claims, a row another
+        # relay holds; a row that relay then marks sent is re-checked after its commit and dropped. The
+        # transaction-scoped advisory lock on (topic, key) keeps the other relays off that key's later rows
+        # until this one commits: order per key.
+        claim_outbox=f"""
+            SELECT id, message_id, topic, key, value, headers FROM {outbox} AS o
+            WHERE sent_at IS NULL AND parked_at IS NULL
+              AND NOT EXISTS (
+                  SELECT FROM {outbox} AS parked
+                  WHERE parked.parked_at IS NOT NULL AND parked.sent_at IS NULL
+                    AND parked.topic = o.topic AND parked.key = o.key AND parked.id < o.id
+              )
+              AND pg_try_advisory_xact_lock(hashtextextended(topic || ':' || coalesce(encode(key, 'hex'), ''), 0))
+            ORDER BY id LIMIT $1
+            FOR UPDATE OF o SKIP LOCKED""",
+        # On rows this batch's claim holds.
+        mark_sent=f"UPDATE {outbox} SET sent_at = now() WHERE id = ANY($1::bigint[])",
+        refuse=f"""
+            UPDATE {outbox}
+            SET attempts = attempts + 1, last_error = $2,
+                parked_at = CASE WHEN attempts + 1 >= $3 THEN now() END
+            WHERE id = $1
+            RETURNING attempts, parked_at""",
+        parked=f"""
+            SELECT message_id, topic, key, attempts, last_error, parked_at FROM {outbox}
+            WHERE parked_at IS NOT NULL AND sent_at IS NULL
+            ORDER BY id LIMIT $1""",
+        release_parked=f"UPDATE {outbox} SET parked_at = NULL, attempts = 0 WHERE {parked_one} RETURNING 1",
+        drop_parked=f"DELETE FROM {outbox} WHERE {parked_one} RETURNING 1",
+        outbox_counts=f"SELECT count(*) AS pending, count(parked_at) AS parked FROM {outbox} WHERE sent_at IS NULL",
+        # SKIP LOCKED: a row a relay claimed is pending in its eyes; never wait for it nor delete under it.
+        purge_sent=f"""
+            WITH doomed AS (
+                SELECT id FROM {outbox}
+                WHERE sent_at IS NOT NULL AND sent_at <= now() - $1::interval
+                ORDER BY id LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ), deleted AS (
+                DELETE FROM {outbox} AS o USING doomed WHERE o.id = doomed.id RETURNING 1
+            )
+            SELECT count(*) FROM deleted""",
+        # -- the consumer's failures
+        # The upsert counts atomically: two consumers of one message (a rebalance) each add one.
+        count_failure=f"""
+            INSERT INTO {names.failures} AS f (scope, key, attempts, last_error) VALUES ($1, $2, 1, $3)
+            ON CONFLICT (scope, key) DO UPDATE
+            SET attempts = f.attempts + 1, last_error = excluded.last_error, last_failed_at = excluded.last_failed_at
+            RETURNING attempts""",
     )
 
 
@@ -262,18 +342,17 @@ class PostgresStorage:
     lookup_first = False
     """A claim that meets a finished record costs about what a lookup costs: no separate lookup first."""
 
-    def __init__(self, conn: AsyncConnection, adapted: Any, table: str) -> None:
+    def __init__(self, conn: AsyncConnection, adapted: Any, names: Names) -> None:
         self.connection = self._conn = conn
         self._adapted = adapted  # SQLAlchemy's adapter around the asyncpg connection
         self._driver = adapted.driver_connection  # the asyncpg.Connection
-        self._table = table
-        self._sql = _statements(table)
-        self._lease = _lease_statements(table)
+        self._names = names
+        self._sql = _statements(names)
 
     @classmethod
-    async def open(cls, conn: AsyncConnection, table: str) -> Self:
+    async def open(cls, conn: AsyncConnection, names: Names) -> Self:
         """Bind to ``conn`` and the asyncpg connection under it."""
-        return cls(conn, (await pool_connection(conn)).dbapi_connection, table)
+        return cls(conn, (await pool_connection(conn)).dbapi_connection, names)
 
     async def lookup(self, scope: str, key: str) -> Record | None:
         """Read the record of (scope, key); see `Storage.lookup`."""
@@ -306,7 +385,7 @@ class PostgresStorage:
 
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
-    ) -> bool | Record:
+    ) -> Claim:
         """Insert the IN_PROGRESS record; see `Storage.claim`.
 
         A wait that runs out raises TimeoutError (asyncpg cancels the statement); failing fast raises
@@ -314,11 +393,8 @@ class PostgresStorage:
         """
         if wait is None:
             claimed = await self._driver.fetchval(self._sql.claim_nowait, scope, key, fingerprint, token)
-            return claimed is not None
-        row = await self._driver.fetchrow(self._sql.claim, scope, key, fingerprint, token, timeout=wait)
-        if row is None:
-            return False
-        return True if row[0] else _record(row, 1)
+            return Raced() if claimed is None else Claimed()
+        return _claimed(await self._driver.fetchrow(self._sql.claim, scope, key, fingerprint, token, timeout=wait))
 
     async def finish(
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention
@@ -341,49 +417,47 @@ class PostgresStorage:
 
     async def lease_claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
-    ) -> bool | Found:
+    ) -> Claim:
         """Claim the key with a lease; see `Storage.lease_claim` (asyncpg bounds the wait)."""
-        row = await self._driver.fetchrow(self._lease.claim, scope, key, fingerprint, token, lease, timeout=wait)
-        if row is None:
-            return False
-        return True if row[0] else _found(tuple(row)[1:])
+        sql = self._sql.lease_claim
+        return _claimed(await self._driver.fetchrow(sql, scope, key, fingerprint, token, lease, timeout=wait))
 
-    async def inspect(self, scope: str, key: str) -> Found | None:
+    async def inspect(self, scope: str, key: str) -> Record | None:
         """Read the record with its lease; see `Storage.inspect`."""
-        row = await self._driver.fetchrow(self._lease.inspect, scope, key)
-        return None if row is None else _found(row)
+        row = await self._driver.fetchrow(self._sql.inspect, scope, key)
+        return None if row is None else _record(row, stale=row["stale"])
 
     async def reclaim(
         self, scope: str, key: str, stale: uuid.UUID, token: uuid.UUID, lease: timedelta, max_reclaims: int
     ) -> Record | None:
         """Take over a stale lease; see `Storage.reclaim`."""
-        row = await self._driver.fetchrow(self._lease.reclaim, scope, key, stale, token, lease, max_reclaims)
+        row = await self._driver.fetchrow(self._sql.reclaim, scope, key, stale, token, lease, max_reclaims)
         return None if row is None else _record(row)
 
     async def renew(self, scope: str, key: str, token: uuid.UUID, lease: timedelta) -> bool:
         """Extend a held lease; see `Storage.renew`."""
-        return await self._one(self._lease.renew, scope, key, token, lease)
+        return await self._one(self._sql.renew, scope, key, token, lease)
 
     async def checkpoint(self, scope: str, key: str, token: uuid.UUID, name: str, data: bytes) -> bool:
         """Record a held lease's progress; see `Storage.checkpoint`."""
-        return await self._one(self._lease.checkpoint, scope, key, token, name, data)
+        return await self._one(self._sql.checkpoint, scope, key, token, name, data)
 
     async def fence(self, scope: str, key: str, token: uuid.UUID) -> bool:
         """Lock the record if ``token`` still holds it; see `Storage.fence`."""
-        return await self._one(self._lease.fence, scope, key, token)
+        return await self._one(self._sql.fence, scope, key, token)
 
     async def release(self, scope: str, key: str, token: uuid.UUID) -> bool:
         """Delete a held lease; see `Storage.release`."""
-        return await self._one(self._lease.release, scope, key, token)
+        return await self._one(self._sql.release, scope, key, token)
 
     async def unresolved(self, limit: int) -> list[tuple[Record, timedelta]]:
         """List records that need a person; see `Storage.unresolved`."""
-        return [(_record(row), row[14]) for row in await self._driver.fetch(self._lease.unresolved, limit)]
+        return [(_record(row), row["age"]) for row in await self._driver.fetch(self._sql.unresolved, limit)]
 
     async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: Retention) -> bool:
         """Record an operator's outcome; see `Storage.resolve`."""
         return await self._one(
-            self._lease.resolve, scope, key, status.value, response, retention.response, retention.record
+            self._sql.resolve, scope, key, status.value, response, retention.response, retention.record
         )
 
     async def _one(self, sql: str, *args: object) -> bool:
@@ -395,16 +469,76 @@ class PostgresStorage:
 
     async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
         """Records per status and the oldest IN_PROGRESS age; see `Storage.distribution`."""
-        rows = await self._driver.fetch(_operations(self._table)[0])
-        oldest = [row[2] for row in rows if row[2] is not None]
-        return {Status(row[0]): row[1] for row in rows}, (max(oldest) if oldest else None)
+        rows = await self._driver.fetch(self._sql.distribution)
+        oldest = [row["oldest"] for row in rows if row["oldest"] is not None]
+        return {Status(row["status"]): row["records"] for row in rows}, (max(oldest) if oldest else None)
 
     async def purge(self, limit: int) -> int:
         """Delete expired finished records; see `Storage.purge`."""
-        deleted: int = await self._driver.fetchval(_operations(self._table)[1], limit)
+        deleted: int = await self._driver.fetchval(self._sql.purge, limit)
         return deleted
 
     async def compact(self, limit: int) -> int:
         """Drop responses past retention; see `Storage.compact`."""
-        compacted: int = await self._driver.fetchval(_operations(self._table)[2], limit)
+        compacted: int = await self._driver.fetchval(self._sql.compact, limit)
         return compacted
+
+    # -- the outbox -------------------------------------------------------------------------------------
+
+    async def write_outbox(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """Insert messages and notify the outbox's channel at the commit; see `Storage.write_outbox`."""
+        await self._driver.executemany(self._sql.write_outbox, [[row[c] for c in _OUTBOX_COLUMNS] for row in rows])
+        await self._driver.execute(self._sql.notify, self._names.channel)
+
+    async def claim_outbox(self, limit: int) -> list[Message]:
+        """Hold the next pending messages; see `Storage.claim_outbox`."""
+        rows = await self._driver.fetch(self._sql.claim_outbox, limit)
+        return [
+            Message(r["id"], r["message_id"], r["topic"], r["key"], r["value"], decode_headers(r["headers"]))
+            for r in rows
+        ]
+
+    async def mark_sent(self, ids: Sequence[int]) -> None:
+        """Mark held messages sent; see `Storage.mark_sent`."""
+        await self._driver.execute(self._sql.mark_sent, list(ids))
+
+    async def refuse(self, id: int, error: str, max_attempts: int) -> tuple[int, bool]:
+        """Count a refusal; see `Storage.refuse`."""
+        row = await self._driver.fetchrow(self._sql.refuse, id, error, max_attempts)
+        return row["attempts"], row["parked_at"] is not None
+
+    async def parked(self, limit: int) -> list[Parked]:
+        """The parked messages; see `Storage.parked`."""
+        rows = await self._driver.fetch(self._sql.parked, limit)
+        return [
+            Parked(r["message_id"], r["topic"], r["key"], r["attempts"], r["last_error"], r["parked_at"]) for r in rows
+        ]
+
+    async def release_parked(self, message_id: str) -> bool:
+        """Unpark a message; see `Storage.release_parked`."""
+        return await self._one(self._sql.release_parked, message_id)
+
+    async def drop_parked(self, message_id: str) -> bool:
+        """Delete a parked message; see `Storage.drop_parked`."""
+        return await self._one(self._sql.drop_parked, message_id)
+
+    async def outbox_counts(self) -> tuple[int, int]:
+        """Pending and parked messages; see `Storage.outbox_counts`."""
+        row = await self._driver.fetchrow(self._sql.outbox_counts)
+        return int(row["pending"]), int(row["parked"])
+
+    async def purge_sent(self, older_than: timedelta, limit: int) -> int:
+        """Delete old sent messages; see `Storage.purge_sent`."""
+        deleted: int = await self._driver.fetchval(self._sql.purge_sent, older_than, limit)
+        return deleted
+
+    # -- the consumer's failures ------------------------------------------------------------------------
+
+    async def count_failure(self, scope: str, key: str, error: str) -> int:
+        """Count a handler failure; see `Storage.count_failure`."""
+        attempts: int = await self._driver.fetchval(self._sql.count_failure, scope, key, error)
+        return attempts
+
+
+DIALECT = Dialect(open=PostgresStorage.open, listen=listen)
+"""PostgreSQL's entry in `idembarrier._storage.DIALECTS`."""

@@ -10,20 +10,16 @@ transient: nothing is counted, and the batch is retried after a backoff with jit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
-from sqlalchemy import and_, case, delete, exists, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from ._atomic import transaction
 from ._backoff import Backoff
 from ._exceptions import ConfigurationError, IdembarrierError
-from ._listen import listen
-from ._outbox import Message, decode_headers, notify_channel, outbox_for
+from ._outbox import Message, Parked, notify_channel
+from ._storage import listen
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -31,11 +27,10 @@ if TYPE_CHECKING:
     from datetime import timedelta
 
     from anyio.abc import TaskStatus
-    from sqlalchemy import Delete, Select, Table
-    from sqlalchemy.ext.asyncio import AsyncConnection
 
     from ._barrier import Barrier
     from ._runtime import Runtime
+    from ._storage import Storage
 
 __all__ = ["MessageRefusedError", "OutboxRelay", "Parked", "Publisher", "outbox_counts"]
 
@@ -71,18 +66,6 @@ class Publisher(Protocol):
         the batch sent and publishes it again.
         """
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class Parked:
-    """A message the relay gave up on after ``max_attempts`` refusals; its key's later messages wait."""
-
-    message_id: str
-    topic: str
-    key: bytes | None
-    attempts: int
-    last_error: str | None
-    parked_at: datetime
 
 
 class OutboxRelay:
@@ -137,7 +120,6 @@ class OutboxRelay:
         self._max_poll_interval = max_poll_interval
         self._max_attempts = max_attempts
         self._listen_url = listen_url
-        self._outbox = outbox_for(self._runtime.table)
 
     async def relay_once(self) -> int:
         """Publish one batch and mark what the broker acknowledged sent, in one transaction; return how many.
@@ -147,22 +129,15 @@ class OutboxRelay:
             Exception: Whatever the publisher raised for a transient failure; nothing was marked.
         """
         try:
-            async with self._transaction() as conn:
-                claimed = (await conn.execute(_claim(conn.dialect.name, self._outbox, self._batch_size))).all()
-                pending = [
-                    Message(r.id, r.message_id, r.topic, r.key, r.value, decode_headers(r.headers)) for r in claimed
-                ]
-                sent = await self._publish(conn, pending)
+            async with self._transaction() as storage:
+                sent = await self._publish(storage, await storage.claim_outbox(self._batch_size))
                 if sent:
-                    outbox = self._outbox
-                    await conn.execute(
-                        update(outbox).where(outbox.c.id.in_([m.id for m in sent])).values(sent_at=func.now())
-                    )
+                    await storage.mark_sent([m.id for m in sent])
         except _PublishFailed as failed:
             raise failed.cause from None  # the publisher's own error, unchanged (the batch rolled back)
         return len(sent)
 
-    async def _publish(self, conn: AsyncConnection, pending: list[Message]) -> list[Message]:
+    async def _publish(self, storage: Storage, pending: list[Message]) -> list[Message]:
         """Publish ``pending``, counting refusals; return the messages the broker acknowledged."""
         sent: list[Message] = []
         while pending:
@@ -171,7 +146,7 @@ class OutboxRelay:
             except MessageRefusedError as refused:
                 at = pending.index(refused.message)
                 sent += pending[:at]
-                await self._refused(conn, refused)
+                await self._refused(storage, refused)
                 # The refused message's key waits behind it (order); the batch's other keys go on.
                 held = (refused.message.topic, refused.message.key)
                 pending = [m for m in pending[at + 1 :] if m.key is None or (m.topic, m.key) != held]
@@ -182,35 +157,24 @@ class OutboxRelay:
             break
         return sent
 
-    async def _refused(self, conn: AsyncConnection, refused: MessageRefusedError) -> None:
+    async def _refused(self, storage: Storage, refused: MessageRefusedError) -> None:
         """Count a refusal on the message's row (locked by this batch's claim), parking it at the limit."""
-        c = self._outbox.c
-        attempts = c.attempts + 1
-        row = (
-            await conn.execute(
-                update(self._outbox)
-                .where(c.id == refused.message.id)
-                .values(
-                    attempts=attempts,
-                    last_error=refused.reason[:_MAX_ERROR],
-                    parked_at=case((attempts >= self._max_attempts, func.now()), else_=None),
-                )
-                .returning(c.attempts, c.parked_at)
-            )
-        ).one()
-        if row.parked_at is not None:
+        error = refused.reason[:_MAX_ERROR]
+        attempts, parked = await storage.refuse(refused.message.id, error, self._max_attempts)
+        if parked:
             _log.error(
                 "idembarrier: parked message %s after %d refusals (%s); its key's later messages wait behind it "
                 "until it is released or dropped",
                 refused.message.message_id,
-                row.attempts,
+                attempts,
                 refused.reason,
             )
         else:
-            _log.warning("idembarrier: %s (refusal %d of %d)", refused, row.attempts, self._max_attempts)
+            _log.warning("idembarrier: %s (refusal %d of %d)", refused, attempts, self._max_attempts)
 
-    def _transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return transaction(self._runtime, "relaying the outbox")
+    def _transaction(self) -> AbstractAsyncContextManager[Storage]:
+        """A transaction of the relay's own, opened as a claim opens it (waiting for SQLite's write lock)."""
+        return _transaction(self._runtime, "relaying the outbox")
 
     async def run(
         self,
@@ -250,43 +214,21 @@ class OutboxRelay:
 
     async def parked(self, *, limit: int = 100) -> list[Parked]:
         """The parked messages, oldest first."""
-        c = self._outbox.c
-        query = (
-            select(c.message_id, c.topic, c.key, c.attempts, c.last_error, c.parked_at)
-            .where(c.parked_at.is_not(None), c.sent_at.is_(None))
-            .order_by(c.id)
-            .limit(limit)
-        )
-        async with self._transaction() as conn:
-            rows = (await conn.execute(query)).all()
-        return [Parked(*row) for row in rows]
+        async with self._transaction() as storage:
+            return await storage.parked(limit)
 
     async def release(self, message_id: str) -> bool:
         """Unpark a message: its refusals start again from 0 and it is published next; return whether it was parked."""
-        c = self._outbox.c
-        unpark = (
-            update(self._outbox)
-            .where(c.message_id == message_id, c.parked_at.is_not(None), c.sent_at.is_(None))
-            .values(parked_at=None, attempts=0)
-        )
-        async with self._transaction() as conn:
-            released: int = (await conn.execute(unpark)).rowcount
-        return released == 1
+        async with self._transaction() as storage:
+            return await storage.release_parked(message_id)
 
     async def drop(self, message_id: str) -> bool:
         """Delete a parked message for good, letting its key's later messages go; return whether it was parked."""
-        c = self._outbox.c
-        async with self._transaction() as conn:
-            dropped: int = (
-                await conn.execute(
-                    delete(self._outbox).where(
-                        c.message_id == message_id, c.parked_at.is_not(None), c.sent_at.is_(None)
-                    )
-                )
-            ).rowcount
+        async with self._transaction() as storage:
+            dropped = await storage.drop_parked(message_id)
         if dropped:
             _log.warning("idembarrier: dropped parked message %s; it will never be published", message_id)
-        return dropped == 1
+        return dropped
 
     async def counts(self) -> tuple[int, int]:
         """How many messages are pending (parked included), and how many of them are parked."""
@@ -305,9 +247,8 @@ class OutboxRelay:
             raise ConfigurationError(f"older_than must not be negative, not {older_than!r}")
         total = 0
         while True:
-            async with self._transaction() as conn:
-                purge = _purge_sent(conn.dialect.name, self._outbox, older_than, batch_size)
-                deleted: int = (await conn.execute(purge)).rowcount
+            async with self._transaction() as storage:
+                deleted = await storage.purge_sent(older_than, batch_size)
             total += deleted
             if deleted < batch_size:
                 return total
@@ -325,11 +266,13 @@ def _check_listen_url(url: str) -> None:
 
 async def outbox_counts(runtime: Runtime[R]) -> tuple[int, int]:
     """How many messages of ``runtime``'s outbox are pending (parked included), and how many are parked."""
-    c = outbox_for(runtime.table).c
-    query = select(func.count(), func.count(c.parked_at)).where(c.sent_at.is_(None))
-    async with transaction(runtime, "counting the outbox") as conn:
-        pending, parked = (await conn.execute(query)).one()
-    return int(pending), int(parked)
+    async with _transaction(runtime, "counting the outbox") as storage:
+        return await storage.outbox_counts()
+
+
+def _transaction(runtime: Runtime[R], doing: str) -> AbstractAsyncContextManager[Storage]:
+    """A transaction of ``runtime``'s own that waits for SQLite's write lock as long as a claim would."""
+    return runtime.transaction(doing, wait=runtime.options.wait_timeout)
 
 
 class _PublishFailed(Exception):
@@ -360,45 +303,3 @@ class _Wake:
 async def _set_on(event: anyio.Event, wake: Callable[[], object]) -> None:
     await event.wait()
     wake()
-
-
-def _claim(dialect: str, outbox: Table, limit: int) -> Select[tuple[object, ...]]:
-    """The statement that claims the next pending rows, oldest first, none behind a parked message."""
-    c = outbox.c
-    parked = outbox.alias("parked")
-    # A parked message holds back the later messages of its (topic, key): order per key is kept. Unkeyed
-    # messages have no order to keep (NULL = NULL is not true), so they are never held.
-    behind_parked = exists().where(
-        parked.c.parked_at.is_not(None),
-        parked.c.sent_at.is_(None),
-        parked.c.topic == c.topic,
-        parked.c.key == c.key,
-        parked.c.id < c.id,
-    )
-    query = (
-        select(c.id, c.message_id, c.topic, c.key, c.value, c.headers)
-        .where(and_(c.sent_at.is_(None), c.parked_at.is_(None), ~behind_parked))
-        .order_by(c.id)
-        .limit(limit)
-    )
-    if dialect != "postgresql":
-        return query  # SQLite: the transaction holds the database's write lock; no other relay runs now
-    # SKIP LOCKED: a relay never waits for, nor re-claims, a row another relay holds; a row that relay then
-    # marks sent is re-checked after its commit and dropped. The transaction-scoped advisory lock on
-    # (topic, key) keeps the other relays off that key's later rows until this one commits: order per key.
-    partition = func.hashtextextended(c.topic + ":" + func.coalesce(func.encode(c.key, "hex"), ""), 0)
-    return query.where(func.pg_try_advisory_xact_lock(partition)).with_for_update(of=outbox, skip_locked=True)
-
-
-def _purge_sent(dialect: str, outbox: Table, older_than: timedelta, limit: int) -> Delete:
-    """The statement that deletes the oldest sent rows marked sent before the retention, ``limit`` at most."""
-    c = outbox.c
-    if dialect == "postgresql":
-        cutoff = func.now() - older_than
-    else:  # SQLite stores the database clock as text, 'YYYY-MM-DD HH:MM:SS'
-        cutoff = func.datetime("now", f"-{older_than.total_seconds()} seconds")
-    oldest = select(c.id).where(c.sent_at.is_not(None), c.sent_at <= cutoff).order_by(c.id).limit(limit)
-    if dialect == "postgresql":
-        # SKIP LOCKED: a row a relay claimed is pending in its eyes; never wait for it nor delete under it.
-        oldest = oldest.with_for_update(skip_locked=True)
-    return delete(outbox).where(c.id.in_(oldest.scalar_subquery()))

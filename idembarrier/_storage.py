@@ -1,31 +1,55 @@
-"""The dialect seam: the few atomic operations a unit of work needs, each one SQL statement.
+"""The dialect seam: every statement on idembarrier's tables, each one atomic, behind one small protocol.
 
-A `Storage` is bound to the connection of one unit of work. `open_storage` picks the implementation from
-the connection's dialect; nothing outside this seam knows which database it talks to.
+A `Storage` is bound to one connection (a unit of work's, or a transaction of idembarrier's own). `open_storage`
+picks the implementation from the connection's dialect in `DIALECTS`: adding a dialect means adding one module
+that defines its `Dialect`, and one entry there. Nothing outside the dialect modules knows which database it
+talks to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import import_module
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import anyio
+
 from ._engines import check_url
+from ._outbox import notify_channel
+from ._record import Record
+from ._schema import failures_name, outbox_name
 
 if TYPE_CHECKING:
     import uuid
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from datetime import timedelta
 
-    from sqlalchemy.engine import URL, Dialect
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    from anyio.abc import TaskStatus
+    from sqlalchemy.engine import URL
+    from sqlalchemy.engine import Dialect as SQLAlchemyDialect
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.pool import PoolProxiedConnection
 
     from ._config import Retention
-    from ._postgres import PostgresStorage
-    from ._record import Record, Status
-    from ._sqlite import SqliteStorage
+    from ._outbox import Message, Parked
+    from ._record import Status
 
-__all__ = ["Found", "Storage", "TableName", "open_storage", "pool_connection"]
+__all__ = [
+    "DIALECTS",
+    "Claim",
+    "Claimed",
+    "Dialect",
+    "Existing",
+    "Listen",
+    "Names",
+    "Raced",
+    "Storage",
+    "TableName",
+    "listen",
+    "open_storage",
+    "pool_connection",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,15 +60,43 @@ class TableName:
     schema: str | None = None
 
 
-class Found(NamedTuple):
-    """An existing record, and whether its lease (if IN_PROGRESS) is stale by the database's clock."""
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The quoted names of the tables of one records table, as its dialect's statements spell them."""
+
+    records: str
+    outbox: str
+    failures: str
+    channel: str
+    """The notification channel of the outbox (PostgreSQL): its unquoted, schema-qualified name."""
+
+
+# -- what a claim found --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The claim inserted the record: the key is this caller's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """The claim met a record, which the same statement could read."""
 
     record: Record
-    stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Raced:
+    """The claim inserted nothing and could not see the record in its way: look it up."""
+
+
+Claim = Claimed | Existing | Raced
+"""What a claim statement found."""
 
 
 class Storage(Protocol):
-    """The atomic operations on the records table, bound to one connection."""
+    """The atomic operations on idembarrier's tables, bound to one connection."""
 
     lookup_first: bool
     """Whether a unit of work looks the key up before it opens its transaction to claim it."""
@@ -70,11 +122,11 @@ class Storage(Protocol):
 
     async def claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
-    ) -> bool | Record:
+    ) -> Claim:
         """Insert an IN_PROGRESS record unless one exists.
 
-        Returns ``True`` when this call inserted it, else the existing record where the statement could
-        read it at no extra cost, else ``False`` (look it up).
+        Returns `Claimed` when this call inserted it, else `Existing` where the statement could read the
+        record at no extra cost, else `Raced` (look it up).
 
         Waits at most ``wait`` seconds (``None``: fail at once) for a concurrent, uncommitted claim of
         the same key; past that it raises an error that `lock_not_available` knows.
@@ -98,16 +150,17 @@ class Storage(Protocol):
 
     async def lease_claim(
         self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
-    ) -> bool | Found:
+    ) -> Claim:
         """Insert an IN_PROGRESS record whose lease ends ``lease`` from now (database clock).
 
         Waits at most ``wait`` seconds for a row another transaction has locked (a holder finishing).
-        Returns ``True`` when inserted, else the existing record when visible, else ``False``.
+        Returns `Claimed`, else `Existing` (its ``stale`` read by the database's clock) when visible, else
+        `Raced`.
         """
         ...
 
-    async def inspect(self, scope: str, key: str) -> Found | None:
-        """Read the record of (scope, key) with its lease and checkpoint."""
+    async def inspect(self, scope: str, key: str) -> Record | None:
+        """Read the record of (scope, key) with its lease, its checkpoint and its ``stale``."""
         ...
 
     async def reclaim(
@@ -157,6 +210,85 @@ class Storage(Protocol):
         """Delete up to ``limit`` finished records past ``expires_at``, skipping locked ones; return how many."""
         ...
 
+    # -- the outbox ----------------------------------------------------------------------------------------
+
+    async def write_outbox(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """In the open transaction: insert the messages ``rows`` (the outbox's columns by name).
+
+        Where relays can be woken (PostgreSQL), the commit also notifies the outbox's channel.
+        """
+        ...
+
+    async def claim_outbox(self, limit: int) -> list[Message]:
+        """In the open transaction: hold the next ``limit`` pending messages, oldest first, none behind a parked one."""
+        ...
+
+    async def mark_sent(self, ids: Sequence[int]) -> None:
+        """In the open transaction: mark the held messages ``ids`` sent."""
+        ...
+
+    async def refuse(self, id: int, error: str, max_attempts: int) -> tuple[int, bool]:
+        """Count a refusal of the held message ``id``, parking it at ``max_attempts``; return (attempts, parked)."""
+        ...
+
+    async def parked(self, limit: int) -> list[Parked]:
+        """The parked messages, oldest first."""
+        ...
+
+    async def release_parked(self, message_id: str) -> bool:
+        """Unpark a message, its refusals back to 0; return whether it was parked."""
+        ...
+
+    async def drop_parked(self, message_id: str) -> bool:
+        """Delete a parked message; return whether it was parked."""
+        ...
+
+    async def outbox_counts(self) -> tuple[int, int]:
+        """How many messages are pending (parked included), and how many of them are parked."""
+        ...
+
+    async def purge_sent(self, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` messages marked sent more than ``older_than`` ago; return how many."""
+        ...
+
+    # -- the consumer's failures ---------------------------------------------------------------------------
+
+    async def count_failure(self, scope: str, key: str, error: str) -> int:
+        """Count one more handler failure of (scope, key), with ``error``; return the count so far."""
+        ...
+
+
+class Listen(Protocol):
+    """Call ``wake`` for every notification on ``channel`` until cancelled (see `idembarrier._listen`)."""
+
+    async def __call__(
+        self,
+        engine: AsyncEngine,
+        listen_url: str | None,
+        channel: str,
+        wake: Callable[[], object],
+        *,
+        task_status: TaskStatus[None] = ...,
+    ) -> None: ...
+
+
+class Dialect(NamedTuple):
+    """What one dialect module registers: how to open its storage, and how to listen (if it can)."""
+
+    open: Callable[[AsyncConnection, Names], Awaitable[Storage]]
+    listen: Listen | None = None
+    """Where the database can notify (PostgreSQL), the relay's way to be woken; else the relay polls."""
+
+
+DIALECTS: Mapping[str, str] = {"postgresql": "._postgres", "sqlite": "._sqlite"}
+"""SQLAlchemy's dialect name → the module that defines its `Dialect` as ``DIALECT``, imported on first use."""
+
+
+def _dialect(name: str) -> Dialect:
+    """The `Dialect` registered for SQLAlchemy's dialect ``name``."""
+    dialect: Dialect = import_module(DIALECTS[name], __package__).DIALECT
+    return dialect
+
 
 async def pool_connection(conn: AsyncConnection) -> PoolProxiedConnection:
     """The pool's connection under ``conn``, without the greenlet hop of ``get_raw_connection()``.
@@ -176,20 +308,41 @@ async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
     Raises:
         ConfigurationError: The engine is one the barrier's guarantees do not hold on (see `check_url`).
     """
-    kind, qualified = _resolve(conn.dialect, conn.engine.url, table)
-    return await kind.open(conn, qualified)
+    dialect, names = _resolve(conn.dialect, conn.engine.url, table)
+    return await dialect.open(conn, names)
+
+
+async def listen(
+    engine: AsyncEngine | None,
+    listen_url: str | None,
+    channel: str,
+    wake: Callable[[], object],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call ``wake`` for every notification on ``channel``, where ``engine``'s database can notify.
+
+    Elsewhere (no engine, or a dialect without `Dialect.listen`) it reports started and returns at once.
+    """
+    if engine is None or engine.dialect.name not in DIALECTS or (entry := _dialect(engine.dialect.name).listen) is None:
+        task_status.started()
+        return
+    await entry(engine, listen_url, channel, wake, task_status=task_status)
 
 
 @lru_cache(maxsize=64)
-def _resolve(dialect: Dialect, url: URL, table: TableName) -> tuple[type[PostgresStorage | SqliteStorage], str]:
-    """The storage class for ``dialect`` and the table's quoted name: worked out once per engine."""
+def _resolve(dialect: SQLAlchemyDialect, url: URL, table: TableName) -> tuple[Dialect, Names]:
+    """The `Dialect` for ``dialect`` and the table names it quotes: worked out once per engine."""
     check_url(url)
     quote = dialect.identifier_preparer.quote
-    qualified = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
-    if dialect.name == "postgresql":
-        from ._postgres import PostgresStorage
 
-        return PostgresStorage, qualified
-    from ._sqlite import SqliteStorage
+    def qualified(name: str) -> str:
+        return f"{quote(table.schema)}.{quote(name)}" if table.schema else quote(name)
 
-    return SqliteStorage, qualified
+    names = Names(
+        records=qualified(table.name),
+        outbox=qualified(outbox_name(table.name)),
+        failures=qualified(failures_name(table.name)),
+        channel=notify_channel(table),
+    )
+    return _dialect(dialect.name), names

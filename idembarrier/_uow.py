@@ -31,8 +31,9 @@ from ._exceptions import (
     UnitOfWorkError,
 )
 from ._metrics import Outcome
-from ._outbox import contract_headers, encode_headers, write_outbox
+from ._outbox import contract_headers, encode_headers
 from ._record import Record, Status
+from ._storage import Claimed, Existing
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -385,11 +386,14 @@ class UnitOfWork(Generic[R]):
         self._sent = True
         for _ in range(_CLAIM_ATTEMPTS):
             claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait)
-            if claimed is True:
+            if isinstance(claimed, Claimed):
                 self._storage = storage
                 return
             # Someone else holds a committed record: seen by the claim, or committed while it waited.
-            record = claimed or await storage.lookup(self._scope, self._key)
+            if isinstance(claimed, Existing):
+                record: Record | None = claimed.record
+            else:
+                record = await storage.lookup(self._scope, self._key)
             if record is None:
                 continue
             if self._adopt(record):
@@ -475,7 +479,7 @@ class UnitOfWork(Generic[R]):
             )
         try:
             if self._messages:
-                await write_outbox(session, self._runtime.table, self._messages)
+                await storage.write_outbox(self._messages)
             finished = await storage.finish(self._scope, self._key, self._token, status, response, self._retention)
         except Exception as exc:
             if (ours := _storage_error(exc, "recording the outcome")) is not None:
