@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.exc import TimeoutError as _PoolTimeout
 
-from ._exceptions import ConnectError, ConnectionLostError, PoolTimeoutError, SerializationError, StorageError
+from ._exceptions import (
+    ConnectError,
+    ConnectionLostError,
+    IdembarrierError,
+    PoolTimeoutError,
+    SerializationError,
+    StorageError,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 __all__ = [
@@ -23,6 +33,7 @@ __all__ = [
     "sqlstate_of",
     "transient",
     "translate",
+    "translating",
 ]
 
 _LOCK_NOT_AVAILABLE = "55P03"  # a lock wait that ran out of lock_timeout
@@ -116,6 +127,24 @@ def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageEr
     if state is not None and state.startswith("sqlite:") and int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return StorageError(f"{doing}: the SQLite database stayed locked past its busy timeout", sqlstate=state)
     return StorageError(f"{doing}: the database failed ({state or type(driver).__name__})", sqlstate=state)
+
+
+@contextmanager
+def translating(doing: str, *, ours: bool = True) -> Iterator[None]:
+    """Raise our `StorageError` (or one of its kinds), from the driver's, for a database error in the block.
+
+    The one way errors are translated at the seam: what ``doing`` says names the step in the message, and
+    ``ours`` is `translate`'s. Our own exceptions, and whatever `translate` does not classify as the
+    database's (the caller's own errors), propagate unchanged.
+    """
+    try:
+        yield
+    except IdembarrierError:
+        raise
+    except Exception as exc:
+        if (error := translate(exc, doing, ours=ours)) is not None:
+            raise error from exc
+        raise
 
 
 def connect_error(exc: BaseException, doing: str) -> StorageError | None:

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Generic
 from typing_extensions import TypeVar
 
 from ._codec import JSON
-from ._errors import checkout, connection_lost, translate
-from ._exceptions import IdembarrierError
+from ._errors import checkout, connection_lost, translating
 from ._metrics import Outcome, outcome_of
 from ._migrate import check_schema_on
 from ._storage import Storage, TableName, open_storage
@@ -99,7 +98,7 @@ class Runtime(Generic[R]):
         pooled connection found dead before anything was sent is replaced; one that dies is discarded,
         never pooled again.
         """
-        try:
+        with translating(doing):
             async with self.sessionmaker() as session:
                 try:
                     conn = await checkout(session, doing, replace=True)  # a session of ours: nothing sent yet
@@ -113,12 +112,6 @@ class Runtime(Generic[R]):
                         # Our statements bypass SQLAlchemy, which then cannot see that the connection died.
                         await session.invalidate()
                     raise
-        except IdembarrierError:
-            raise
-        except Exception as exc:
-            if (ours := translate(exc, doing)) is not None:
-                raise ours from exc
-            raise
 
     async def atomically(self, operation: Callable[[Storage], Awaitable[T]], *, wait: float | None = None) -> T:
         """Run one storage operation in a transaction of its own (see `transaction`) and commit it."""

@@ -19,7 +19,7 @@ from sqlalchemy.exc import InvalidRequestError
 from ._claim import Decision, decide
 from ._codec import decode_response, round_trip
 from ._config import ExpiredReplay, OnConflict
-from ._errors import checkout, connection_lost, lock_not_available, translate
+from ._errors import checkout, connection_lost, lock_not_available, translate, translating
 from ._exceptions import (
     ConnectError,
     ConnectionLostError,
@@ -477,14 +477,10 @@ class UnitOfWork(Generic[R]):
                 "(session.commit() or rollback()); nothing more was written. Whatever the body committed stays, "
                 "and the key is left IN_PROGRESS: Barrier.unresolved() lists it"
             )
-        try:
+        with translating("recording the outcome"):
             if self._messages:
                 await storage.write_outbox(self._messages)
             finished = await storage.finish(self._scope, self._key, self._token, status, response, self._retention)
-        except Exception as exc:
-            if (ours := _storage_error(exc, "recording the outcome")) is not None:
-                raise ours from exc
-            raise
         if not finished:
             raise StorageError(f"the claim on key {self._key!r} in scope {self._scope!r} disappeared")
         # The body's pending writes are flushed first. Their errors are the body's: an IntegrityError from the

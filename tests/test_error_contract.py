@@ -24,7 +24,7 @@ from idembarrier import (
     PoolTimeoutError,
     StorageError,
 )
-from idembarrier._errors import translate
+from idembarrier._errors import translate, translating
 from idembarrier.kafka import OutboxRelay
 from tests.faultproxy import FaultProxy
 from tests.models import Payment
@@ -214,6 +214,22 @@ def test_asyncpg_protocol_stuck_in_another_state_is_a_lost_connection() -> None:
     """asyncpg's InternalClientError (its protocol in a state it cannot leave) translates to ConnectionLostError."""
     stuck = asyncpg.exceptions.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
     assert isinstance(translate(stuck, "claiming the key"), ConnectionLostError)
+
+
+def test_translating_raises_ours_from_the_drivers_error() -> None:
+    """A driver error in a `translating` block leaves it as our StorageError, naming the step, from the driver's."""
+    stuck = asyncpg.exceptions.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+    with pytest.raises(ConnectionLostError, match=r"^claiming the key: ") as caught, translating("claiming the key"):
+        raise stuck
+    assert caught.value.__cause__ is stuck
+
+
+def test_translating_lets_the_callers_own_errors_through() -> None:
+    """What is not the database's (the caller's own error, or one of ours) leaves a `translating` block unchanged."""
+    for error in (ValueError("the caller's"), StorageError("ours")):
+        with pytest.raises(type(error)) as caught, translating("claiming the key"):
+            raise error
+        assert caught.value is error
 
 
 async def test_replay_whose_cleanup_fails_still_returns_the_response(pg_db: Database) -> None:
