@@ -28,11 +28,10 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from functools import lru_cache, partial
+from functools import partial
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import anyio
-from sqlalchemy import MetaData, delete
 
 from ._backoff import Backoff
 from ._errors import transient
@@ -50,12 +49,10 @@ from ._keys import MAX_KEY_LENGTH, validate_key
 from ._metrics import Outcome
 from ._outbox import CONTRACT_HEADER, CONTRACT_VERSION, MESSAGE_ID_HEADER
 from ._record import Status
-from ._schema import failures_table
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-    from sqlalchemy import Delete, Table
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from ._barrier import Barrier
@@ -425,7 +422,6 @@ class _Loop(Generic[P, M, R]):
             retention_by_scope=options.retention_by_scope,
             check_schema=False,
         )
-        self.failures = _failures(options.table, options.schema)
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -554,12 +550,13 @@ class _Loop(Generic[P, M, R]):
         response = await self.handler(session, message)
         if key in self.failed:  # it failed before in this run: its count goes with its success
             self.failed.discard(key)
-            await session.execute(self._forget(key))
+            await self._forget(session, key)
         return response
 
-    def _forget(self, key: str) -> Delete:
-        c = self.failures.c
-        return delete(self.failures).where(c.scope == self.scope, c.key == key)
+    async def _forget(self, session: AsyncSession, key: str) -> None:
+        """In ``session``'s transaction: drop the failure count of ``key`` (it succeeded, or is dead-lettered)."""
+        storage = await self.barrier.runtime.storage_on(await session.connection(), check=False)
+        await storage.forget_failure(self.scope, key)
 
     async def _count_failure(self, key: str, exc: BaseException) -> int:
         """Count a handler failure of ``key`` in a transaction of its own; return the count so far."""
@@ -590,7 +587,7 @@ class _Loop(Generic[P, M, R]):
                     return  # dead-lettered already, by a run that died before committing the offset
                 if self.destination is not None:
                     await self.destination(uow, message, letter)
-                await uow.session.execute(self._forget(key))
+                await self._forget(uow.session, key)
                 uow.fail(letter.as_json())
         except _FATAL:
             raise
@@ -604,9 +601,3 @@ class _Loop(Generic[P, M, R]):
 async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-@lru_cache(maxsize=64)
-def _failures(table: str, schema: str | None) -> Table:
-    """The failures `Table` of the records table ``table``, declared once per table."""
-    return failures_table(MetaData(), table, schema)

@@ -135,6 +135,7 @@ class _Statements(NamedTuple):
     outbox_counts: str
     purge_sent: str
     count_failure: str
+    forget_failure: str
 
 
 @cache
@@ -333,6 +334,8 @@ def _statements(names: Names) -> _Statements:
             ON CONFLICT (scope, key) DO UPDATE
             SET attempts = f.attempts + 1, last_error = excluded.last_error, last_failed_at = excluded.last_failed_at
             RETURNING attempts""",
+        # In the transaction that applied the message (or dead-lettered it): the count goes with it.
+        forget_failure=f"DELETE FROM {names.failures} WHERE scope = $1 AND key = $2",
     )
 
 
@@ -538,6 +541,10 @@ class PostgresStorage:
         """Count a handler failure; see `Storage.count_failure`."""
         attempts: int = await self._driver.fetchval(self._sql.count_failure, scope, key, error)
         return attempts
+
+    async def forget_failure(self, scope: str, key: str) -> None:
+        """Drop a failure count; see `Storage.forget_failure`."""
+        await self._driver.execute(self._sql.forget_failure, scope, key)
 
 
 DIALECT = Dialect(open=PostgresStorage.open, listen=listen)

@@ -98,6 +98,7 @@ class _Statements(NamedTuple):
     outbox_counts: str
     purge_sent: str
     count_failure: str
+    forget_failure: str
 
 
 @cache
@@ -227,6 +228,8 @@ def _statements(names: Names) -> _Statements:
             ON CONFLICT (scope, key) DO UPDATE
             SET attempts = f.attempts + 1, last_error = excluded.last_error, last_failed_at = excluded.last_failed_at
             RETURNING attempts""",
+        # In the transaction that applied the message (or dead-lettered it): the count goes with it.
+        forget_failure=f"DELETE FROM {names.failures} WHERE scope = ? AND key = ?",
     )
 
 
@@ -421,6 +424,10 @@ class SqliteStorage:
         assert row is not None  # an upsert: always one row
         attempts: int = row.attempts
         return attempts
+
+    async def forget_failure(self, scope: str, key: str) -> None:
+        """Drop a failure count; see `Storage.forget_failure`."""
+        await self._conn.exec_driver_sql(self._sql.forget_failure, (scope, key))
 
     # -- running statements -----------------------------------------------------------------------------
 

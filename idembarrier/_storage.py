@@ -257,6 +257,10 @@ class Storage(Protocol):
         """Count one more handler failure of (scope, key), with ``error``; return the count so far."""
         ...
 
+    async def forget_failure(self, scope: str, key: str) -> None:
+        """In the open transaction: drop the failure count of (scope, key)."""
+        ...
+
 
 class Listen(Protocol):
     """Call ``wake`` for every notification on ``channel`` until cancelled (see `idembarrier._listen`)."""
