@@ -63,9 +63,11 @@ def _driver_error(exc: BaseException) -> BaseException | None:
     """The driver's own exception behind ``exc``: itself, SQLAlchemy's ``orig``, or the adapter's cause.
 
     SQLAlchemy wraps driver errors (``DBAPIError.orig``); its asyncpg adapter, called directly, raises its
-    own error classes with asyncpg's as ``__cause__``. Anything else is not a database error.
+    own error classes with asyncpg's as ``__cause__``, and wrapped by SQLAlchemy (a failed connect) that
+    cause sits under ``orig``. Anything else is not a database error.
     """
-    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+    orig = getattr(exc, "orig", None)
+    for candidate in (exc, orig, exc.__cause__, getattr(orig, "__cause__", None)):
         if isinstance(candidate, (*_BROKEN, _AsyncpgPostgresError, sqlite3.Error)):
             return candidate
     return exc if isinstance(exc, DBAPIError) else None
@@ -166,7 +168,11 @@ def connect_error(exc: BaseException, doing: str) -> StorageError | None:
         else:
             reason = type(cause).__name__
         return ConnectError(f"{doing}: could not connect to the database ({reason})")
-    return translate(exc, doing)
+    ours = translate(exc, doing)
+    if isinstance(ours, ConnectionLostError) and not isinstance(ours, ConnectError):
+        # Cut while connecting (mid-handshake): no statement was sent, so nothing ran.
+        return ConnectError(f"{doing}: the connection was lost while it was being opened (nothing ran)")
+    return ours
 
 
 def closed_while_idle(conn: AsyncConnection) -> bool:

@@ -6,6 +6,7 @@ while idle, a pool with no free connection, a server that refuses or never answe
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -191,6 +192,29 @@ async def test_refused_connect_is_a_connect_error_keeping_the_os_reason(pg_db: D
     assert type(caught.value).__name__ == "ConnectError"
     assert not caught.value.outcome_unknown
     assert "refused" in str(caught.value).lower()
+
+
+async def test_connection_cut_during_the_handshake_is_a_connect_error() -> None:
+    """A server that ends the connection mid-handshake (after its SSL answer) raises ConnectError: nothing ran."""
+
+    async def cut_after_the_startup(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)  # the SSLRequest
+        writer.write(b"N")  # no SSL: the client sends its StartupMessage next
+        await reader.read(8192)
+        writer.close()  # and the "server" goes away without answering it
+
+    server = await asyncio.start_server(cut_after_the_startup, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test")
+    try:
+        with pytest.raises(ConnectionLostError) as caught:
+            await pay(Barrier(async_sessionmaker(engine)), "cut-at-startup")
+    finally:
+        await engine.dispose()
+        server.close()
+        await server.wait_closed()
+    assert type(caught.value).__name__ == "ConnectError"
+    assert not caught.value.outcome_unknown
 
 
 async def test_connect_that_times_out_is_a_connect_error(pg_db: Database) -> None:
