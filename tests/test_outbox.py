@@ -97,13 +97,13 @@ async def test_replay_publishes_nothing(db: Database) -> None:
     assert len(await outbox(db)) == 1
 
 
-def test_message_id_is_a_short_tagged_hash() -> None:
-    """The message id is ``msg-`` and 128 bits of hex, the same for the same inputs."""
-    execution = uuid.uuid4()
-    first = message_id("orders", "o-1", 0, execution=execution)
-    assert first == message_id("orders", "o-1", 0, execution=execution)
-    assert first.startswith("msg-")
-    assert len(first) == 36
+def test_message_id_is_pinned() -> None:
+    """The message id is ``msg-`` and 128 bits of hex, pinned: consumers in other processes and releases
+    deduplicate by it, so a change to its derivation must fail here first."""
+    one, two = uuid.UUID(int=1), uuid.UUID(int=2)
+    assert message_id("orders", "o-1", 0, execution=one) == "msg-35d7c08b8490a45705f223b37147fa13"
+    assert message_id("orders", "o-1", 1, execution=one) == "msg-321aebd1f8d911fb9364d896af71dc9b"
+    assert message_id("orders", "o-1", 0, execution=two) == "msg-cd7c9e970b4daae06d0411c7718385f6"
 
 
 async def test_publish_returns_the_deterministic_id_and_sets_contract_headers(db: Database) -> None:
