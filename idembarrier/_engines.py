@@ -69,6 +69,11 @@ def create_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine
             refused), or aiosqlite is not installed.
     """
     check_url(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        raise ConfigurationError(
+            f"create_sqlite_engine makes SQLite engines; for {make_url(url).drivername}:// use SQLAlchemy's "
+            "create_async_engine"
+        )
     engine = create_async(url, connect_args={"timeout": busy_timeout})
 
     @event.listens_for(engine.sync_engine, "connect")

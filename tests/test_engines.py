@@ -131,3 +131,9 @@ def test_create_engine_refuses_a_missing_driver(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "asyncpg", None)
     with pytest.raises(ConfigurationError, match=r"idembarrier\[postgres\]"):
         create_engine("postgresql+asyncpg://postgres@127.0.0.1/test")
+
+
+def test_create_sqlite_engine_refuses_another_database() -> None:
+    """create_sqlite_engine is for SQLite only: a PostgreSQL URL is a ConfigurationError naming the fix."""
+    with pytest.raises(ConfigurationError, match="create_async_engine"):
+        idembarrier.create_sqlite_engine("postgresql+asyncpg://app@db/shop")
