@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import column, select, table
 
+from ._config import DEFAULT_TABLE
 from ._engines import check_url
 from ._errors import translate
 from ._exceptions import ConnectionLostError, SchemaError, SerializationError
@@ -33,7 +34,7 @@ def migrations_path() -> Path:
 
 
 async def upgrade(
-    engine: AsyncEngine, *, revision: str = "head", table: str = "idempotency_keys", schema: str | None = None
+    engine: AsyncEngine, *, revision: str = "head", table: str = DEFAULT_TABLE, schema: str | None = None
 ) -> None:
     """Install or update idembarrier's schema on ``engine``, in one transaction.
 
