@@ -1,8 +1,9 @@
 """``idembarrier`` (or ``python -m idembarrier``): the command line.
 
-Exit status, for every command: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, or ``inspect``
-found no record; 2 bad usage or configuration (an unsupported URL or driver, in-memory SQLite); 3 the
-database failed (unreachable, refused, no such database, authentication) or its schema is not installed.
+Exit status, for every command: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, ``inspect``
+found no record, or ``probe`` saw a MUST clause fail; 2 bad usage or configuration (an unsupported URL or
+driver, in-memory SQLite); 3 the database failed (unreachable, refused, no such database, authentication)
+or its schema is not installed, or the probe's target could not be reached.
 A failure prints one line on stderr, with the server's or the OS's reason, and never a traceback.
 """
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 import anyio
 
 from .._config import DEFAULT_TABLE
+from . import _probe
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -69,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL, else a temporary SQLite file)",
     )
     lab.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _probe.add_parser(commands)
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
         ("purge", "drop expired responses (keeping compact records), then delete expired records"),
@@ -86,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("scope")
             command.add_argument("key")
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        return _probe.run(args)
     if args.command not in ("demo", "lab") and not args.database_url:
         parser.error("give --database-url or set IDEMBARRIER_DATABASE_URL")
     run = _run_demo if args.command == "demo" else _run_lab if args.command == "lab" else _operate
