@@ -1,19 +1,19 @@
-"""The README's quickstart runs as written (only the database URL is the test's)."""
+"""The README's quickstart runs as written (only the database URL is the test's); tests/test_docs.py compiles and
+type-checks it with the guide's other examples."""
 
 from __future__ import annotations
 
 import re
 import textwrap
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Integer, MetaData
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tests.test_docs import README, python_blocks
+
 if TYPE_CHECKING:
     from tests.conftest import Database
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class _Base(DeclarativeBase):
@@ -32,9 +32,7 @@ class QuickstartPayment(_Base):
 def quickstart() -> str:
     """The first Python block after the Quickstart heading."""
     section = README.read_text().split("## Quickstart", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match is not None
-    return match.group(1)
+    return python_blocks(section)[0][1]
 
 
 async def test_quickstart_runs_and_replays(pg_db: Database) -> None:
