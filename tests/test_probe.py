@@ -43,15 +43,13 @@ ALL_PASS = dict.fromkeys(
 )
 
 
-def _redis_answers() -> bool:
+@pytest.fixture
+def redis() -> None:
+    """The Redis the peer middlewares keep their keys in (127.0.0.1:6379): missing, the test fails, never skips."""
     try:
         socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-needs_redis = pytest.mark.skipif(not _redis_answers(), reason="no Redis on 127.0.0.1:6379")
+    except OSError as exc:
+        pytest.fail(f"these tests need Redis on 127.0.0.1:6379: {exc}")
 
 
 def probe(capsys: pytest.CaptureFixture[str], app: object, *extra: str) -> tuple[int, dict[str, object]]:
@@ -82,7 +80,7 @@ async def test_idembarrier_passes_every_clause(
     assert report["ok"] is True
 
 
-@needs_redis
+@pytest.mark.usefixtures("redis")
 def test_idemkit(capsys: pytest.CaptureFixture[str]) -> None:
     """idemkit fails only on malformed keys: it takes any non-empty value up to 255 bytes as the key.
 
@@ -97,7 +95,7 @@ def test_idemkit(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0
 
 
-@needs_redis
+@pytest.mark.usefixtures("redis")
 def test_asgi_idempotency_header(capsys: pytest.CaptureFixture[str]) -> None:
     """asgi-idempotency-header keeps the first answer for a key whatever else comes with it.
 
