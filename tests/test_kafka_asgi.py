@@ -1,4 +1,4 @@
-"""The README's wiring: an HTTP request's unit of work publishes, and a retried request publishes nothing."""
+"""The guide's wiring (docs/messaging.md): an HTTP request's unit of work publishes, and a retried request publishes nothing."""
 
 from __future__ import annotations
 
