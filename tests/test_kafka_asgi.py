@@ -1,4 +1,4 @@
-"""The guide's wiring (docs/messaging.md): an HTTP request's unit of work publishes, and a retried request publishes nothing."""
+"""The guide's wiring (docs/messaging.md): a request's unit of work publishes, a retried request publishes nothing."""
 
 from __future__ import annotations
 
