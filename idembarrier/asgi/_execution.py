@@ -113,13 +113,13 @@ class Execution:
             body = bytes(message.get("body", b""))
             if len(body) > self._settings.max_response_bytes:
                 body = None
-        await self._settle(self._start, body)
+        await self._record_outcome(self._start, body)
         if body is None:
             await self._downstream(message)  # the first chunk of a stream, an oversized body, or an extension's
         else:
             await self._downstream({"type": "http.response.body", "body": body})
 
-    async def _settle(self, start: Message, body: bytes | None) -> None:
+    async def _record_outcome(self, start: Message, body: bytes | None) -> None:
         """Finish the unit of work for the response ``start`` opened, then send ``start`` on.
 
         ``body`` is the whole body, or ``None`` when the response is not kept (streamed, or too large).
