@@ -103,6 +103,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         self._finished = False
         self._lost = False
         self._entered = False
+        self._holding = False
 
     # -- what the body sees -----------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         )
 
     def _check_held(self) -> None:
-        if not self._entered or self.replayed:
+        if not self._holding or self.replayed:
             raise UnitOfWorkError(f"key {self.key!r}: only the holder of a lease, inside its block, may do this")
         if self._lost:
             raise LeaseLostError(scope=self.scope, key=self.key, record=self.record)
@@ -214,20 +215,24 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         if self.replayed:
             yield self
             return
-        if self._heartbeat is None:
-            yield self  # the body's exception, if any, comes out here and propagates: the lease stays
-        else:
-            failure: BaseException | None = None
-            async with anyio.create_task_group() as beats:
-                beats.start_soon(self._beat, self._heartbeat)
-                try:
-                    yield self
-                except BaseException as exc:  # kept out of the task group, which would wrap it in a group
-                    failure = exc
-                finally:
-                    beats.cancel_scope.cancel()  # the block is over: no more renewals
-            if failure is not None:
-                raise failure  # the body's exception, unchanged: the lease stays
+        self._holding = True
+        try:
+            if self._heartbeat is None:
+                yield self  # the body's exception, if any, comes out here and propagates: the lease stays
+            else:
+                failure: BaseException | None = None
+                async with anyio.create_task_group() as beats:
+                    beats.start_soon(self._beat, self._heartbeat)
+                    try:
+                        yield self
+                    except BaseException as exc:  # kept out of the task group, which would wrap it in a group
+                        failure = exc
+                    finally:
+                        beats.cancel_scope.cancel()  # the block is over: no more renewals
+                if failure is not None:
+                    raise failure  # the body's exception, unchanged: the lease stays
+        finally:
+            self._holding = False  # the holder's operations belong to its block, and it is over
         if not self._finished:
             self._finished = True
             if self._lost:

@@ -1,11 +1,17 @@
 """What a record is: its status and the immutable snapshot of a row that idembarrier hands out.
 
-A record's life (what a claim that meets it does is decided in `idembarrier._claim`)::
+A record's life, every transition there is (what a claim that meets a record does is decided in
+`idembarrier._claim`)::
 
-    (no record) ──claim──▶ IN_PROGRESS ──complete/fail──▶ COMPLETED | FAILED ──compact──▶ compact ──purge──▶ (none)
-                               │   ▲                            ▲  (past the response's retention: response dropped)
-             lease stale ──────┤   └──reclaim (attempt + 1)     │
-                               └──past max_reclaims──▶ UNKNOWN ─┴─ resolve (an operator)
+    claim              (none)                    → IN_PROGRESS
+    complete / fail    IN_PROGRESS               → COMPLETED | FAILED
+    release            IN_PROGRESS               → (none)              the lease holder gives the key up
+    reclaim            IN_PROGRESS, stale        → IN_PROGRESS         new token, attempt + 1
+    past max_reclaims  IN_PROGRESS, stale        → UNKNOWN
+    resolve            UNKNOWN | IN_PROGRESS, stale → COMPLETED | FAILED   an operator's outcome
+    compact            COMPLETED | FAILED        → compact             the response dropped past its retention
+    retake             compact                   → COMPLETED | FAILED  a late request under ALLOW/ALERT, in one transaction
+    purge              COMPLETED | FAILED        → (none)              past the record's retention
 
 A unit of work's IN_PROGRESS row never commits: it commits already finished, or rolls back with the
 body. Only leases commit IN_PROGRESS.

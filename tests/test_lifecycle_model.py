@@ -766,10 +766,6 @@ async def test_a_tour_of_the_diagram_follows_the_model(db: Database) -> None:
     await anyio.to_thread.run_sync(tour)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: Lease._check_held checks that the block was entered, not that it is still running",
-)
 async def test_a_lease_refuses_its_holders_operations_after_its_block_ended(db: Database) -> None:
     """A lease left without finishing refuses checkpoint and finish afterwards: UnitOfWorkError, no write.
 
