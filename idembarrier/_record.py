@@ -10,7 +10,7 @@ A record's life, every transition there is (what a claim that meets a record doe
     past max_reclaims  IN_PROGRESS, stale        → UNKNOWN
     resolve            UNKNOWN | IN_PROGRESS, stale → COMPLETED | FAILED   an operator's outcome
     compact            COMPLETED | FAILED        → compact             the response dropped past its retention
-    retake             compact                   → COMPLETED | FAILED  a late request under ALLOW/ALERT, in one transaction
+    retake             compact                   → COMPLETED | FAILED  a late request under ALLOW or ALERT runs again
     purge              COMPLETED | FAILED        → (none)              past the record's retention
 
 A unit of work's IN_PROGRESS row never commits: it commits already finished, or rolls back with the
