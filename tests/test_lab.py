@@ -86,3 +86,19 @@ def test_lab_json_parses(capfd: pytest.CaptureFixture[str]) -> None:
     designs = [d for s in data["scenarios"] for d in s["designs"]]
     assert all(d["phantom_writes"] > 0 for d in designs if not d["barrier"])
     assert all(d["duplicates"] == d["lost"] == 0 for d in designs if d["barrier"])
+
+
+def test_report_names_units_explains_expected_and_sums_duplicates_and_losses_apart() -> None:
+    """Each scenario says what it counts, why it expects that many and how its failure is made; the totals
+    keep duplicates and losses apart, and the report says the failures were simulated in one process."""
+    twice = DesignResult("naive: a", barrier=False, expected=2, written=4, duplicates=2, lost=0)
+    never = DesignResult("naive: b", barrier=False, expected=2, written=0, duplicates=0, lost=2)
+    scenario = ScenarioResult(
+        "x", "X", (twice, never), unit="order rows", expected_is="2 orders", produced_by="a simulated crash"
+    )
+    text = format_report(LabReport("sqlite", [scenario]))
+    assert "1. X (counts: order rows)" in text
+    assert "   expected: 2 orders" in text
+    assert "   the failure: a simulated crash" in text
+    assert "naive designs: 2 duplicate rows (extra writes) and 2 lost rows (never written)" in text
+    assert "simulated in this one process" in text

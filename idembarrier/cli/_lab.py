@@ -93,6 +93,12 @@ class ScenarioResult:
     name: str
     title: str
     designs: tuple[DesignResult, ...]
+    unit: str = "payment rows"
+    """What the counts count."""
+    expected_is: str = ""
+    """Why the expected count is what it is."""
+    produced_by: str = ""
+    """How the failure is produced (all of them in this one process: nothing is really killed or raced)."""
 
 
 @dataclass
@@ -116,6 +122,9 @@ class LabReport:
                 {
                     "name": s.name,
                     "title": s.title,
+                    "unit": s.unit,
+                    "expected_is": s.expected_is,
+                    "produced_by": s.produced_by,
                     "designs": [{**vars(d), "phantom_writes": d.phantom_writes} for d in s.designs],
                 }
                 for s in self.scenarios
@@ -248,6 +257,8 @@ async def _ttl_expiry(lab: _Lab) -> ScenarioResult:
             ),
             await lab.tally("ttl/barrier", "barrier: database record", barrier=True),
         ),
+        expected_is=f"{len(lab.keys)} payments, one per key, each sent twice, then once more after the lag",
+        produced_by=f"a fake clock moved {LAG.total_seconds() / 3600:g} h forward between the sends",
     )
 
 
@@ -288,6 +299,8 @@ async def _partial_execution(lab: _Lab) -> ScenarioResult:
             await lab.tally("partial/naive-rerun", "naive: claim committed apart; retry reruns", barrier=False),
             await lab.tally("partial/barrier", "barrier: one unit of work", barrier=True),
         ),
+        expected_is=f"{len(lab.keys)} payments, one per key; the first attempt dies, its retry must write it",
+        produced_by="an exception raised where the process would die (after the claim's commit, or mid-work)",
     )
 
 
@@ -325,6 +338,8 @@ async def _concurrent_race(lab: _Lab) -> ScenarioResult:
             await lab.tally("race/naive", "naive: SELECT then INSERT", barrier=False),
             await lab.tally("race/barrier", "barrier: atomic claim", barrier=True),
         ),
+        expected_is=f"{len(lab.keys)} payments, one per key, each sent {lab.concurrency} times at once",
+        produced_by="concurrent tasks on one event loop whose checks all run before the first insert",
     )
 
 
@@ -372,6 +387,9 @@ async def _layer_mismatch(lab: _Lab) -> ScenarioResult:
             await lab.tally("layer/naive", "naive: barrier at the API only", barrier=False, steps=steps),
             await lab.tally("layer/barrier", "barrier: API and consumer, key as header", barrier=True, steps=steps),
         ),
+        unit="order + shipment rows",
+        expected_is=f"{len(lab.keys)} orders written by the API and {len(lab.keys)} shipments by the consumer",
+        produced_by="an in-process broker that delivers each event twice (an acknowledgement lost)",
     )
 
 
@@ -421,13 +439,20 @@ def format_report(report: LabReport) -> str:
     header = f"{'design':<46}{'expected':>9}{'written':>9}{'duplicate':>11}{'lost':>6}"
     lines = [f"database: {report.database}", ""]
     for number, scenario in enumerate(report.scenarios, start=1):
-        lines += [f"{number}. {scenario.title}", f"   {header}"]
+        lines += [f"{number}. {scenario.title} (counts: {scenario.unit})"]
+        if scenario.expected_is:
+            lines.append(f"   expected: {scenario.expected_is}")
+        if scenario.produced_by:
+            lines.append(f"   the failure: {scenario.produced_by}")
+        lines.append(f"   {header}")
         lines += [
             f"   {d.design:<46}{d.expected:>9}{d.written:>9}{d.duplicates:>11}{d.lost:>6}" for d in scenario.designs
         ]
         lines.append("")
-    naive = sum(d.phantom_writes for s in report.scenarios for d in s.designs if not d.barrier)
-    lines.append(f"naive designs: {naive} phantom writes")
+    naive = [d for s in report.scenarios for d in s.designs if not d.barrier]
+    duplicates, lost = sum(d.duplicates for d in naive), sum(d.lost for d in naive)
+    lines.append(f"naive designs: {duplicates} duplicate rows (extra writes) and {lost} lost rows (never written)")
+    lines.append("every failure above is simulated in this one process; the test suite kills and races real ones")
     lines.append(
         "OK: the barrier made no duplicate and lost no write"
         if report.ok
