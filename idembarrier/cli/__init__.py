@@ -1,10 +1,13 @@
 """``idembarrier`` (or ``python -m idembarrier``): the command line.
 
-Exit status, for every command: 0 success; 1 the demo (or the lab's barrier) saw phantom writes, ``inspect``
-found no record, or ``probe`` saw a MUST clause fail; 2 bad usage or configuration (an unsupported URL or
-driver, in-memory SQLite); 3 the database failed (unreachable, refused, no such database, authentication)
-or its schema is not installed, or the probe's target could not be reached.
-A failure prints one line on stderr, with the server's or the OS's reason, and never a traceback.
+Exit status, for every command: 0 success; 1 something needs a person or was refused: the demo (or the
+lab's barrier) saw phantom writes, ``inspect`` found no record, ``unresolved`` listed UNKNOWN records or
+stale leases, ``parked`` listed parked messages, ``resolve`` was refused (a live lease holds the key, or it
+has no record or a finished one), ``release-parked`` or ``drop-parked`` named a message that is not parked,
+or ``probe`` saw a MUST clause fail; 2 bad usage or configuration (an unsupported URL or driver, in-memory
+SQLite, a ``--response`` that is not JSON); 3 the database failed (unreachable, refused, no such database,
+authentication) or its schema is not installed, or the probe's target could not be reached.
+A failure or a refusal prints one line on stderr, with the server's or the OS's reason, and never a traceback.
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
 from .._config import DEFAULT_TABLE
-from . import _probe
+from .._record import Status
+from . import _operator, _probe
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from .._barrier import Barrier
 
@@ -76,7 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("migrate", "install or update idembarrier's schema"),
         ("purge", "drop expired responses (keeping compact records), then delete expired records"),
         ("stats", "print the records' status distribution"),
-        ("inspect", "print one record"),
+        ("inspect", "print one record, with the fields its state gives meaning to (exit 1: no record)"),
+        ("unresolved", "list UNKNOWN records and stale leases, oldest first (exit 1: there are some)"),
+        ("resolve", "record an operator's outcome for an UNKNOWN record or a stale lease (exit 1: refused)"),
+        ("parked", "list the outbox's parked messages, oldest first (exit 1: there are some)"),
+        ("release-parked", "publish a parked message again, its refusals from 0 (exit 1: not parked)"),
+        ("drop-parked", "delete a parked message for good (exit 1: not parked)"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--database-url", default=os.environ.get("IDEMBARRIER_DATABASE_URL"), help=_DB_HELP)
@@ -85,9 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--json", action="store_true", help="print JSON instead of text")
         if name == "purge":
             command.add_argument("--batch-size", type=int, default=1000, help="records per transaction")
-        if name == "inspect":
+        if name in ("inspect", "resolve"):
             command.add_argument("scope")
             command.add_argument("key")
+        if name in ("unresolved", "parked"):
+            command.add_argument("--limit", type=_operator.positive, default=100, help="most rows (default 100)")
+        if name == "resolve":
+            command.add_argument("--status", required=True, choices=[s.value for s in Status if s.finished])
+            command.add_argument(
+                "--response", required=True, type=_operator.json_value, help="the response to replay, as JSON"
+            )
+        if name in ("release-parked", "drop-parked"):
+            command.add_argument("message_id")
     args = parser.parse_args(argv)
     if args.command == "probe":
         return _probe.run(args)
@@ -168,7 +185,7 @@ def _operate(args: argparse.Namespace) -> int:
         try:
             if args.command == "migrate":
                 await upgrade(engine, table=args.table, schema=args.schema)
-                return _print(args, {"migrated": True}, "schema is at head")
+                return _operator.emit(args, {"migrated": True}, "schema is at head")
             barrier: Barrier = Barrier(async_sessionmaker(engine), table=args.table, schema=args.schema)
             return await _COMMANDS[args.command](barrier, args)
         finally:
@@ -192,7 +209,7 @@ async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
 
     done = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
     text = f"dropped {done.compacted} expired responses (compact records kept), deleted {done.deleted} records"
-    return _print(args, done._asdict(), text)
+    return _operator.emit(args, done._asdict(), text)
 
 
 async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
@@ -206,40 +223,16 @@ async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
     lines = [f"  {status:<12}{count:>12}" for status, count in sorted(stats.statuses.items())]
     lines.append(f"  oldest IN_PROGRESS: {'none' if oldest is None else oldest}")
     lines.append(f"outbox: {stats.outbox_pending} pending, {stats.outbox_parked} of them parked")
-    return _print(args, data, "\n".join(["records by status:", *lines]))
-
-
-async def _inspect(barrier: Barrier, args: argparse.Namespace) -> int:
-    record = await barrier.inspect(args.key, scope=args.scope)
-    if record is None:
-        _print(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
-        return 1
-    data = {
-        "found": True,
-        "scope": record.scope,
-        "key": record.key,
-        "status": record.status.value,
-        "attempt": record.attempt,
-        "stale": record.stale,
-        "fingerprint": None if record.fingerprint is None else record.fingerprint.hex(),
-        "response": None if record.response is None else record.response.decode(errors="replace"),
-        "checkpoint": record.checkpoint,
-        **{name: _iso(getattr(record, name)) for name in ("created_at", "completed_at", "expires_at", "locked_until")},
-    }
-    return _print(args, data, "\n".join(f"  {name:<14}{value}" for name, value in data.items()))
-
-
-def _iso(value: datetime | timedelta | None) -> str | None:
-    return None if value is None else str(value) if isinstance(value, timedelta) else value.isoformat()
-
-
-def _print(args: argparse.Namespace, data: Mapping[str, object], text: str) -> int:
-    print(json.dumps(data, indent=2) if args.json else text)
-    return 0
+    return _operator.emit(args, data, "\n".join(["records by status:", *lines]))
 
 
 _COMMANDS: dict[str, Callable[[Barrier, argparse.Namespace], Awaitable[int]]] = {
     "purge": _purge,
     "stats": _stats,
-    "inspect": _inspect,
+    "inspect": _operator.inspect,
+    "unresolved": _operator.unresolved,
+    "resolve": _operator.resolve,
+    "parked": _operator.parked,
+    "release-parked": _operator.release_parked,
+    "drop-parked": _operator.drop_parked,
 }
