@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPPORTED", "check_url", "create_async", "create_sqlite_engine"]
 
-SUPPORTED = {"postgresql+asyncpg": "postgres", "sqlite+aiosqlite": "sqlite"}
+SUPPORTED = {"postgresql+asyncpg": "postgres", "postgresql+psycopg": "psycopg", "sqlite+aiosqlite": "sqlite"}
 """The database+driver pairs the barrier is tested on, each with the extra that installs its driver."""
 
 _EXAMPLES = "postgresql+asyncpg://user@host/dbname or sqlite+aiosqlite:///path/to/file.db"
@@ -28,7 +28,7 @@ def check_url(url: str | URL) -> URL:
 
     Raises:
         ConfigurationError: ``url`` does not parse; or names a database or driver other than
-            PostgreSQL through asyncpg and SQLite through aiosqlite (a URL without ``+driver`` picks
+            PostgreSQL through asyncpg or psycopg 3 and SQLite through aiosqlite (a URL without ``+driver`` picks
             SQLAlchemy's synchronous default); or an in-memory SQLite database.
     """
     try:
@@ -36,11 +36,15 @@ def check_url(url: str | URL) -> URL:
         pair = f"{parsed.get_backend_name()}+{parsed.get_driver_name()}"
     except ArgumentError as exc:  # unparsable, or a dialect SQLAlchemy does not know
         raise ConfigurationError(f"not a SQLAlchemy database URL ({exc}); give one such as {_EXAMPLES}") from exc
-    if pair not in SUPPORTED:
-        implicit = "" if "+" in parsed.drivername else f" ({parsed.drivername}:// picks the synchronous default)"
+    if pair not in SUPPORTED or "+" not in parsed.drivername:  # postgresql:// is psycopg's synchronous side
+        what = (
+            f"database or driver {pair}"
+            if "+" in parsed.drivername
+            else f"URL without a driver, {parsed.drivername}:// (it picks the synchronous default, {pair})"
+        )
         raise ConfigurationError(
-            f"unsupported database or driver {pair}{implicit}: idembarrier supports postgresql+asyncpg and "
-            f"sqlite+aiosqlite; use a URL such as {_EXAMPLES}"
+            f"unsupported {what}: idembarrier supports postgresql+asyncpg, "
+            f"postgresql+psycopg and sqlite+aiosqlite; use a URL such as {_EXAMPLES}"
         )
     if pair == "sqlite+aiosqlite" and _in_memory(parsed):
         # Each connection gets its own empty in-memory database (or, shared-cache, one without the file locks

@@ -53,10 +53,28 @@ try:  # asyncpg is the PostgreSQL driver; it is optional, and only its raw excep
 except ImportError:  # pragma: no cover - asyncpg is installed wherever PostgreSQL is used
     _AsyncpgInterfaceError = _AsyncpgClientError = _AsyncpgPostgresError = ()
 
+try:  # psycopg 3 is the other PostgreSQL driver, optional too.
+    from psycopg import Error as _PsycopgError
+    from psycopg import OperationalError as _PsycopgOperationalError
+except ImportError:  # pragma: no cover - psycopg is installed in the tests' environment
+    _PsycopgError = _PsycopgOperationalError = ()  # type: ignore[assignment,misc]
+
 # asyncpg's InternalClientError is its protocol in a state it cannot leave: typically a pooled connection
 # whose backend was terminated while idle, so that the server's FATAL message was read but not yet its EOF
 # ("cannot switch to state 15; another operation (2) is in progress"). The connection is unusable: lost.
 _BROKEN = (_AsyncpgInterfaceError, _AsyncpgClientError)
+
+
+def _broken(driver: BaseException | None) -> bool:
+    """Whether the driver's error says its connection is unusable, whatever the server said (or did not).
+
+    asyncpg: one of `_BROKEN`. psycopg: an ``OperationalError`` the server did not send (no SQLSTATE): the
+    socket closed under a statement, or the connection already closed; the server's own errors of that
+    class (a lock timeout, a cancel) carry their SQLSTATE and are classified by it.
+    """
+    if isinstance(driver, _BROKEN):
+        return True
+    return isinstance(driver, _PsycopgOperationalError) and getattr(driver, "sqlstate", None) is None
 
 
 def _driver_error(exc: BaseException) -> BaseException | None:
@@ -68,7 +86,7 @@ def _driver_error(exc: BaseException) -> BaseException | None:
     """
     orig = getattr(exc, "orig", None)
     for candidate in (exc, orig, exc.__cause__, getattr(orig, "__cause__", None)):
-        if isinstance(candidate, (*_BROKEN, _AsyncpgPostgresError, sqlite3.Error)):
+        if isinstance(candidate, (*_BROKEN, _AsyncpgPostgresError, _PsycopgError, sqlite3.Error)):
             return candidate
     return exc if isinstance(exc, DBAPIError) else None
 
@@ -122,7 +140,7 @@ def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageEr
     if (
         invalidated
         or driver is None  # an OS-level connection error under our own statement
-        or isinstance(driver, _BROKEN)
+        or _broken(driver)
         or (state is not None and (state.startswith(_CONNECTION_LOST_PREFIX) or state in _CONNECTION_LOST))
     ):
         return ConnectionLostError(f"{doing}: the database connection was lost ({state or 'closed'})", sqlstate=state)
@@ -178,12 +196,16 @@ def connect_error(exc: BaseException, doing: str) -> StorageError | None:
 def closed_while_idle(conn: AsyncConnection) -> bool:
     """Whether the driver already knows that ``conn``'s connection is closed: it died idle, in the pool.
 
-    Asks the driver's own connection (asyncpg's ``is_closed()``); no round trip. A connection whose death
-    the driver has not yet seen passes, and fails at its first statement instead.
+    Asks the driver's own connection (asyncpg's ``is_closed()``, psycopg's ``broken`` and ``closed``); no round
+    trip. A connection whose death the driver has not yet seen passes, and fails at its first statement instead
+    (psycopg reads nothing while idle, so it sees a backend's death only then).
     """
     driver = conn.sync_connection.connection.driver_connection if conn.sync_connection is not None else None
     is_closed = getattr(driver, "is_closed", None)
-    return bool(is_closed()) if callable(is_closed) else False
+    if callable(is_closed):
+        return bool(is_closed())
+    broken = getattr(driver, "broken", None)  # psycopg: what it knows without reading the socket
+    return broken is True or getattr(driver, "closed", None) is True
 
 
 _DEAD_IN_POOL = 64

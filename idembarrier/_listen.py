@@ -1,7 +1,8 @@
 """LISTEN for the outbox's notifications, and keep listening: reconnect with backoff, detect a pooler.
 
-PostgreSQL's side of the seam (`idembarrier._postgres` registers it as its `Dialect.listen`; the relay asks
-`idembarrier._storage.listen`, and polls where a dialect has none). Through asyncpg only.
+PostgreSQL's side of the seam (`idembarrier._postgres` and `idembarrier._psycopg` register it as their
+`Dialect.listen`; the relay asks `idembarrier._storage.listen`, and polls where a dialect has none). Through
+asyncpg's listeners, or psycopg's ``notifies()`` on a connection of its own.
 
 The listening connection is the barrier's engine's, or a direct one from ``listen_url`` when the engine goes
 through a transaction pooler. Once listening, a probe NOTIFY sent through the barrier's engine must arrive:
@@ -12,7 +13,7 @@ When it does not, the relay says so once in the log and polls.
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -23,7 +24,7 @@ from sqlalchemy.pool import NullPool
 from ._backoff import Backoff
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from anyio.abc import TaskStatus
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -53,16 +54,20 @@ async def listen(
     committed while nobody listened.
     """
     source = engine if listen_url is None else create_async_engine(listen_url, poolclass=NullPool)
-    if source.dialect.name != "postgresql" or source.dialect.driver != "asyncpg":
-        _log.warning("idembarrier: LISTEN needs postgresql+asyncpg, not %s; the relay polls", source.url.drivername)
+    if source.dialect.name != "postgresql" or source.dialect.driver not in ("asyncpg", "psycopg"):
+        _log.warning(
+            "idembarrier: LISTEN needs postgresql+asyncpg or postgresql+psycopg, not %s; the relay polls",
+            source.url.drivername,
+        )
         task_status.started()
         return
+    opening = _listening if source.dialect.driver == "asyncpg" else _listening_psycopg
     backoff, started, failing = Backoff(0.05, max_backoff), False, False
     try:
         while True:
             lost = anyio.Event()
             try:
-                async with _listening(source, channel, wake, lost) as arrived:
+                async with opening(source, channel, wake, lost) as arrived:
                     if not await _probe(engine, channel, arrived):
                         _log.warning(
                             "idembarrier: LISTEN on %r receives no notifications (a transaction pooler?); "
@@ -148,6 +153,42 @@ class _listening:
             if conn is not None and broken:
                 await conn.invalidate()  # a dead or half-cleaned connection: never pooled again
             await self._stack.aclose()
+
+
+@asynccontextmanager
+async def _listening_psycopg(
+    engine: AsyncEngine, channel: str, wake: Callable[[], object], lost: anyio.Event
+) -> AsyncIterator[anyio.Event]:
+    """`_listening` through psycopg: a connection of its own, in autocommit mode, read by a task.
+
+    Not the pool's: LISTEN takes effect only once committed, and a pooled connection would have to be put back
+    out of autocommit mode. The connection ends with the block, or ``lost`` is set when psycopg loses it.
+    """
+    import psycopg  # the engine is psycopg's: it is installed
+    from psycopg import sql
+
+    arrived = anyio.Event()
+    conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+        async def read() -> None:
+            try:
+                async for note in conn.notifies():
+                    if note.payload == _PROBE:
+                        arrived.set()
+                    wake()
+            except psycopg.Error:
+                pass  # the connection was lost: `lost` says so
+            finally:
+                lost.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            try:
+                yield arrived
+            finally:
+                tasks.cancel_scope.cancel()
 
 
 async def _probe(engine: AsyncEngine, channel: str, arrived: anyio.Event) -> bool:

@@ -4,7 +4,8 @@ The statements run on the unit of work's own connection, in its transaction, but
 asyncpg connection under SQLAlchemy's: that skips SQLAlchemy's per-statement overhead, about 100 µs of
 client CPU each, which is most of what the barrier costs (see benchmarks/). SQLAlchemy still opens,
 commits and rolls back the transaction, so the session's bookkeeping and the pool's reset stay exact.
-Rows are read by column name.
+Rows are read by column name. `idembarrier._psycopg` runs this same storage, statement for statement, over
+psycopg 3: it calls its driver only through asyncpg's ``fetchrow``/``fetchval``/``fetch``/``execute``.
 """
 
 from __future__ import annotations

@@ -284,14 +284,23 @@ class Dialect(NamedTuple):
     """Where the database can notify (PostgreSQL), the relay's way to be woken; else the relay polls."""
 
 
-DIALECTS: Mapping[str, str] = {"postgresql": "._postgres", "sqlite": "._sqlite"}
-"""SQLAlchemy's dialect name → the module that defines its `Dialect` as ``DIALECT``, imported on first use."""
+DIALECTS: Mapping[str, str] = {
+    "postgresql+asyncpg": "._postgres",
+    "postgresql+psycopg": "._psycopg",
+    "sqlite+aiosqlite": "._sqlite",
+}
+"""SQLAlchemy's dialect+driver → the module that defines its `Dialect` as ``DIALECT``, imported on first use."""
 
 
-def _dialect(name: str) -> Dialect:
-    """The `Dialect` registered for SQLAlchemy's dialect ``name``."""
-    dialect: Dialect = import_module(DIALECTS[name], __package__).DIALECT
-    return dialect
+def _dialect(dialect: SQLAlchemyDialect) -> Dialect:
+    """The `Dialect` registered for SQLAlchemy's ``dialect`` and its driver."""
+    entry: Dialect = import_module(DIALECTS[_pair(dialect)], __package__).DIALECT
+    return entry
+
+
+def _pair(dialect: SQLAlchemyDialect) -> str:
+    """The key of ``dialect`` in `DIALECTS`: PostgreSQL's two drivers are two entries."""
+    return f"{dialect.name}+{dialect.driver}"
 
 
 async def pool_connection(conn: AsyncConnection) -> PoolProxiedConnection:
@@ -328,7 +337,7 @@ async def listen(
 
     Elsewhere (no engine, or a dialect without `Dialect.listen`) it reports started and returns at once.
     """
-    if engine is None or engine.dialect.name not in DIALECTS or (entry := _dialect(engine.dialect.name).listen) is None:
+    if engine is None or _pair(engine.dialect) not in DIALECTS or (entry := _dialect(engine.dialect).listen) is None:
         task_status.started()
         return
     await entry(engine, listen_url, channel, wake, task_status=task_status)
@@ -349,4 +358,4 @@ def _resolve(dialect: SQLAlchemyDialect, url: URL, table: TableName) -> tuple[Di
         failures=qualified(failures_name(table.name)),
         channel=notify_channel(table),
     )
-    return _dialect(dialect.name), names
+    return _dialect(dialect), names

@@ -100,17 +100,52 @@ class Database:
         return sorted((str(r[0]), str(r[1]), str(r[2])) for r in rows if key is None or r[1] == key)
 
 
-@pytest.fixture
-async def pg_db(pg_template: str) -> AsyncIterator[Database]:
+PSYCOPG_MODULES = frozenset(
+    f"tests.{name}" for name in ("test_unit_of_work", "test_concurrency", "test_lease", "test_retention", "test_outbox")
+)
+"""The core behavioural modules: their PostgreSQL tests run through psycopg 3 as well as asyncpg."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`db` runs on both engines; in `PSYCOPG_MODULES` on psycopg too, and a test on `pg_db` on both drivers."""
+    core = metafunc.module.__name__ in PSYCOPG_MODULES
+    if "db" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "db", ["postgresql", "psycopg", "sqlite"] if core else ["postgresql", "sqlite"], indirect=True
+        )
+    elif core and "pg_db" in metafunc.fixturenames and not _parametrizes(metafunc, "pg_db"):
+        metafunc.parametrize("pg_db", ["asyncpg", "psycopg"], indirect=True)
+
+
+def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
+    """Whether the test parametrizes ``name`` itself (a test of one driver's own behaviour)."""
+    return any(name in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize"))
+
+
+async def _pg_database(template: str, driver: str) -> AsyncIterator[Database]:
     name = f"idembarrier_t_{uuid.uuid4().hex[:12]}"
-    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    url = ADMIN_URL.set(database=name)
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    url = ADMIN_URL.set(drivername=f"postgresql+{driver}", database=name)
     engine = create_async_engine(url, pool_size=20, max_overflow=220)
     try:
         yield Database(url.render_as_string(hide_password=False), engine, async_sessionmaker(engine))
     finally:
         await engine.dispose()
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def pg_db(request: pytest.FixtureRequest, pg_template: str) -> AsyncIterator[Database]:
+    """A clone of the template, through asyncpg (or the driver a `pytest_generate_tests` parameter names)."""
+    async for database in _pg_database(pg_template, getattr(request, "param", "asyncpg")):
+        yield database
+
+
+@pytest.fixture
+async def psycopg_db(pg_template: str) -> AsyncIterator[Database]:
+    """A clone of the template, through psycopg 3."""
+    async for database in _pg_database(pg_template, "psycopg"):
+        yield database
 
 
 @pytest.fixture
@@ -124,10 +159,10 @@ async def sqlite_db(tmp_path: Path) -> AsyncIterator[Database]:
         await engine.dispose()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture
 def db(request: pytest.FixtureRequest) -> Database:
-    """Each behavioural test runs on both engines."""
-    fixture = "pg_db" if request.param == "postgresql" else "sqlite_db"
+    """Each behavioural test runs on both engines (`pytest_generate_tests`; in `PSYCOPG_MODULES`, psycopg too)."""
+    fixture = {"postgresql": "pg_db", "psycopg": "psycopg_db", "sqlite": "sqlite_db"}[request.param]
     database: Database = request.getfixturevalue(fixture)
     return database
 

@@ -77,7 +77,7 @@ async def test_upgrade_refuses_an_unsupported_driver_before_any_ddl(tmp_path: Pa
     """upgrade() on a driver it does not support raises ConfigurationError naming the supported ones."""
     engine = create_async_engine(f"sqlite+forked_aiosqlite:///{tmp_path / 'app.db'}")
     try:
-        with pytest.raises(ConfigurationError, match=r"postgresql\+asyncpg and sqlite\+aiosqlite"):
+        with pytest.raises(ConfigurationError, match=r"postgresql\+asyncpg, postgresql\+psycopg and sqlite\+aiosqlite"):
             await idembarrier.upgrade(engine)
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == []
@@ -101,14 +101,16 @@ async def test_a_unit_of_work_refuses_an_unsupported_driver(tmp_path: Path) -> N
     [
         ("mysql+aiomysql://root@127.0.0.1/app", "mysql+aiomysql"),
         ("mariadb+asyncmy://root@127.0.0.1/app", "mariadb+asyncmy"),
-        ("postgresql+psycopg://postgres@127.0.0.1/test", "postgresql+psycopg"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/test", "postgresql+psycopg2"),
         ("postgresql://postgres@127.0.0.1/test", "postgresql+psycopg"),
         ("sqlite:///app.db", "sqlite+pysqlite"),
     ],
 )
 def test_check_url_names_what_is_supported(url: str, named: str) -> None:
     """A URL for another database or driver, or a synchronous one, raises ConfigurationError naming both."""
-    with pytest.raises(ConfigurationError, match="supports postgresql\\+asyncpg and sqlite\\+aiosqlite") as caught:
+    with pytest.raises(
+        ConfigurationError, match="supports postgresql\\+asyncpg, postgresql\\+psycopg and sqlite\\+aiosqlite"
+    ) as caught:
         check_url(url)
     assert named in str(caught.value)
 

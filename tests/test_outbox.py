@@ -321,6 +321,7 @@ async def test_relay_wakes_on_notify_long_before_its_poll_interval(pg_db: Databa
     assert [m.message_id for m in publisher.messages] == ids
 
 
+@pytest.mark.parametrize("pg_db", ["asyncpg"], indirect=True)  # it breaks asyncpg's LISTEN; psycopg's: test_psycopg
 async def test_relay_polls_when_it_cannot_listen(
     pg_db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
