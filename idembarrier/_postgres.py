@@ -46,7 +46,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
     return Record(
         scope=row["scope"],
         key=row["key"],
-        status=Status(row["status"]),
+        status=(status := Status(row["status"])),
         fingerprint=row["fingerprint"],
         response=row["response"],
         token=row["token"],
@@ -57,7 +57,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         locked_until=row.get("locked_until"),
         checkpoint=row.get("checkpoint_name"),
         checkpoint_data=row.get("checkpoint_data"),
-        stale=stale,
+        stale=stale and status is Status.IN_PROGRESS,  # a lease's word: a finished record has none
     )
 
 

@@ -49,7 +49,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
     return Record(
         scope=columns["scope"],
         key=columns["key"],
-        status=Status(columns["status"]),
+        status=(status := Status(columns["status"])),
         fingerprint=columns["fingerprint"],
         response=columns["response"],
         token=uuid.UUID(columns["token"]),
@@ -60,7 +60,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         locked_until=_timestamp(columns.get("locked_until")),
         checkpoint=columns.get("checkpoint_name"),
         checkpoint_data=columns.get("checkpoint_data"),
-        stale=stale,
+        stale=stale and status is Status.IN_PROGRESS,  # a lease's word: a finished record has none
     )
 
 

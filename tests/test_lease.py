@@ -315,3 +315,19 @@ async def test_lease_arguments_are_checked(db: Database) -> None:
         barrier.leased(new_key(), scope=SCOPE, heartbeat=-1)
     with pytest.raises(ConfigurationError, match="max_reclaims"):
         barrier.leased(new_key(), scope=SCOPE, max_reclaims=-1)
+
+
+async def test_inspect_calls_only_a_lease_stale(db: Database) -> None:
+    """`Barrier.inspect` says stale for an IN_PROGRESS record whose lease ran out, never for a finished one."""
+    barrier, left, done = Barrier(db.sessionmaker), new_key(), new_key()
+    with pytest.raises(UnitOfWorkError):
+        async with barrier.leased(left, scope=SCOPE, lease=SHORT):
+            await until_stale(db, left)  # and the holder leaves without finishing
+    async with barrier.leased(done, scope=SCOPE, lease=SHORT) as lease:
+        await finish(lease, done, {"ok": True})
+    await until_stale(db, left)
+    stale, finished = await barrier.inspect(left, scope=SCOPE), await barrier.inspect(done, scope=SCOPE)
+    assert stale is not None
+    assert (stale.status, stale.stale) == (Status.IN_PROGRESS, True)
+    assert finished is not None
+    assert (finished.status, finished.stale) == (Status.COMPLETED, False)
