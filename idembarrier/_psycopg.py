@@ -7,8 +7,8 @@ text. As with asyncpg, the statements go straight to the psycopg connection unde
 of work's transaction, which SQLAlchemy still commits and rolls back.
 
 A bounded wait is the asyncpg driver's ``timeout``: the statement is cancelled on the server once it runs
-out (psycopg sends the cancel request when its task is cancelled) and `TimeoutError` is raised. LISTEN goes
-through asyncpg only: with a psycopg engine the relay polls, and says so once (see `idembarrier._listen`).
+out (psycopg sends the cancel request when its task is cancelled) and `TimeoutError` is raised. The relay
+LISTENs through psycopg's ``notifies()`` on a connection of its own (see `idembarrier._listen`).
 """
 
 from __future__ import annotations
