@@ -535,7 +535,10 @@ class UnitOfWork(Generic[R]):
                             # Our own statements bypass SQLAlchemy, which then cannot see that the connection
                             # died: discard it rather than hand a dead connection back to the pool. Likewise
                             # after a cancellation, which may have interrupted a statement of ours mid-reply
-                            # (SQLAlchemy invalidates a connection whose own statement was interrupted).
+                            # (SQLAlchemy invalidates a connection whose own statement was interrupted). The
+                            # socket is closed first: SQLAlchemy's invalidation waits up to 2 s for a goodbye,
+                            # and asyncpg for a cancel request it sent, on a connection that may never answer.
+                            self._terminate_driver()
                             await session.invalidate()
                         await session.close()  # rolls back whatever is open
                         await anyio.lowlevel.checkpoint()  # let a queued caller take the connection (see _commit)
@@ -555,11 +558,15 @@ class UnitOfWork(Generic[R]):
                 elif not self._owned:  # the caller's transaction went with it: the caller must know
                     raise ConnectionLostError(f"ending the replay: {silent}; the connection was closed")
 
-    async def _discard(self, session: AsyncSession | None) -> None:
-        """Close the driver's connection without a round trip, then invalidate it: it never goes back to the pool."""
+    def _terminate_driver(self) -> None:
+        """Close the driver's socket now, without a round trip (asyncpg's ``terminate``; others have none)."""
         terminate = getattr(self._driver, "terminate", None)
         if callable(terminate):
-            terminate()  # asyncpg: closes the socket now; SQLAlchemy's own invalidation would wait for a reply
+            terminate()
+
+    async def _discard(self, session: AsyncSession | None) -> None:
+        """Close the driver's connection without a round trip, then invalidate it: it never goes back to the pool."""
+        self._terminate_driver()
         if not self._owned or session is None:
             return  # the caller's session: its next use fails, as its connection is closed
         with anyio.move_on_after(self._runtime.options.cleanup_timeout):
