@@ -101,7 +101,8 @@ class Database:
 
 
 PSYCOPG_MODULES = frozenset(
-    f"tests.{name}" for name in ("test_unit_of_work", "test_concurrency", "test_lease", "test_retention", "test_outbox")
+    f"tests.{name}"
+    for name in ("test_unit_of_work", "test_concurrency", "test_lease", "test_retention", "test_outbox", "test_crash")
 )
 """The core behavioural modules: their PostgreSQL tests run through psycopg 3 as well as asyncpg."""
 

@@ -1,7 +1,7 @@
 """PostgreSQL through psycopg 3: what is its own beside asyncpg (the core behaviour runs on both drivers).
 
-The core modules run their PostgreSQL tests through psycopg too (`tests.conftest.PSYCOPG_MODULES`). Here: a
-backend terminated during a unit of work, the classification of psycopg's errors, and the relay's LISTEN.
+The core modules run their PostgreSQL tests through psycopg too (`tests.conftest.PSYCOPG_MODULES`, terminated
+backends included). Here: the classification of psycopg's errors, a refused connect, and the relay's LISTEN.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 import idembarrier
-from idembarrier import Barrier, ConnectError, ConnectionLostError, OnConflict, SerializationError
+from idembarrier import Barrier, ConnectError, ConnectionLostError, SerializationError
 from idembarrier._engines import check_url
 from idembarrier._errors import connection_lost, lock_not_available, translate
 from idembarrier.kafka import OutboxRelay
 from tests.conftest import Database
-from tests.helpers import lock_waiters, new_key, pay
-from tests.models import Payment
-from tests.test_crash import assert_retry_runs_once_and_replays, backend_pid, enter, terminate
+from tests.helpers import new_key
+from tests.test_crash import backend_pid, enter, terminate
 from tests.test_relay import test_the_relay_listens_again_after_its_backend_is_terminated as _listens_again
 
 if TYPE_CHECKING:
@@ -56,68 +55,6 @@ def test_psycopg_errors_are_classified_by_type_and_sqlstate() -> None:
     assert unique is not None
     assert not isinstance(unique, ConnectionLostError)
     assert unique.sqlstate == "23505"
-
-
-async def test_terminated_backend_in_the_body_raises_connection_lost_and_leaves_nothing(psycopg_db: Database) -> None:
-    """A body statement after its backend was terminated raises ConnectionLostError; nothing was written."""
-    barrier, key = Barrier(psycopg_db.sessionmaker), new_key()
-
-    async def body_runs_on() -> None:
-        async with barrier.unit_of_work(key, scope="payments") as uow:
-            uow.session.add(Payment(key=key, amount=100))
-            await uow.session.flush()
-            await terminate(psycopg_db, await backend_pid(uow.session))
-            await uow.session.flush()
-            uow.session.add(Payment(key=key, amount=200))
-            await uow.session.flush()
-
-    with pytest.raises(ConnectionLostError) as caught:
-        await body_runs_on()
-    assert isinstance(caught.value.__cause__, DRIVER_ERRORS)
-    await assert_retry_runs_once_and_replays(psycopg_db, barrier, key)
-
-
-async def test_terminated_backend_before_the_outcome_raises_connection_lost(psycopg_db: Database) -> None:
-    """A backend terminated before the outcome is recorded makes the exit raise ConnectionLostError."""
-    barrier, key = Barrier(psycopg_db.sessionmaker), new_key()
-
-    async def body_completes() -> None:
-        async with barrier.unit_of_work(key, scope="payments") as uow:
-            uow.session.add(Payment(key=key, amount=100))
-            await uow.session.flush()
-            await terminate(psycopg_db, await backend_pid(uow.session))
-            uow.complete({"payment_id": 1})
-
-    with pytest.raises(ConnectionLostError) as caught:
-        await body_completes()
-    assert isinstance(caught.value.__cause__, DRIVER_ERRORS)
-    await assert_retry_runs_once_and_replays(psycopg_db, barrier, key)
-
-
-async def test_waiting_duplicate_whose_backend_is_terminated_gets_connection_lost(psycopg_db: Database) -> None:
-    """A duplicate terminated while its claim waits raises ConnectionLostError; the holder commits."""
-    barrier, key = Barrier(psycopg_db.sessionmaker), new_key()
-    lost: list[ConnectionLostError] = []
-
-    async def duplicate() -> None:
-        with pytest.raises(ConnectionLostError) as caught:
-            await enter(barrier, key, on_conflict=OnConflict.WAIT)
-        lost.append(caught.value)
-
-    async with barrier.unit_of_work(key, scope="payments") as uow:
-        payment = Payment(key=key, amount=100)
-        uow.session.add(payment)
-        await uow.session.flush()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(duplicate)
-            [waiter] = await lock_waiters(psycopg_db)
-            await terminate(psycopg_db, waiter)
-        uow.complete({"payment_id": payment.id})
-    assert len(lost) == 1
-    assert isinstance(lost[0].__cause__, DRIVER_ERRORS)
-    assert await psycopg_db.payments(key) == 1
-    assert await psycopg_db.records(key) == [("payments", key, "COMPLETED")]
-    assert await pay(barrier, key) == uow.response
 
 
 async def test_unreachable_database_raises_connect_error() -> None:
