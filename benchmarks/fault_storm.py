@@ -77,6 +77,26 @@ COMMIT_CUTS = {
 SILENCES = ("half_open_to_client", "half_open_to_server", "blackhole")
 FAULT_KINDS = (*COMMIT_CUTS, "cut", *SILENCES, "refuse", "pg_terminate_backend")
 """Every kind the injector injects, as `FaultProxy.faults` (and the injector) count them."""
+ZERO_TARGETS = (
+    "duplicate_effects",
+    "lost_acknowledged_writes",
+    "differing_answers",
+    "payments_without_record",
+    "records_without_payment",
+    "records_in_progress",
+    "escapes",
+    "http_500",
+    "server_exceptions",
+    "crashed_clients",
+)
+"""The report's counters that must be 0 (`Report.violations`)."""
+
+
+def fault_kinds(mode: str) -> tuple[str, ...]:
+    """The fault kinds a storm in ``mode`` must have injected: over HTTP, clients also abandon requests."""
+    return (*FAULT_KINDS, "client_abandoned") if mode == "http" else FAULT_KINDS
+
+
 GAP = (0.05, 0.3)
 """Seconds between two faults."""
 ANSWERED = "guarded request answered 503: "
@@ -123,29 +143,11 @@ class Report:
 
     def violations(self) -> list[str]:
         """The zero-targets this storm missed, and its own requirements it did not meet."""
-        missed = [
-            f"{name.replace('_', ' ')}: {value}"
-            for name in (
-                "duplicate_effects",
-                "lost_acknowledged_writes",
-                "differing_answers",
-                "payments_without_record",
-                "records_without_payment",
-                "records_in_progress",
-                "escapes",
-                "http_500",
-                "server_exceptions",
-                "crashed_clients",
-            )
-            if (value := getattr(self, name))
-        ]
-        missed += [f"no fault of kind {kind} happened" for kind in self.fault_kinds() if not self.faults.get(kind)]
+        missed = [f"{name.replace('_', ' ')}: {value}" for name in ZERO_TARGETS if (value := getattr(self, name))]
+        missed += [f"no fault of kind {kind} happened" for kind in fault_kinds(self.mode) if not self.faults.get(kind)]
         if self.mode == "http" and self.server_processes < SERVER_WORKERS:
             missed.append(f"only {self.server_processes} server processes answered")
         return missed
-
-    def fault_kinds(self) -> tuple[str, ...]:
-        return (*FAULT_KINDS, "client_abandoned") if self.mode == "http" else FAULT_KINDS
 
 
 Sends = list[tuple[int, str, int, float]]

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
+from benchmarks.fault_storm import ZERO_TARGETS, fault_kinds
+
 if TYPE_CHECKING:
     from tests.conftest import Database
 
@@ -25,29 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 700
 PROCESSES = 2
 DUPLICATES = 0.25
-FAULT_KINDS = (
-    "commit_dropped",
-    "commit_reply_swallowed",
-    "cut_after_commit_reply",
-    "cut",
-    "half_open_to_client",
-    "half_open_to_server",
-    "blackhole",
-    "refuse",
-    "pg_terminate_backend",
-)
-ZERO_TARGETS = (
-    "duplicate_effects",
-    "lost_acknowledged_writes",
-    "differing_answers",
-    "payments_without_record",
-    "records_without_payment",
-    "records_in_progress",
-    "escapes",
-    "http_500",
-    "server_exceptions",
-    "crashed_clients",
-)
 
 
 async def storm(db: Database, mode: str, tmp_path: Path) -> dict[str, object]:
@@ -84,7 +63,7 @@ async def test_fault_storm_has_no_duplicate_effect_no_lost_write_and_no_escape(
     assert report["violations"] == []
     faults = report["faults"]
     assert isinstance(faults, dict)
-    kinds = (*FAULT_KINDS, "client_abandoned") if mode == "http" else FAULT_KINDS
+    kinds = fault_kinds(mode)
     assert {kind: faults.get(kind, 0) > 0 for kind in kinds} == dict.fromkeys(kinds, True), faults
     assert report["requests"] == REQUESTS
     assert report["duplicates_sent"] == REQUESTS * DUPLICATES

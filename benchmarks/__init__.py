@@ -1,0 +1,1 @@
+"""Benchmarks and storms: scripts run as ``python benchmarks/<name>.py``; tests import their constants."""
