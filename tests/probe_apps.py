@@ -18,25 +18,23 @@ import socket
 import threading
 import uuid
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import anyio
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from idembarrier import Barrier, OnConflict, UnitOfWork
+from idembarrier import Barrier, OnConflict
 from idembarrier.asgi import (
-    HTTPResponse,
     HTTPResponseCodec,
     IdempotencyMiddleware,
     RequestHead,
-    unit_of_work,
-    unit_of_work_session,
 )
+from tests.asgi_app import Session, Work  # noqa: TC001 - FastAPI reads the annotations at runtime
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -49,10 +47,6 @@ if TYPE_CHECKING:
 LATENCY = 0.3
 """Seconds each order takes: long enough for the probe's duplicates to arrive while it runs."""
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-Work = Annotated[UnitOfWork[HTTPResponse], Depends(unit_of_work)]
-Session = Annotated[AsyncSession, Depends(unit_of_work_session)]
 
 
 class OrderIn(BaseModel):
