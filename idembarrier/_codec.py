@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import decimal
+import enum
 import json
+import sys
+import uuid
 from typing import Generic, Protocol, TypeVar, cast
 
 from ._exceptions import ResponseEncodingError
@@ -31,8 +36,30 @@ class Codec(Protocol[T]):
         ...
 
 
+def _json_form(value: object) -> object:
+    """The JSON a typed value is written as (the encoder's ``default``: called for what JSON does not hold)."""
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise ValueError(f"Decimal {value} is not a number; JSON cannot hold it")
+        return str(value)  # exact, scale kept ("10.50"): a float would round it
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()  # as given: offset kept, a naive datetime stays naive
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    if (pydantic := sys.modules.get("pydantic")) is not None and isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, set | frozenset):
+        raise TypeError("a set has no order; give a sorted list")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 # Built once: json.dumps() with options builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_TYPED_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_form)
 
 
 def _dumps(value: object) -> bytes:
@@ -40,14 +67,20 @@ def _dumps(value: object) -> bytes:
 
 
 class JSONCodec:
-    """The default codec: JSON values (dicts, lists, strings, numbers, booleans, ``None``).
+    """The default codec: JSON values, and the typed values payments carry, written as JSON.
 
-    NaN and infinities are refused, so what is stored is valid JSON that any consumer can read.
+    A `~decimal.Decimal` is written as its text, exactly as ``str()`` gives it (``"10.50"``: scale kept,
+    never a float); a `~uuid.UUID` as its text; a `~datetime.datetime`, `~datetime.date` or
+    `~datetime.time` as ISO 8601, as given (offset kept); an `~enum.Enum` as its value; a dataclass as an
+    object of its fields; a Pydantic model as its ``model_dump(mode="json")``. What is decoded, for the
+    first caller and every replay alike, is that JSON: strings, not the typed values (`PydanticCodec`
+    gives them back typed). NaN, infinities and sets are refused, so what is stored is valid JSON that any
+    consumer can read.
     """
 
-    def encode(self, value: JSON, /) -> bytes:
+    def encode(self, value: object, /) -> bytes:
         """Return ``value`` as compact UTF-8 JSON."""
-        return _dumps(value)
+        return _TYPED_ENCODER.encode(value).encode()
 
     def decode(self, data: bytes, /) -> JSON:
         """Return the JSON value stored as ``data``."""
