@@ -32,7 +32,7 @@ from ._runtime import Runtime
 from ._uow import UnitOfWork
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Awaitable, Callable, Iterable, Mapping
 
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -252,6 +252,39 @@ class Barrier(Generic[R]):
         found = await self._runtime.atomically(lambda storage: storage.unresolved(limit))
         return [Unresolved(record, age) for record, age in found]
 
+    async def records(
+        self,
+        *,
+        status: Status | Iterable[Status] | None = None,
+        scope: str | None = None,
+        older_than: timedelta | None = None,
+        newer_than: timedelta | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """List records, newest first, with every horizon (``response_expires_at`` included), in one query.
+
+        Args:
+            status: Only records in this status, or in one of these (``None``: any).
+            scope: Only records of this scope (``None``: any).
+            older_than: Only records created at least this long ago (database clock).
+            newer_than: Only records created less than this long ago (database clock).
+            limit: The most records returned.
+
+        Raises:
+            ConfigurationError: A filter is unusable (no status, a negative age, a limit below 1).
+            InvalidKeyError: The scope is unusable.
+        """
+        statuses = None if status is None else _statuses(status)
+        scope = None if scope is None else validate_key(scope, what="scope")
+        for name, age in (("older_than", older_than), ("newer_than", newer_than)):
+            if age is not None and not (isinstance(age, timedelta) and age >= timedelta(0)):
+                raise ConfigurationError(f"{name} must be a timedelta of at least 0, not {age!r}")
+        if limit < 1:
+            raise ConfigurationError(f"limit must be at least 1, not {limit!r}")
+        return await self._runtime.atomically(
+            lambda storage: storage.records(statuses, scope, older_than, newer_than, limit)
+        )
+
     async def resolve(
         self, key: str, *, scope: str, status: Status, response: R, retention: timedelta | Retention | None = None
     ) -> None:
@@ -312,6 +345,15 @@ class Barrier(Generic[R]):
         deleted = await self._in_batches("deleted", lambda storage: storage.purge(batch_size), batch_size, on_batch)
         return Purged(compacted=compacted, deleted=deleted)
 
+    async def purgeable(self) -> Purged:
+        """Count what `purge` would do now, changing nothing (one query).
+
+        A purge that follows reports these counts, give or take the records that expire, are retaken or
+        are locked (by a claim, or another purger) in between.
+        """
+        compacted, deleted = await self._runtime.atomically(lambda storage: storage.purgeable())
+        return Purged(compacted=compacted, deleted=deleted)
+
     async def _in_batches(
         self,
         kind: str,
@@ -329,8 +371,20 @@ class Barrier(Generic[R]):
                 return total
 
 
+def _statuses(status: Status | Iterable[Status]) -> tuple[Status, ...]:
+    """A status filter as a tuple of statuses, refused when empty or holding something else."""
+    wanted = (status,) if isinstance(status, str) else tuple(status)
+    try:
+        statuses = tuple(dict.fromkeys(Status(s) for s in wanted))
+    except ValueError as exc:
+        raise ConfigurationError(f"not a status: {exc}") from None
+    if not statuses:
+        raise ConfigurationError("the status filter names no status")
+    return statuses
+
+
 class Purged(NamedTuple):
-    """What `Barrier.purge` did."""
+    """What `Barrier.purge` did (or, from `Barrier.purgeable`, would do)."""
 
     compacted: int
     """Records whose response was dropped (past the response retention); they stay as compact records."""

@@ -33,6 +33,7 @@ __all__ = ["DIALECT", "PostgresStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
 _LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data"
+_HORIZON_COLUMNS = f"{_LEASE_COLUMNS}, response_expires_at"  # what an operator reads: every horizon
 # A lease is stale once its end has passed on the database's clock (clock_timestamp(): the wall clock, not
 # the transaction's start). An IN_PROGRESS record without an end is stale too: only a unit of work whose
 # session was committed from inside its body can leave one behind.
@@ -55,6 +56,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         completed_at=row["completed_at"],
         expires_at=row["expires_at"],
         locked_until=row.get("locked_until"),
+        response_expires_at=row.get("response_expires_at"),
         checkpoint=row.get("checkpoint_name"),
         checkpoint_data=row.get("checkpoint_data"),
         stale=stale and status is Status.IN_PROGRESS,  # a lease's word: a finished record has none
@@ -122,9 +124,11 @@ class _Statements(NamedTuple):
     release: str
     unresolved: str
     resolve: str
+    records: str
     distribution: str
     purge: str
     compact: str
+    purgeable: str
     write_outbox: str
     notify: str
     claim_outbox: str
@@ -202,7 +206,7 @@ def _statements(names: Names) -> _Statements:
             table,
             f"{_LEASE_COLUMNS}, {_STALE} AS stale",
         ),
-        inspect=f"SELECT {_LEASE_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = $1 AND key = $2",
+        inspect=f"SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = $1 AND key = $2",
         # Takes over a stale lease. Conditioned on the token the reclaimer saw, so of two reclaimers of the
         # same lease exactly one matches (the other finds the new token); conditioned on staleness by the
         # database's clock. SKIP LOCKED: a row another transaction holds (its holder renewing, another
@@ -244,6 +248,16 @@ def _statements(names: Names) -> _Statements:
             WHERE scope = $1 AND key = $2
               AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
             RETURNING 1""",
+        # A read, and a plain one: it takes no lock and sees what committed before it started. A NULL
+        # filter is no filter; the ages are measured on the database's clock. Newest first; ties (one
+        # transaction's records) in key order.
+        records=f"""
+            SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table}
+            WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
+              AND ($2::text IS NULL OR scope = $2::text)
+              AND ($3::interval IS NULL OR created_at <= clock_timestamp() - $3::interval)
+              AND ($4::interval IS NULL OR created_at > clock_timestamp() - $4::interval)
+            ORDER BY created_at DESC, scope, key LIMIT $5""",
         # -- operations
         distribution=f"""
             SELECT status, count(*) AS records,
@@ -277,6 +291,18 @@ def _statements(names: Names) -> _Statements:
                 RETURNING 1
             )
             SELECT count(*) FROM compacted""",
+        # What compact and purge would take, counted with their own conditions (each count can use its
+        # partial index: statement_timestamp() is stable, clock_timestamp() would not be). A plain read:
+        # it counts rows a purger or a claim holds too, which the real batches would skip.
+        purgeable=f"""
+            SELECT (
+                SELECT count(*) FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+                  AND response_expires_at <= statement_timestamp()
+            ) AS compacted, (
+                SELECT count(*) FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= statement_timestamp()
+            ) AS deleted""",
         # -- the outbox
         # In the unit of work's transaction: the messages exist if and only if it commits.
         write_outbox=f"""
@@ -464,6 +490,19 @@ class PostgresStorage:
             self._sql.resolve, scope, key, status.value, response, retention.response, retention.record
         )
 
+    async def records(
+        self,
+        statuses: Sequence[Status] | None,
+        scope: str | None,
+        older_than: timedelta | None,
+        newer_than: timedelta | None,
+        limit: int,
+    ) -> list[Record]:
+        """List records, newest first; see `Storage.records`."""
+        values = None if statuses is None else [status.value for status in statuses]
+        rows = await self._driver.fetch(self._sql.records, values, scope, older_than, newer_than, limit)
+        return [_record(row, stale=row["stale"]) for row in rows]
+
     async def _one(self, sql: str, *args: object) -> bool:
         """Run a statement that returns ``1`` when it matched its row."""
         matched: object = await self._driver.fetchval(sql, *args)
@@ -486,6 +525,11 @@ class PostgresStorage:
         """Drop responses past retention; see `Storage.compact`."""
         compacted: int = await self._driver.fetchval(self._sql.compact, limit)
         return compacted
+
+    async def purgeable(self) -> tuple[int, int]:
+        """Count what compact and purge would take; see `Storage.purgeable`."""
+        row = await self._driver.fetchrow(self._sql.purgeable)
+        return int(row["compacted"]), int(row["deleted"])
 
     # -- the outbox -------------------------------------------------------------------------------------
 

@@ -61,6 +61,8 @@ class Record:
         created_at: When the record was claimed (database clock).
         completed_at: When it reached COMPLETED or FAILED (database clock).
         expires_at: From when cleanup may delete it; never consulted for deduplication.
+        response_expires_at: From when cleanup may drop its response, keeping the compact record (read
+            by `Barrier.inspect` and `Barrier.records` only; ``None`` elsewhere).
         locked_until: End of the current lease (leased work only; database clock).
         checkpoint: Name of the last checkpoint a lease holder recorded, if any.
         checkpoint_data: The codec's bytes recorded with that checkpoint.
@@ -78,6 +80,7 @@ class Record:
     completed_at: datetime | None
     expires_at: datetime | None
     locked_until: datetime | None = None
+    response_expires_at: datetime | None = None
     checkpoint: str | None = None
     checkpoint_data: bytes | None = None
     stale: bool = False

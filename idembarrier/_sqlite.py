@@ -8,6 +8,7 @@ connection's busy timeout), then finds the winner's committed record. The statem
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -31,6 +32,7 @@ __all__ = ["DIALECT", "SqliteStorage"]
 
 _COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
 _LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data"
+_HORIZON_COLUMNS = f"{_LEASE_COLUMNS}, response_expires_at"  # what an operator reads: every horizon
 # Lease ends are written and compared in one text format with milliseconds, so text order is time order.
 _NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 _LATER = "strftime('%Y-%m-%d %H:%M:%f', 'now', ?)"
@@ -58,6 +60,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         completed_at=_timestamp(columns["completed_at"]),
         expires_at=_timestamp(columns["expires_at"]),
         locked_until=_timestamp(columns.get("locked_until")),
+        response_expires_at=_timestamp(columns.get("response_expires_at")),
         checkpoint=columns.get("checkpoint_name"),
         checkpoint_data=columns.get("checkpoint_data"),
         stale=stale and status is Status.IN_PROGRESS,  # a lease's word: a finished record has none
@@ -67,6 +70,11 @@ def _record(row: Any, *, stale: bool = False) -> Record:
 def _later(delta: timedelta) -> str:
     """The SQLite date modifier for ``delta`` from now."""
     return f"+{delta.total_seconds()} seconds"
+
+
+def _earlier(delta: timedelta | None) -> str | None:
+    """The SQLite date modifier for ``delta`` ago (``None`` as is)."""
+    return None if delta is None else f"-{delta.total_seconds()} seconds"
 
 
 class _Statements(NamedTuple):
@@ -85,9 +93,11 @@ class _Statements(NamedTuple):
     release: str
     unresolved: str
     resolve: str
+    records: str
     distribution: str
     purge: str
     compact: str
+    purgeable: str
     write_outbox: str
     claim_outbox: str
     mark_sent: str
@@ -139,7 +149,7 @@ def _statements(names: Names) -> _Statements:
             INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
             VALUES (?, ?, ?, 'IN_PROGRESS', ?, {_LATER})
             ON CONFLICT (scope, key) DO NOTHING RETURNING 1""",
-        inspect=f"SELECT {_LEASE_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = ? AND key = ?",
+        inspect=f"SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = ? AND key = ?",
         # The same conditions as PostgreSQL's: the token the reclaimer saw, and staleness.
         reclaim=f"""
             UPDATE {table}
@@ -169,6 +179,16 @@ def _statements(names: Names) -> _Statements:
             WHERE scope = ? AND key = ?
               AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
             RETURNING 1""",
+        # A read: it sees what committed before it started. A NULL filter is no filter (the statuses
+        # come as a JSON array); created_at and datetime() share one text format, so text order is time
+        # order. Newest first; ties (created_at is to the second) in the order the rows were inserted.
+        records=f"""
+            SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table}
+            WHERE (?1 IS NULL OR status IN (SELECT value FROM json_each(?1)))
+              AND (?2 IS NULL OR scope = ?2)
+              AND (?3 IS NULL OR created_at <= datetime('now', ?3))
+              AND (?4 IS NULL OR created_at > datetime('now', ?4))
+            ORDER BY created_at DESC, rowid DESC LIMIT ?5""",
         # -- operations
         distribution=f"""
             SELECT status, count(*) AS records, (julianday('now') - julianday(min(created_at))) * 86400 AS oldest
@@ -185,6 +205,17 @@ def _statements(names: Names) -> _Statements:
                 WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
                   AND response_expires_at <= datetime('now')
                 ORDER BY response_expires_at LIMIT ?)""",
+        # What compact and purge would take, counted with their own conditions ('now' is one instant for
+        # the whole statement).
+        purgeable=f"""
+            SELECT (
+                SELECT count(*) FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+                  AND response_expires_at <= datetime('now')
+            ) AS compacted, (
+                SELECT count(*) FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= datetime('now')
+            ) AS deleted""",
         # -- the outbox
         # In the unit of work's transaction: the messages exist if and only if it commits.
         write_outbox=f"""
@@ -349,6 +380,19 @@ class SqliteStorage:
         later = _later(retention.response), _later(retention.record)
         return await self._one(self._sql.resolve, status.value, response, *later, scope, key)
 
+    async def records(
+        self,
+        statuses: Sequence[Status] | None,
+        scope: str | None,
+        older_than: timedelta | None,
+        newer_than: timedelta | None,
+        limit: int,
+    ) -> list[Record]:
+        """List records, newest first; see `Storage.records`."""
+        values = None if statuses is None else json.dumps([status.value for status in statuses])
+        rows = await self._all(self._sql.records, values, scope, _earlier(older_than), _earlier(newer_than), limit)
+        return [_record(row, stale=bool(row.stale)) for row in rows]
+
     # -- operations -------------------------------------------------------------------------------------
 
     async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
@@ -365,6 +409,12 @@ class SqliteStorage:
     async def purge(self, limit: int) -> int:
         """Delete expired finished records (under the write lock, so nothing is locked to skip)."""
         return await self._count(self._sql.purge, limit)
+
+    async def purgeable(self) -> tuple[int, int]:
+        """Count what compact and purge would take; see `Storage.purgeable`."""
+        row = await self._first(self._sql.purgeable)
+        assert row is not None  # aggregates: always one row
+        return int(row.compacted), int(row.deleted)
 
     # -- the outbox -------------------------------------------------------------------------------------
 

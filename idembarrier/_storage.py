@@ -196,6 +196,21 @@ class Storage(Protocol):
         """Finish an UNKNOWN record or a stale lease with an operator's outcome; return whether it matched."""
         ...
 
+    async def records(
+        self,
+        statuses: Sequence[Status] | None,
+        scope: str | None,
+        older_than: timedelta | None,
+        newer_than: timedelta | None,
+        limit: int,
+    ) -> list[Record]:
+        """Up to ``limit`` records, newest first, with their horizons, lease and ``stale``.
+
+        Only those in ``statuses`` and ``scope`` (``None``: any), created at least ``older_than`` and less
+        than ``newer_than`` ago (``None``: no bound), by the database's clock.
+        """
+        ...
+
     # -- operations --------------------------------------------------------------------------------------
 
     async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
@@ -208,6 +223,10 @@ class Storage(Protocol):
 
     async def purge(self, limit: int) -> int:
         """Delete up to ``limit`` finished records past ``expires_at``, skipping locked ones; return how many."""
+        ...
+
+    async def purgeable(self) -> tuple[int, int]:
+        """What `compact` and `purge` would take now, locked rows included: (responses, records), in one query."""
         ...
 
     # -- the outbox ----------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ lab's barrier) saw phantom writes, ``inspect`` found no record, ``unresolved`` l
 stale leases, ``parked`` listed parked messages, ``resolve`` was refused (a live lease holds the key, or it
 has no record or a finished one), ``release-parked`` or ``drop-parked`` named a message that is not parked,
 or ``probe`` saw a MUST clause fail; 2 bad usage or configuration (an unsupported URL or driver, in-memory
-SQLite, a ``--response`` that is not JSON); 3 the database failed (unreachable, refused, no such database,
-authentication) or its schema is not installed, or the probe's target could not be reached.
-A failure or a refusal prints one line on stderr, with the server's or the OS's reason, and never a traceback.
+SQLite, a ``--response`` that is not JSON, a ``--status``, age, limit or scope that ``list`` cannot use); 3
+the database failed (unreachable, refused, no such database, authentication) or its schema is not
+installed, or the probe's target could not be reached. A failure or a refusal prints one line on stderr,
+with the server's or the OS's reason, and never a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import anyio
 
 from .._config import DEFAULT_TABLE
 from .._record import Status
-from . import _operator, _probe
+from . import _operator, _probe, _purge
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
         ("purge", "drop expired responses (keeping compact records), then delete expired records"),
+        ("list", "list records by status, scope and age, newest first"),
         ("stats", "print the records' status distribution"),
         ("inspect", "print one record, with the fields its state gives meaning to (exit 1: no record)"),
         ("unresolved", "list UNKNOWN records and stale leases, oldest first (exit 1: there are some)"),
@@ -92,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--schema", default=None, help="PostgreSQL schema of the records table")
         command.add_argument("--json", action="store_true", help="print JSON instead of text")
         if name == "purge":
-            command.add_argument("--batch-size", type=int, default=1000, help="records per transaction")
+            command.add_argument(
+                "--batch-size", type=_operator.positive, default=1000, help="records per transaction (default 1000)"
+            )
+            command.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
+        if name == "list":
+            _list_options(command)
         if name in ("inspect", "resolve"):
             command.add_argument("scope")
             command.add_argument("key")
@@ -106,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in ("release-parked", "drop-parked"):
             command.add_argument("message_id")
     args = parser.parse_args(argv)
+    if args.command == "list" and args.scope is not None:
+        args.scope = _checked_scope(parser, args.scope)
     if args.command == "probe":
         return _probe.run(args)
     if args.command not in ("demo", "lab") and not args.database_url:
@@ -153,6 +162,42 @@ def _failure(exc: Exception, url: str | None) -> tuple[int, str] | None:
     return 3, f"{where}: {reason}"
 
 
+def _list_options(command: argparse.ArgumentParser) -> None:
+    """``list``'s filters."""
+    statuses = ", ".join(s.value for s in Status)
+    command.add_argument(
+        "--status",
+        action="extend",
+        type=_operator.statuses,
+        metavar="STATUS[,STATUS…]",
+        help=f"only these statuses, repeatable or comma-separated ({statuses}; default: all)",
+    )
+    command.add_argument("--scope", default=None, help="only this scope (default: all)")
+    command.add_argument(
+        "--older-than", type=_operator.duration, metavar="AGE", help="only records created at least AGE ago (7d)"
+    )
+    command.add_argument(
+        "--newer-than", type=_operator.duration, metavar="AGE", help="only records created less than AGE ago (2h)"
+    )
+    command.add_argument(
+        "--limit",
+        type=_operator.list_limit,
+        default=100,
+        help=f"most records, at most {_operator.LIST_LIMIT} (default 100)",
+    )
+
+
+def _checked_scope(parser: _Parser, scope: str) -> str:
+    """``--scope`` as a usable scope, else a usage error (exit 2) before any connection."""
+    from .._exceptions import InvalidKeyError
+    from .._keys import validate_key
+
+    try:
+        return validate_key(scope, what="scope")
+    except InvalidKeyError as exc:
+        parser.error(f"argument --scope: {exc}")
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from ._demo import format_report, run_demo
 
@@ -194,24 +239,6 @@ def _operate(args: argparse.Namespace) -> int:
     return anyio.run(run)
 
 
-async def _purge(barrier: Barrier, args: argparse.Namespace) -> int:
-    totals = {"compacted": 0, "deleted": 0}
-    live = sys.stderr.isatty()
-
-    def progress(kind: str, count: int) -> None:
-        """A progress line on stderr: redrawn in place on a terminal, one line per batch otherwise."""
-        totals[kind] += count
-        if args.json:
-            return
-        bar = "#" * min(40, totals[kind] // max(1, args.batch_size))
-        line = f"  {kind:<9} {totals[kind]:>10} [{bar:<40}]"
-        print(f"\r{line}" if live else line, end="" if live and count == args.batch_size else "\n", file=sys.stderr)
-
-    done = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
-    text = f"dropped {done.compacted} expired responses (compact records kept), deleted {done.deleted} records"
-    return _operator.emit(args, done._asdict(), text)
-
-
 async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
     stats = await barrier.stats()
     oldest = stats.oldest_in_progress
@@ -227,7 +254,8 @@ async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[Barrier, argparse.Namespace], Awaitable[int]]] = {
-    "purge": _purge,
+    "purge": _purge.purge,
+    "list": _operator.list_records,
     "stats": _stats,
     "inspect": _operator.inspect,
     "unresolved": _operator.unresolved,

@@ -1,18 +1,21 @@
-"""The operator's commands over a records table: ``inspect``, ``unresolved``, ``resolve`` and the outbox's
-parked messages (``parked``, ``release-parked``, ``drop-parked``), through the public API only.
+"""The operator's commands over a records table: ``list``, ``inspect``, ``unresolved``, ``resolve`` and the
+outbox's parked messages (``parked``, ``release-parked``, ``drop-parked``), through the public API only.
 
-A listing that finds something a person must act on (``unresolved``, ``parked``) exits 1, so a scheduler can
-alert on the status alone. A refusal (``resolve`` while a live lease holds the key, or of a key with no
-record or a finished one; releasing or dropping a message that is not parked) exits 1 with one line on
-stderr: the database answered, the record's state forbids the action.
+Text output escapes what a terminal would act on in keys, scopes and checkpoints (`printable`); ``--json``
+gives them exactly. A listing that finds something a person must act on (``unresolved``, ``parked``) exits
+1, so a scheduler can alert on the status alone; ``list`` only lists, and exits 0. A refusal (``resolve``
+while a live lease holds the key, or of a key with no record or a finished one; releasing or dropping a
+message that is not parked) exits 1 with one line on stderr: the database answered, the record's state
+forbids the action.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 from .._record import Status
@@ -27,17 +30,29 @@ if TYPE_CHECKING:
     from .._relay import OutboxRelay
 
 __all__ = [
+    "LIST_LIMIT",
     "drop_parked",
+    "duration",
     "emit",
     "inspect",
     "iso",
     "json_value",
+    "list_limit",
+    "list_records",
     "parked",
     "positive",
+    "printable",
     "release_parked",
     "resolve",
+    "statuses",
     "unresolved",
 ]
+
+LIST_LIMIT = 10_000
+"""The most records ``list`` prints: past that, narrow the filters (or page with ``--older-than``)."""
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_DURATION = re.compile(r"([0-9]+)([smhdw])")
 
 
 def positive(text: str) -> int:
@@ -49,6 +64,46 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def list_limit(text: str) -> int:
+    """argparse's type for ``list --limit``: a whole number from 1 to `LIST_LIMIT`."""
+    value = positive(text)
+    if value > LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {LIST_LIMIT}, not {value}: narrow the filters instead")
+    return value
+
+
+def duration(text: str) -> timedelta:
+    """argparse's type for ``--older-than`` / ``--newer-than``: ``90s``, ``30m``, ``2h``, ``7d``, ``1w``, ``1h30m``."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise argparse.ArgumentTypeError(f"not a duration like 30m, 2h or 7d: {text!r}")
+    try:
+        return sum((timedelta(**{_UNITS[unit]: int(number)}) for number, unit in parts), timedelta(0))
+    except (OverflowError, ValueError):  # past timedelta's range, or past int's digits limit
+        raise argparse.ArgumentTypeError(f"too long a duration: {text!r}") from None
+
+
+def statuses(text: str) -> list[Status]:
+    """argparse's type for ``--status``: one status or a comma-separated list of them, in any case."""
+    try:
+        return [Status(name.strip().upper()) for name in text.split(",")]
+    except ValueError:
+        names = ", ".join(s.value for s in Status)
+        raise argparse.ArgumentTypeError(f"not a status (choose from {names}): {text!r}") from None
+
+
+def printable(text: str) -> str:
+    """``text`` with what a terminal would act on escaped: ``\\x1b``, ``\\u202e``, ``\\n``….
+
+    Control and format characters (bidirectional overrides among them) and separators other than the
+    space: the barrier refuses control characters in keys, but not format characters, and a row written
+    around it may hold anything.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def json_value(text: str) -> JSON:
@@ -116,15 +171,17 @@ def _state(record: Record) -> dict[str, object]:
         "fingerprint": None if record.fingerprint is None else record.fingerprint.hex(),
         "created_at": iso(record.created_at),
     }
-    if record.status.finished:
+    if record.status.finished:  # its two horizons: the response's, then the record's own
         data["completed_at"] = iso(record.completed_at)
+        data["response_expires_at"] = iso(record.response_expires_at)
         data["expires_at"] = iso(record.expires_at)
         data["compact"] = record.compact
         data["response"] = None if record.response is None else record.response.decode(errors="replace")
-    else:  # leased work in flight, or given up on: where its lease and its progress stand
+    elif record.status is Status.IN_PROGRESS:  # leased work in flight: where its lease and its progress stand
         data["locked_until"] = iso(record.locked_until)
-        if record.status is Status.IN_PROGRESS:
-            data["stale"] = record.stale
+        data["stale"] = record.stale
+        data["checkpoint"] = record.checkpoint
+    else:  # UNKNOWN: given up on, no lease and no horizon; it stays until a person resolves it
         data["checkpoint"] = record.checkpoint
     return data
 
@@ -149,10 +206,14 @@ async def inspect(barrier: Barrier[JSON], args: argparse.Namespace) -> int:
         emit(args, {"found": False}, f"no record for key {args.key!r} in scope {args.scope!r}")
         return 1
     data = _state(record)
-    shown = {name: "(none)" if value is None else value for name, value in data.items() if name != "found"}
+    shown = {
+        name: "(none)" if value is None else printable(value) if isinstance(value, str) else value
+        for name, value in data.items()
+        if name != "found"
+    }
     if record.compact:
         shown["response"] = "(gone)"
-    lines = [f"  {name:<14}{value}" for name, value in shown.items()]
+    lines = [f"  {name:<21}{value}" for name, value in shown.items()]
     return emit(args, data, "\n".join([*lines, *(f"  -> {note}" for note in _notes(record))]))
 
 
@@ -179,12 +240,12 @@ async def unresolved(barrier: Barrier[JSON], args: argparse.Namespace) -> int:
         return emit(args, data, "no unresolved keys")
     rows = [
         (
-            u.record.scope,
-            u.record.key,
+            printable(u.record.scope),
+            printable(u.record.key),
             "UNKNOWN" if u.record.status is Status.UNKNOWN else "stale lease",
             str(u.record.attempt),
             _age(u.age),
-            u.record.checkpoint or "-",
+            printable(u.record.checkpoint or "-"),
         )
         for u in found
     ]
@@ -201,6 +262,74 @@ async def unresolved(barrier: Barrier[JSON], args: argparse.Namespace) -> int:
         ),
     )
     return 1
+
+
+def _listed(record: Record) -> dict[str, object]:
+    """One record of ``list --json``: the same fields for every record, ``null`` where its state has none."""
+    return {
+        "scope": record.scope,
+        "key": record.key,
+        "status": record.status.value,
+        "stale": record.stale,
+        "compact": record.compact,
+        "attempt": record.attempt,
+        "fingerprint": None if record.fingerprint is None else record.fingerprint.hex(),
+        "created_at": iso(record.created_at),
+        "completed_at": iso(record.completed_at),
+        "response_expires_at": iso(record.response_expires_at),
+        "expires_at": iso(record.expires_at),
+        "locked_until": iso(record.locked_until),
+        "checkpoint": record.checkpoint,
+    }
+
+
+def _when(value: datetime | None) -> str:
+    """A timestamp in UTC to the second, for a table: ``2026-12-02T04:31:48Z``."""
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(record: Record) -> str:
+    if record.stale:
+        return "IN_PROGRESS(stale)"
+    return f"{record.status.value}(compact)" if record.compact else record.status.value
+
+
+async def list_records(barrier: Barrier[JSON], args: argparse.Namespace) -> int:
+    """``list``: records by status, scope and age, newest first, up to ``--limit``; exit 0."""
+    wanted = None if args.status is None else list(dict.fromkeys(args.status))
+    found = await barrier.records(
+        status=wanted, scope=args.scope, older_than=args.older_than, newer_than=args.newer_than, limit=args.limit + 1
+    )
+    more, found = len(found) > args.limit, found[: args.limit]
+    data = {
+        "records": [_listed(record) for record in found],
+        "limit": args.limit,
+        "more": more,
+        "filters": {
+            "status": None if wanted is None else [status.value for status in wanted],
+            "scope": args.scope,
+            "older_than_seconds": None if args.older_than is None else args.older_than.total_seconds(),
+            "newer_than_seconds": None if args.newer_than is None else args.newer_than.total_seconds(),
+        },
+    }
+    if not found:
+        return emit(args, data, "no records match")
+    rows = [
+        (
+            printable(r.scope),
+            printable(r.key),
+            _status(r),
+            str(r.attempt),
+            _when(r.created_at),
+            _when(r.locked_until if r.status is Status.IN_PROGRESS else r.expires_at),
+        )
+        for r in found
+    ]
+    header = ("SCOPE", "KEY", "STATUS", "ATTEMPT", "CREATED_AT", "UNTIL")
+    lines = [_count(len(found), "record", "records") + ", newest first:", *_table(header, rows)]
+    if more:
+        lines.append(f"(the newest {args.limit} shown: there are more; raise --limit or narrow the filters)")
+    return emit(args, data, "\n".join(lines))
 
 
 async def resolve(barrier: Barrier[JSON], args: argparse.Namespace) -> int:
