@@ -36,6 +36,7 @@ from ._keys import MAX_KEY_LENGTH
 from ._lease import Lease, downstream_key
 from ._metrics import Outcome, Stats
 from ._migrate import check_schema, upgrade
+from ._reconcile import Provider, ProviderAnswer, ProviderStatus, Reconciled, Reconciliation, Verdict, reconcile
 from ._record import Record, Status
 from ._uow import UnitOfWork
 
@@ -64,8 +65,13 @@ __all__ = [
     "OnConflict",
     "Outcome",
     "PoolTimeoutError",
+    "Provider",
+    "ProviderAnswer",
+    "ProviderStatus",
     "Purged",
     "PydanticCodec",
+    "Reconciled",
+    "Reconciliation",
     "ReconciliationRequiredError",
     "Record",
     "RecordedFailureError",
@@ -80,11 +86,13 @@ __all__ = [
     "UnitOfWork",
     "UnitOfWorkError",
     "Unresolved",
+    "Verdict",
     "check_schema",
     "create_sqlite_engine",
     "downstream_key",
     "include_object",
     "include_object_for",
+    "reconcile",
     "upgrade",
 ]
 

@@ -24,6 +24,8 @@ import anyio
 from .._config import DEFAULT_TABLE
 from .._record import Status
 from . import _operator, _probe, _purge
+from ._reconcile import add_parser as add_reconcile_parser
+from ._reconcile import run as reconcile
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -76,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     lab.add_argument("--json", action="store_true", help="print JSON instead of text")
     _probe.add_parser(commands)
+    add_reconcile_parser(commands)
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
         ("purge", "drop expired responses (keeping compact records), then delete expired records"),
@@ -263,4 +266,5 @@ _COMMANDS: dict[str, Callable[[Barrier, argparse.Namespace], Awaitable[int]]] = 
     "parked": _operator.parked,
     "release-parked": _operator.release_parked,
     "drop-parked": _operator.drop_parked,
+    "reconcile": reconcile,
 }
