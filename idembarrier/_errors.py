@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 __all__ = [
+    "POOLER_SQLSTATES",
     "checkout",
     "closed_while_idle",
     "connect_error",
@@ -37,6 +38,10 @@ __all__ = [
 ]
 
 _LOCK_NOT_AVAILABLE = "55P03"  # a lock wait that ran out of lock_timeout
+
+POOLER_SQLSTATES = frozenset({"26000", "42P05"})
+"""invalid_sql_statement_name, duplicate_prepared_statement: a prepared statement missing from (or taken in)
+this server session, which is what a transaction pooler does to session-bound statements (`_poolers`)."""
 
 _SERIALIZATION = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 # Class 08 is connection_exception; 57P01-57P03 are admin_shutdown (pg_terminate_backend), crash_shutdown
@@ -146,6 +151,12 @@ def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageEr
         return ConnectionLostError(f"{doing}: the database connection was lost ({state or 'closed'})", sqlstate=state)
     if state is not None and state.startswith("sqlite:") and int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return StorageError(f"{doing}: the SQLite database stayed locked past its busy timeout", sqlstate=state)
+    if state in POOLER_SQLSTATES:
+        return StorageError(
+            f"{doing}: the database failed ({state}): a prepared statement of another server session; is a "
+            "transaction pooler in front? (see the guide's Engines page, 'Transaction poolers')",
+            sqlstate=state,
+        )
     return StorageError(f"{doing}: the database failed ({state or type(driver).__name__})", sqlstate=state)
 
 

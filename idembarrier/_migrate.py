@@ -9,8 +9,8 @@ from sqlalchemy import column, select, table
 
 from ._config import DEFAULT_TABLE
 from ._engines import check_url
-from ._errors import translate
-from ._exceptions import ConnectionLostError, SchemaError, SerializationError
+from ._errors import POOLER_SQLSTATES, translate
+from ._exceptions import ConfigurationError, ConnectionLostError, SchemaError, SerializationError
 from ._schema import VERSION_TABLE
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ async def check_schema_on(conn: AsyncConnection, *, schema: str | None = None) -
             raise
         if isinstance(error, ConnectionLostError | SerializationError):
             raise error from exc
+        if error.sqlstate in POOLER_SQLSTATES:  # the engine's prepared statements, behind a pooler
+            raise ConfigurationError(str(error)) from exc
         # Any other database error here means the version table cannot be read: not installed.
         raise SchemaError(f"idembarrier's schema is not installed: {FIX}") from exc
     if found != {HEAD}:

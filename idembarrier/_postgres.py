@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from ._exceptions import UnitOfWorkError
 from ._listen import listen
 from ._outbox import Message, Parked, decode_headers
+from ._poolers import check_asyncpg
 from ._record import Record, Status
 from ._storage import Claim, Claimed, Dialect, Existing, Raced, pool_connection
 
@@ -592,5 +593,5 @@ class PostgresStorage:
         await self._driver.execute(self._sql.forget_failure, scope, key)
 
 
-DIALECT = Dialect(open=PostgresStorage.open, listen=listen)
+DIALECT = Dialect(open=PostgresStorage.open, listen=listen, check=check_asyncpg)
 """PostgreSQL's entry in `idembarrier._storage.DIALECTS`."""

@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 
 from ._exceptions import UnitOfWorkError
 from ._listen import listen
+from ._poolers import check_psycopg
 from ._postgres import PostgresStorage
 from ._storage import Dialect
 
@@ -98,5 +99,5 @@ class PsycopgStorage(PostgresStorage):
             )
 
 
-DIALECT = Dialect(open=PsycopgStorage.open, listen=listen)
+DIALECT = Dialect(open=PsycopgStorage.open, listen=listen, check=check_psycopg)
 """PostgreSQL's entry for psycopg in `idembarrier._storage.DIALECTS`."""

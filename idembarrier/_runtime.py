@@ -16,7 +16,7 @@ from ._codec import JSON
 from ._errors import checkout, connection_lost, translating
 from ._metrics import Outcome, outcome_of
 from ._migrate import check_schema_on
-from ._storage import Storage, TableName, open_storage
+from ._storage import Storage, TableName, check_connection, open_storage
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,6 +44,7 @@ class Runtime(Generic[R]):
     """
 
     __slots__ = (
+        "_connection_checked",
         "_observers",
         "_on_reclaim",
         "_outcomes",
@@ -68,6 +69,7 @@ class Runtime(Generic[R]):
         self.table = TableName(options.table, options.schema)
         self._on_reclaim = on_reclaim
         self._schema_checked = not options.check_schema
+        self._connection_checked = False
         self._outcomes: Counter[Outcome] = Counter()
         self._observers: list[Callable[[Outcome, str], object]] = []
 
@@ -83,10 +85,18 @@ class Runtime(Generic[R]):
         return await open_storage(conn, self.table)
 
     async def check_schema(self, conn: AsyncConnection) -> None:
-        """Raise `SchemaError` unless the schema is at head; reads the version table once per barrier."""
+        """Raise `SchemaError` unless the schema is at head; reads the version table once per barrier.
+
+        The first time, the connection is checked too (`check_connection`): behind a transaction pooler, an
+        engine that keeps prepared statements across transactions is refused with a `ConfigurationError`.
+        """
         if not self._schema_checked:
             await check_schema_on(conn, schema=self.table.schema)
             self._schema_checked = True
+        if not self._connection_checked:
+            with translating("checking the database connection"):
+                await check_connection(conn)
+            self._connection_checked = True
 
     @asynccontextmanager
     async def transaction(self, doing: str, *, wait: float | None = None) -> AsyncIterator[Storage]:

@@ -46,6 +46,7 @@ __all__ = [
     "Raced",
     "Storage",
     "TableName",
+    "check_connection",
     "listen",
     "open_storage",
     "pool_connection",
@@ -301,6 +302,9 @@ class Dialect(NamedTuple):
     open: Callable[[AsyncConnection, Names], Awaitable[Storage]]
     listen: Listen | None = None
     """Where the database can notify (PostgreSQL), the relay's way to be woken; else the relay polls."""
+    check: Callable[[AsyncConnection], Awaitable[None]] | None = None
+    """Run once per barrier on its first connection: raises `ConfigurationError` where the engine cannot keep
+    the barrier's guarantees (PostgreSQL behind a transaction pooler, see `idembarrier._poolers`)."""
 
 
 DIALECTS: Mapping[str, str] = {
@@ -342,6 +346,12 @@ async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
     """
     dialect, names = _resolve(conn.dialect, conn.engine.url, table)
     return await dialect.open(conn, names)
+
+
+async def check_connection(conn: AsyncConnection) -> None:
+    """Run the dialect's check of ``conn`` (`Dialect.check`), where it has one."""
+    if (check := _dialect(conn.dialect).check) is not None:
+        await check(conn)
 
 
 async def listen(

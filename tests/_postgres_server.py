@@ -77,7 +77,7 @@ class EmbeddedPostgres:
         user, database = like.username or "postgres", like.database or "postgres"
         directory = Path(tempfile.mkdtemp(prefix="idembarrier-postgres-"))
         run_as = _unprivileged_user(directory)
-        port = _free_port()
+        port = free_port()
         url = like.set(username=user, password=password, host="127.0.0.1", port=port, database=database)
         server = cls(url, directory, run_as)
         auth = ["--auth=trust"]
@@ -149,7 +149,8 @@ def _binaries() -> Path:
     return POSTGRES_BIN_PATH
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

