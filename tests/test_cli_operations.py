@@ -18,7 +18,7 @@ import anyio
 import pytest
 from sqlalchemy import text
 
-from idembarrier import Barrier, Purged, ReconciliationRequiredError, UnitOfWorkError
+from idembarrier import Barrier, ConfigurationError, Purged, ReconciliationRequiredError, Status, UnitOfWorkError
 from idembarrier.cli._purge import Progress
 from idembarrier.kafka import MessageRefusedError, OutboxRelay
 from tests._cli import run_async
@@ -741,3 +741,36 @@ async def test_purge_shows_its_progress_against_a_real_total(
     assert re.fullmatch(r"  \[#{30}\] 12 of 12 responses dropped \(100%, [\d,]+/s\)\x1b\[K", compacting)
     assert re.fullmatch(r"  \[#{30}\] 12 of 12 records deleted \(100%, [\d,]+/s\)\x1b\[K", deleting)
     assert " 5 of 12 responses dropped (42%, " in lines[0].split("\r")[1]  # drawn first: against the total
+
+
+@pytest.mark.parametrize(
+    ("filters", "says"),
+    [
+        ({"status": []}, "the status filter names no status"),
+        ({"status": ["DONE"]}, "not a status: 'DONE' is not a valid Status"),
+        ({"older_than": timedelta(seconds=-1)}, "older_than must be a timedelta of at least 0"),
+        ({"newer_than": 3600}, "newer_than must be a timedelta of at least 0, not 3600"),
+        ({"limit": 0}, "limit must be at least 1, not 0"),
+    ],
+)
+async def test_records_refuses_an_unusable_filter(sqlite_db: Database, filters: dict[str, object], says: str) -> None:
+    """Barrier.records refuses a filter it cannot use with ConfigurationError, before any query."""
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        await Barrier(sqlite_db.sessionmaker).records(**filters)  # type: ignore[arg-type]
+
+
+async def test_records_takes_one_status_or_several(sqlite_db: Database) -> None:
+    """status= takes a Status, or any iterable of them (repeats ignored)."""
+    barrier, key = Barrier(sqlite_db.sessionmaker), new_key()
+    async with barrier.unit_of_work(key, scope=SCOPE) as uow:
+        uow.fail(None)
+    assert [r.key for r in await barrier.records(status=Status.FAILED)] == [key]
+    assert [r.key for r in await barrier.records(status=(Status.FAILED, Status.FAILED, Status.UNKNOWN))] == [key]
+    assert await barrier.records(status=Status.COMPLETED) == []
+
+
+def test_progress_before_the_clock_moves_has_no_rate() -> None:
+    """A batch reported before any time has passed shows no rate rather than dividing by zero."""
+    stream = io.StringIO()
+    Progress(Purged(compacted=0, deleted=20), batch_size=10, stream=stream, clock=Clock())("deleted", 10)
+    assert stream.getvalue() == "purge: 10 of 20 records deleted (50%, -/s)\n"
