@@ -10,9 +10,12 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import functools
 import hashlib
+import json
 import uuid
 import zoneinfo
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +24,10 @@ from pydantic import BaseModel
 
 from idembarrier import InvalidFingerprintError
 from idembarrier._keys import fingerprint_digest
+from idembarrier.asgi._request import FINGERPRINT_PARTS, RequestHead, request_fingerprint
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class Level(enum.IntEnum):
@@ -285,3 +292,27 @@ def test_equal_values_have_equal_fingerprints(data: st.DataObject, value: object
 def test_distinct_values_have_distinct_fingerprints(one: object, other: object) -> None:
     """Two values the model tells apart never share a fingerprint; two it does not, always do."""
     assert (fingerprint_digest(one) == fingerprint_digest(other)) == (model(one) == model(other))
+
+
+class ChargeIn(BaseModel):
+    amount: decimal.Decimal
+    currency: str
+
+
+def _body_digest(body: bytes, normalise: Callable[[bytes], object]) -> bytes | None:
+    head = RequestHead(method="POST", path="/charges", query="", headers={}, scope={})
+    return fingerprint_digest(request_fingerprint(head, body, FINGERPRINT_PARTS, normalise))
+
+
+@pytest.mark.parametrize(
+    "normalise",
+    [
+        pytest.param(functools.partial(json.loads, parse_float=decimal.Decimal, parse_int=decimal.Decimal), id="json"),
+        pytest.param(ChargeIn.model_validate_json, id="pydantic"),
+    ],
+)
+def test_a_body_normalised_to_typed_values_is_fingerprinted_by_them(normalise: Callable[[bytes], object]) -> None:
+    """The middleware's request fingerprint with a typed normaliser: 10.0 and 10.00 one request, 10.01 another."""
+    first = _body_digest(b'{"amount": 10.0, "currency": "EUR"}', normalise)
+    assert _body_digest(b'{"currency": "EUR", "amount": 10.00}', normalise) == first
+    assert _body_digest(b'{"amount": 10.01, "currency": "EUR"}', normalise) != first
