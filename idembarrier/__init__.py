@@ -36,6 +36,7 @@ from ._keys import MAX_KEY_LENGTH
 from ._lease import Lease, downstream_key
 from ._metrics import Outcome, Stats
 from ._migrate import check_schema, upgrade
+from ._observe import key_hash
 from ._reconcile import Provider, ProviderAnswer, ProviderStatus, Reconciled, Reconciliation, Verdict, reconcile
 from ._record import Record, Status
 from ._uow import UnitOfWork
@@ -92,6 +93,7 @@ __all__ = [
     "downstream_key",
     "include_object",
     "include_object_for",
+    "key_hash",
     "reconcile",
     "upgrade",
 ]

@@ -27,7 +27,8 @@ from ._exceptions import (
     ReconciliationRequiredError,
     UnitOfWorkError,
 )
-from ._metrics import Outcome
+from ._metrics import Outcome, outcome_of
+from ._observe import Phases, Work
 from ._record import Record, Status
 from ._storage import Claimed, Raced
 from ._uow import UnitOfWork
@@ -104,6 +105,9 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         self._lost = False
         self._entered = False
         self._holding = False
+        self._phases = Phases()  # the clock readings the watchers get; taken anew when the block is entered
+        self._finishing: UnitOfWork[R] | None = None
+        self._reclaimed = False
 
     # -- what the body sees -----------------------------------------------------------------------------
 
@@ -167,6 +171,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         if not await self._runtime.atomically(lambda storage: storage.release(self.scope, self.key, self.token)):
             self._lose()
         self._finished = True
+        self._phases.end_body()
 
     def finish(self, *, session: AsyncSession | None = None) -> UnitOfWork[R]:
         """The unit of work that ends the lease: business writes and outcome in one fenced transaction.
@@ -176,8 +181,9 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         """
         self._check_held()
         self._finished = True
+        self._phases.end_body()
         options = self._runtime.options
-        return UnitOfWork(
+        self._finishing = UnitOfWork(
             self._runtime,
             key=self.key,
             scope=self.scope,
@@ -188,6 +194,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
             retention=options.retention_for(self.scope),
             lease_token=self.token,
         )
+        return self._finishing
 
     def _check_held(self) -> None:
         if not self._holding or self.replayed:
@@ -206,25 +213,61 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         if self._entered:
             raise UnitOfWorkError("a lease is entered once; ask the barrier for another")
         self._entered = True
+        self._phases = Phases()
         try:
             await self._acquire()
         except BaseException as exc:
             self._runtime.count(exc, self.scope)
+            self._report(outcome_of(exc), exc)
             raise
-        self._runtime.count(Outcome.REPLAYED if self.replayed else Outcome.EXECUTED, self.scope)
+        self._phases.claim()
+        outcome = Outcome.REPLAYED if self.replayed else Outcome.EXECUTED
+        self._runtime.count(outcome, self.scope)
+        error: BaseException | None = None
+        try:
+            async with self._block():
+                yield self
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._report(outcome, error)
+
+    def _report(self, outcome: Outcome | None, error: BaseException | None) -> None:
+        """Report how the lease ended: its claim's answer, and the status its finish or replay gave."""
+        status = None
+        if self.replayed and self.record is not None:
+            status = self.record.status
+        elif self._finishing is not None:
+            status = self._finishing.status
+        self._runtime.report(
+            Work.LEASE,
+            self._phases,
+            scope=self.scope,
+            key=self.key,
+            outcome=outcome,
+            attempt=self.record.attempt if self.replayed and self.record is not None else self.attempt,
+            status=status,
+            error=error,
+            reclaimed=self._reclaimed,
+        )
+
+    @asynccontextmanager
+    async def _block(self) -> AsyncIterator[None]:
+        """The holder's block (a replay's: nothing to hold); the body's exception propagates unchanged."""
         if self.replayed:
-            yield self
+            yield
             return
         self._holding = True
         try:
             if self._heartbeat is None:
-                yield self  # the body's exception, if any, comes out here and propagates: the lease stays
+                yield  # the body's exception, if any, comes out here and propagates: the lease stays
             else:
                 failure: BaseException | None = None
                 async with anyio.create_task_group() as beats:
                     beats.start_soon(self._beat, self._heartbeat)
                     try:
-                        yield self
+                        yield
                     except BaseException as exc:  # kept out of the task group, which would wrap it in a group
                         failure = exc
                     finally:
@@ -289,6 +332,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         if taken is None:
             return False  # another caller reclaimed it first, or its holder renewed it
         self._runtime.reclaimed(taken)
+        self._reclaimed = True
         if taken.status is Status.UNKNOWN:
             raise ReconciliationRequiredError(scope=self.scope, key=self.key, record=taken)
         self.attempt = taken.attempt

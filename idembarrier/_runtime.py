@@ -1,4 +1,4 @@
-"""What a barrier hands down to the work it starts: sessions, storage, its own transactions, the outcome sink.
+"""What a barrier hands down to the work it starts: sessions, storage, its own transactions, the outcome sinks.
 
 `Barrier` builds one `Runtime` and gives it to every `UnitOfWork`, `Lease`, relay and consumer it serves.
 They call down into it, never back into the barrier: the barrier is a façade over this and the options.
@@ -6,6 +6,7 @@ They call down into it, never back into the barrier: the barrier is a façade ov
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Generic
@@ -16,6 +17,7 @@ from ._codec import JSON
 from ._errors import checkout, connection_lost, translating
 from ._metrics import Outcome, outcome_of
 from ._migrate import check_schema_on
+from ._observe import decisions, log_decision, observe
 from ._storage import Storage, TableName, check_connection, open_storage
 
 if TYPE_CHECKING:
@@ -25,9 +27,12 @@ if TYPE_CHECKING:
 
     from ._codec import Codec
     from ._config import Options
-    from ._record import Record
+    from ._observe import Observation, Phases, Work
+    from ._record import Record, Status
 
 __all__ = ["Runtime"]
+
+_log = logging.getLogger("idembarrier")
 
 R = TypeVar("R", default=JSON)
 T = TypeVar("T")
@@ -49,6 +54,7 @@ class Runtime(Generic[R]):
         "_on_reclaim",
         "_outcomes",
         "_schema_checked",
+        "_watchers",
         "codec",
         "options",
         "sessionmaker",
@@ -72,6 +78,7 @@ class Runtime(Generic[R]):
         self._connection_checked = False
         self._outcomes: Counter[Outcome] = Counter()
         self._observers: list[Callable[[Outcome, str], object]] = []
+        self._watchers: list[Callable[[Observation], object]] = []
 
     # -- storage ----------------------------------------------------------------------------------------
 
@@ -148,6 +155,48 @@ class Runtime(Generic[R]):
         self._outcomes[outcome] += 1
         for observer in self._observers:
             observer(outcome, scope)
+
+    def watch(self, watcher: Callable[[Observation], object]) -> None:
+        """Call ``watcher(observation)`` as each unit of work or lease ends, from now on.
+
+        Watchers run inline, after the call's commit or rollback; an exception from one is logged on the
+        ``idembarrier`` logger and goes no further (the call's own outcome stands).
+        """
+        self._watchers.append(watcher)
+
+    def report(
+        self,
+        work: Work,
+        phases: Phases,
+        *,
+        scope: str,
+        key: str,
+        outcome: Outcome | None,
+        attempt: int,
+        status: Status | None = None,
+        error: BaseException | None = None,
+        reclaimed: bool = False,
+    ) -> None:
+        """Tell the decision log and the watchers how a call ended; nothing is built if nobody looks."""
+        if not self._watchers and not decisions.isEnabledFor(logging.INFO):
+            return
+        observation = observe(
+            work,
+            phases,
+            scope=scope,
+            key=key,
+            outcome=outcome,
+            attempt=attempt,
+            status=status,
+            error=error,
+            reclaimed=reclaimed,
+        )
+        log_decision(observation)
+        for watcher in self._watchers:
+            try:
+                watcher(observation)
+            except Exception:
+                _log.exception("idembarrier: a watcher failed on a %s in scope %r", work.value, scope)
 
     def reclaimed(self, record: Record) -> None:
         """Count a reclaimed (or UNKNOWN-turned) lease and report it to the ``on_reclaim`` hook."""

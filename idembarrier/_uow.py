@@ -30,7 +30,8 @@ from ._exceptions import (
     StorageError,
     UnitOfWorkError,
 )
-from ._metrics import Outcome
+from ._metrics import Outcome, outcome_of
+from ._observe import Phases, Work
 from ._outbox import contract_headers, encode_headers
 from ._record import Record, Status
 from ._storage import Claimed, Existing
@@ -83,6 +84,7 @@ class UnitOfWork(Generic[R]):
         "_on_conflict",
         "_outcome",
         "_owned",
+        "_phases",
         "_record",
         "_response",
         "_retention",
@@ -129,6 +131,7 @@ class UnitOfWork(Generic[R]):
         self._outcome: tuple[Status, bytes] | None = None
         self._response: R | None = None
         self._messages: list[dict[str, object]] = []
+        self._phases: Phases | None = None  # the clock readings the watchers get; taken at start()
 
     # -- what the body sees -----------------------------------------------------------------------------
 
@@ -279,6 +282,7 @@ class UnitOfWork(Generic[R]):
         if self._entered:
             raise UnitOfWorkError("a unit of work is entered once; ask the barrier for another")
         self._entered = True
+        phases = self._phases = Phases()
         if not self._owned:
             # The caller's pending writes are the caller's: flushed here, their errors propagate unchanged.
             assert self._session is not None
@@ -310,11 +314,15 @@ class UnitOfWork(Generic[R]):
                 if retry and self._owned and not self._sent and not reconnected and attempt < _CONNECTION_ATTEMPTS:
                     reconnected = True
                     continue
-                self._runtime.count(exc, self._scope)
+                if not self._fenced:  # a lease's finish is counted and observed with its lease
+                    self._runtime.count(exc, self._scope)
+                    self._report(outcome_of(exc), ours or exc)
                 if ours is not None:
                     raise ours from exc
                 raise
-            self._runtime.count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED, self._scope)
+            phases.claim()
+            if not self._fenced:
+                self._runtime.count(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED, self._scope)
             return self
 
     async def _replay_or_claim(self, session: AsyncSession) -> None:
@@ -431,11 +439,15 @@ class UnitOfWork(Generic[R]):
             ConnectionLostError: The connection was lost; ``outcome_unknown`` tells whether a COMMIT was in
                 flight (then only a retry with the same key can tell whether it took effect).
         """
+        if self._phases is not None:
+            self._phases.end_body()
         try:
             await self._finish()
         except BaseException as err:
             await self._abandon(err)
+            self._report_end(err)
             raise  # already ours where it is the database's doing; see _commit
+        self._report_end(None)
 
     async def rollback(self, cause: BaseException) -> None:
         """Roll everything back because of ``cause``, as leaving the block with it does.
@@ -443,9 +455,33 @@ class UnitOfWork(Generic[R]):
         Returns normally when ``cause`` is to propagate as it is (the body's own exception); raises our
         `StorageError` from it when it is the database's doing (a lost connection, a serialization failure).
         """
+        if self._phases is not None:
+            self._phases.end_body()
         await self._abandon(cause)
-        if (lost := _body_error(cause)) is not None:
+        lost = _body_error(cause)
+        self._report_end(cause if lost is None else lost)
+        if lost is not None:
             raise lost from cause
+
+    def _report_end(self, error: BaseException | None) -> None:
+        """Report how the claimed call ended (once; a lease's finish is reported by its lease)."""
+        if not self._fenced and self._phases is not None:
+            self._report(Outcome.REPLAYED if self._record is not None else Outcome.EXECUTED, error)
+
+    def _report(self, outcome: Outcome | None, error: BaseException | None) -> None:
+        phases, self._phases = self._phases, None
+        if phases is not None:
+            attempt = 1 if self._record is None else self._record.attempt
+            self._runtime.report(
+                Work.UNIT_OF_WORK,
+                phases,
+                scope=self._scope,
+                key=self._key,
+                outcome=outcome,
+                attempt=attempt,
+                status=self.status,
+                error=error,
+            )
 
     async def _finish(self) -> None:
         if self._record is not None:
