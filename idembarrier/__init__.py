@@ -37,6 +37,7 @@ from ._lease import Lease, downstream_key
 from ._metrics import Outcome, Stats
 from ._migrate import check_schema, upgrade
 from ._observe import key_hash
+from ._privacy import KeyedHash, SealedCodec
 from ._reconcile import Provider, ProviderAnswer, ProviderStatus, Reconciled, Reconciliation, Verdict, reconcile
 from ._record import Record, Status
 from ._uow import UnitOfWork
@@ -61,6 +62,7 @@ __all__ = [
     "InvalidKeyError",
     "JSONCodec",
     "KeyInProgressError",
+    "KeyedHash",
     "Lease",
     "LeaseLostError",
     "OnConflict",
@@ -80,6 +82,7 @@ __all__ = [
     "ResponseExpiredError",
     "Retention",
     "SchemaError",
+    "SealedCodec",
     "SerializationError",
     "Stats",
     "Status",

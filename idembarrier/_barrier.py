@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+    from ._privacy import KeyedHash
     from ._storage import Storage
 
 __all__ = ["Barrier"]
@@ -64,6 +65,8 @@ class Barrier(Generic[R]):
         cleanup_timeout: Longest wait, in seconds, for a unit of work's rollback after a failure or a
             cancellation. A connection that does not answer within it is invalidated, never pooled again,
             so a caller's own deadline is overrun by at most about this much.
+        keyed_hash: Store each key as a keyed hash instead (`KeyedHash`): the key itself is never written, and
+            records, errors and the outbox's headers carry the hash. Every call still takes the key itself.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Barrier(Generic[R]):
         check_schema: bool = True,
         on_reclaim: Callable[[Record], object] | None = None,
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
+        keyed_hash: KeyedHash | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]
@@ -98,6 +102,7 @@ class Barrier(Generic[R]):
             cleanup_timeout=cleanup_timeout,
         )
         self._runtime = Runtime(sessionmaker, codec=self.codec, options=self.options, on_reclaim=on_reclaim)
+        self._keyed_hash = keyed_hash
 
     @property
     def runtime(self) -> Runtime[R]:
@@ -134,16 +139,22 @@ class Barrier(Generic[R]):
             InvalidKeyError: The key or scope is unusable; raised here, before any SQL.
             InvalidFingerprintError: The fingerprint is neither bytes nor a JSON value.
         """
+        scope, key = self._identify(scope, key)
         return UnitOfWork(
             self._runtime,
-            key=validate_key(key),
-            scope=validate_key(scope, what="scope"),
+            key=key,
+            scope=scope,
             fingerprint=fingerprint_digest(fingerprint),
             session=session,
             on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
             retention=self.options.retention_for(scope) if retention is None else self._checked(retention),
         )
+
+    def _identify(self, scope: str, key: str) -> tuple[str, str]:
+        """The scope and the key as stored: both validated, the key hashed when the barrier hashes keys."""
+        scope, key = validate_key(scope, what="scope"), validate_key(key)
+        return scope, key if self._keyed_hash is None else self._keyed_hash(scope, key)
 
     def _checked(self, retention: timedelta | Retention) -> Retention:
         """A per-call retention, refused if it would drop records inside the declared replay window."""
@@ -227,10 +238,11 @@ class Barrier(Generic[R]):
             check_wait_timeout(heartbeat)
         if max_reclaims < 0:
             raise ConfigurationError(f"max_reclaims must be at least 0, not {max_reclaims!r}")
+        scope, key = self._identify(scope, key)
         return Lease(
             self._runtime,
-            key=validate_key(key),
-            scope=validate_key(scope, what="scope"),
+            key=key,
+            scope=scope,
             fingerprint=fingerprint_digest(fingerprint),
             lease=lease,
             heartbeat=heartbeat,
@@ -244,7 +256,7 @@ class Barrier(Generic[R]):
 
         Its ``stale`` tells whether an IN_PROGRESS record's lease had run out when it was read.
         """
-        scope, key = validate_key(scope, what="scope"), validate_key(key)
+        scope, key = self._identify(scope, key)
         return await self._runtime.atomically(lambda storage: storage.inspect(scope, key))
 
     async def unresolved(self, *, limit: int = 100) -> list[Unresolved]:
@@ -298,7 +310,7 @@ class Barrier(Generic[R]):
             raise ConfigurationError(f"a key is resolved to COMPLETED or FAILED, not {status}")
         encoded, _ = round_trip(self.codec, response)  # refused here if it could never replay
         keep = self.options.retention_for(scope) if retention is None else self._checked(retention)
-        scope, key = validate_key(scope, what="scope"), validate_key(key)
+        scope, key = self._identify(scope, key)
         if await self._runtime.atomically(lambda storage: storage.resolve(scope, key, status, encoded, keep)):
             return
         found = await self._runtime.atomically(lambda storage: storage.inspect(scope, key))

@@ -47,13 +47,15 @@ async def until_stale(db: Database, key: str) -> None:
             await anyio.sleep(0.05)  # waiting for a clock, not ordering tasks
 
 
-async def stale_lease(db: Database, barrier: Barrier, key: str, *, checkpoint: str | None = None) -> None:
-    """Leave ``key`` as a holder that died would: IN_PROGRESS, its lease run out."""
+async def stale_lease(
+    db: Database, barrier: Barrier, key: str, *, checkpoint: str | None = None, stored: str | None = None
+) -> None:
+    """Leave ``key`` as a holder that died would: IN_PROGRESS, its lease run out (``stored``: the table's key)."""
     with pytest.raises(UnitOfWorkError):
         async with barrier.leased(key, scope=SCOPE, lease=SHORT, max_reclaims=0) as lease:
             if checkpoint is not None:
                 await lease.checkpoint(checkpoint)
-            await until_stale(db, key)
+            await until_stale(db, key if stored is None else stored)
 
 
 async def unknown(db: Database, barrier: Barrier, key: str) -> None:

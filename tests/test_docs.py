@@ -142,6 +142,7 @@ connection: Connection
 target_metadata = MetaData()
 DIRECT_URL = "postgresql+asyncpg://app@db-direct/shop"
 POOLED_URL = "postgresql+asyncpg://app@pgbouncer:6432/shop"
+NEW_KEY = OLD_KEY = b"a Fernet key: SealedCodec.new_key()"
 
 
 async def serve() -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
     from .._barrier import Barrier
+    from .._privacy import KeyedHash
 
 __all__ = ["main"]
 
@@ -106,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in ("inspect", "resolve"):
             command.add_argument("scope")
             command.add_argument("key")
+            command.add_argument(
+                "--key-secret-env",
+                metavar="VARIABLE",
+                help="the application stores keys as keyed hashes (KeyedHash): the environment variable holding "
+                "its secret (UTF-8); KEY is then the original key",
+            )
         if name in ("unresolved", "parked"):
             command.add_argument("--limit", type=_operator.positive, default=100, help="most rows (default 100)")
         if name == "resolve":
@@ -234,12 +241,28 @@ def _operate(args: argparse.Namespace) -> int:
             if args.command == "migrate":
                 await upgrade(engine, table=args.table, schema=args.schema)
                 return _operator.emit(args, {"migrated": True}, "schema is at head")
-            barrier: Barrier = Barrier(async_sessionmaker(engine), table=args.table, schema=args.schema)
+            barrier: Barrier = Barrier(
+                async_sessionmaker(engine), table=args.table, schema=args.schema, keyed_hash=_keyed_hash(args)
+            )
             return await _COMMANDS[args.command](barrier, args)
         finally:
             await engine.dispose()
 
     return anyio.run(run)
+
+
+def _keyed_hash(args: argparse.Namespace) -> KeyedHash | None:
+    """The application's `KeyedHash`, from the variable ``--key-secret-env`` names (the secret is never an argument)."""
+    from .._exceptions import ConfigurationError
+    from .._privacy import KeyedHash
+
+    variable = getattr(args, "key_secret_env", None)
+    if variable is None:
+        return None
+    secret = os.environ.get(variable)
+    if not secret:
+        raise ConfigurationError(f"--key-secret-env: the environment variable {variable} is not set")
+    return KeyedHash(secret.encode())
 
 
 async def _stats(barrier: Barrier, args: argparse.Namespace) -> int:
