@@ -120,3 +120,23 @@ async def test_a_disabled_decision_log_builds_nothing(
     async with barrier.leased(new_key(), scope=SCOPE) as lease:
         await lease.release()
     assert decisions(caplog) == []
+
+
+async def test_a_leased_body_that_raises_logs_its_builtin_error_by_name(
+    sqlite_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease whose body raises logs one ``lease`` decision, the builtin exception by its bare name."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    barrier, key = Barrier(sqlite_db.sessionmaker), new_key()
+    with pytest.raises(RuntimeError):
+        async with barrier.leased(key, scope=SCOPE):
+            raise RuntimeError(f"the provider timed out on {key}")
+    (record,) = decisions(caplog)
+    found = fields(record)
+    assert (found["work"], found["outcome"], found["status"], found["error"]) == (
+        "lease",
+        "executed",
+        None,
+        "RuntimeError",
+    )
+    assert key not in everything(record)
