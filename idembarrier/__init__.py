@@ -17,6 +17,7 @@ from ._exceptions import (
     ConnectError,
     ConnectionLostError,
     FingerprintMismatchError,
+    FingerprintVersionError,
     IdembarrierError,
     InvalidFingerprintError,
     InvalidKeyError,
@@ -32,7 +33,7 @@ from ._exceptions import (
     StorageError,
     UnitOfWorkError,
 )
-from ._keys import MAX_KEY_LENGTH
+from ._keys import MAX_KEY_LENGTH, FingerprintVersions
 from ._lease import Lease, downstream_key
 from ._metrics import Outcome, Stats
 from ._migrate import check_schema, upgrade
@@ -57,6 +58,8 @@ __all__ = [
     "DataclassCodec",
     "ExpiredReplay",
     "FingerprintMismatchError",
+    "FingerprintVersionError",
+    "FingerprintVersions",
     "IdembarrierError",
     "InvalidFingerprintError",
     "InvalidKeyError",

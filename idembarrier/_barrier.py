@@ -23,7 +23,7 @@ from ._config import (
     check_wait_timeout,
 )
 from ._exceptions import ConfigurationError, ConflictError, KeyInProgressError, RecordedFailureError
-from ._keys import fingerprint_digest, validate_key
+from ._keys import Fingerprint, FingerprintVersions, validate_key
 from ._lease import Lease
 from ._metrics import Outcome, Stats
 from ._record import Record, Status
@@ -62,6 +62,9 @@ class Barrier(Generic[R]):
             refused with `ConfigurationError` when some record retention is shorter.
         check_schema: On first use, raise `SchemaError` unless the table is at the migrations' head.
         on_reclaim: Called with the record each time a stale lease is reclaimed (or turned UNKNOWN).
+        fingerprint_versions: The fingerprint functions by version (`FingerprintVersions`): each call's
+            ``fingerprint=`` is the request they map; a record made by an older, still-registered version is
+            compared by that version, so a deploy may change what is fingerprinted.
         cleanup_timeout: Longest wait, in seconds, for a unit of work's rollback after a failure or a
             cancellation. A connection that does not answer within it is invalidated, never pooled again,
             so a caller's own deadline is overrun by at most about this much.
@@ -85,6 +88,7 @@ class Barrier(Generic[R]):
         check_schema: bool = True,
         on_reclaim: Callable[[Record], object] | None = None,
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
+        fingerprint_versions: FingerprintVersions | None = None,
         keyed_hash: KeyedHash | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
@@ -102,6 +106,7 @@ class Barrier(Generic[R]):
             cleanup_timeout=cleanup_timeout,
         )
         self._runtime = Runtime(sessionmaker, codec=self.codec, options=self.options, on_reclaim=on_reclaim)
+        self._fingerprint_versions = fingerprint_versions
         self._keyed_hash = keyed_hash
 
     @property
@@ -125,7 +130,7 @@ class Barrier(Generic[R]):
         Args:
             key: The idempotency key: 1-255 characters, no control characters.
             scope: Namespace of the key (tenant, operation…); the same key in two scopes is two records.
-            fingerprint: The request (bytes or a JSON value), hashed; a replay with another one raises
+            fingerprint: The request (bytes, a JSON value, typed values), hashed; a replay with another one raises
                 `FingerprintMismatchError`. ``None``: the key alone identifies the request.
             session: Join this session's transaction instead of opening one. The barrier then never
                 commits: on a clean exit the record and the body's writes are left in the caller's
@@ -137,14 +142,14 @@ class Barrier(Generic[R]):
 
         Raises:
             InvalidKeyError: The key or scope is unusable; raised here, before any SQL.
-            InvalidFingerprintError: The fingerprint is neither bytes nor a JSON value.
+            InvalidFingerprintError: The fingerprint has no canonical form.
         """
         scope, key = self._identify(scope, key)
         return UnitOfWork(
             self._runtime,
             key=key,
             scope=scope,
-            fingerprint=fingerprint_digest(fingerprint),
+            fingerprint=Fingerprint.of(fingerprint, self._fingerprint_versions),
             session=session,
             on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
@@ -230,7 +235,7 @@ class Barrier(Generic[R]):
 
         Raises:
             InvalidKeyError: The key or scope is unusable.
-            InvalidFingerprintError: The fingerprint is neither bytes nor a JSON value.
+            InvalidFingerprintError: The fingerprint has no canonical form.
         """
         if not lease > timedelta(0):
             raise ConfigurationError(f"lease must be a positive timedelta, not {lease!r}")
@@ -243,7 +248,7 @@ class Barrier(Generic[R]):
             self._runtime,
             key=key,
             scope=scope,
-            fingerprint=fingerprint_digest(fingerprint),
+            fingerprint=Fingerprint.of(fingerprint, self._fingerprint_versions),
             lease=lease,
             heartbeat=heartbeat,
             max_reclaims=max_reclaims,

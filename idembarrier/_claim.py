@@ -7,6 +7,7 @@ for its holder or gives up is decided here, and only here (the storage reads the
 the record found                      decision
 ====================================  ===========================================================
 another fingerprint                   `FingerprintMismatchError` (the key was used for another request)
+a fingerprint version not registered  `FingerprintVersionError` (it cannot tell a retry from another request)
 UNKNOWN                               `ReconciliationRequiredError` (a person resolves it)
 IN_PROGRESS, its lease stale          `Decision.RECLAIM` (leases; a unit of work never sees one stale)
 IN_PROGRESS                           `Decision.WAIT` (a unit of work raises `KeyInProgressError`)
@@ -26,6 +27,7 @@ from ._exceptions import FingerprintMismatchError, ReconciliationRequiredError, 
 from ._record import Status
 
 if TYPE_CHECKING:
+    from ._keys import Fingerprint
     from ._record import Record
 
 __all__ = ["Decision", "decide"]
@@ -45,23 +47,24 @@ class Decision(Enum):
 
 
 def decide(
-    record: Record, *, fingerprint: bytes | None, on_expired_replay: ExpiredReplay, stale: bool = False
+    record: Record, *, fingerprint: Fingerprint, on_expired_replay: ExpiredReplay, stale: bool = False
 ) -> Decision:
     """Decide what the call with ``fingerprint`` does with ``record``, found by its claim.
 
     Args:
         record: The record the claim met.
-        fingerprint: The calling request's fingerprint.
+        fingerprint: The calling request's fingerprint (compared by the version that made the record's).
         on_expired_replay: The policy for a compact record. Leases pass ``REJECT``: they never take a
             compact record over (their external effects happened; running again would repeat them).
         stale: Whether the record's lease ran out by the database's clock.
 
     Raises:
         FingerprintMismatchError: The record was made for another request.
+        FingerprintVersionError: The record was fingerprinted by a version the barrier does not register.
         ReconciliationRequiredError: The record is UNKNOWN.
         ResponseExpiredError: The record is compact and the policy rejects late replays.
     """
-    if record.fingerprint != fingerprint:
+    if not fingerprint.matches(record):
         raise FingerprintMismatchError(scope=record.scope, key=record.key, record=record)
     if record.status is Status.UNKNOWN:
         raise ReconciliationRequiredError(scope=record.scope, key=record.key, record=record)

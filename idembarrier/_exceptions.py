@@ -10,6 +10,7 @@ An exception raised by your own code inside a unit of work is never wrapped: it 
     ├── ConflictError                the key's record stands in the way of running the body
     │   ├── KeyInProgressError       a concurrent duplicate holds the key (HTTP 409)
     │   ├── FingerprintMismatchError the key was used for a different request (HTTP 422)
+    │   ├── FingerprintVersionError  the key's record was fingerprinted by a version this barrier does not register
     │   ├── ReconciliationRequiredError the key is UNKNOWN: a person must resolve it
     │   ├── ResponseExpiredError     only the compact record remains: the response is past retention
     │   └── LeaseLostError           a lease was taken over or released: its holder may no longer write
@@ -40,6 +41,7 @@ __all__ = [
     "ConnectError",
     "ConnectionLostError",
     "FingerprintMismatchError",
+    "FingerprintVersionError",
     "IdembarrierError",
     "InvalidFingerprintError",
     "InvalidKeyError",
@@ -124,6 +126,24 @@ class FingerprintMismatchError(ConflictError):
     def __init__(self, *, scope: str, key: str, record: Record | None) -> None:
         super().__init__(
             f"key {key!r} in scope {scope!r} was already used for a different request",
+            scope=scope,
+            key=key,
+            record=record,
+        )
+
+
+class FingerprintVersionError(ConflictError):
+    """Raised when the key's record was fingerprinted by a version of the fingerprint this barrier does not register.
+
+    The barrier cannot tell a retry from another request, so it does neither. A newer deploy wrote the
+    record (register its version before making it current), or the version was unregistered while its
+    records could still be retried. ``record.fingerprint_version`` is the version.
+    """
+
+    def __init__(self, *, scope: str, key: str, record: Record) -> None:
+        super().__init__(
+            f"key {key!r} in scope {scope!r} was fingerprinted by version {record.fingerprint_version!r}, "
+            "which this barrier does not register",
             scope=scope,
             key=key,
             record=record,

@@ -12,10 +12,23 @@ import re
 import reprlib
 import sys
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ._exceptions import InvalidFingerprintError, InvalidKeyError
+from ._exceptions import ConfigurationError, FingerprintVersionError, InvalidFingerprintError, InvalidKeyError
 
-__all__ = ["MAX_KEY_LENGTH", "fingerprint_digest", "validate_key"]
+if TYPE_CHECKING:
+    from ._record import Record
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "NO_FINGERPRINT",
+    "Fingerprint",
+    "FingerprintVersions",
+    "fingerprint_digest",
+    "validate_key",
+]
 
 MAX_KEY_LENGTH = 255
 """The longest key (and scope) accepted, in characters; Stripe's limit."""
@@ -203,3 +216,95 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, UnicodeEncodeError):
         return "it holds text with a lone surrogate (no UTF-8 encoding)"
     return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintVersions:
+    """The fingerprint functions a barrier knows, by version, and the one it fingerprints new records with.
+
+    Each function maps the request given as ``fingerprint=`` to the value that is hashed (a body normaliser,
+    a projection of the fields that matter). A record stores the version that fingerprinted it; a retry
+    whose record was made by another registered version is fingerprinted again with that version, so
+    changing what is fingerprinted never turns an in-flight retry into `FingerprintMismatchError`.
+
+    Args:
+        current: The version new records are fingerprinted with; one of ``functions``.
+        functions: Every version still registered, by number (1 and up). Keep an old version registered
+            for as long as its records may be retried (the response retention, say).
+        unversioned: The registered version to compare records stored without one (made before versions
+            were adopted) with; ``None``: the request as given, as those records were fingerprinted.
+
+    Raises:
+        ConfigurationError: ``current`` or ``unversioned`` is not registered, or a version is below 1.
+    """
+
+    current: int
+    functions: Mapping[int, Callable[[object], object]]
+    unversioned: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(version, int) or version < 1 for version in self.functions):
+            raise ConfigurationError(f"fingerprint versions are ints from 1, not {sorted(map(repr, self.functions))}")
+        for name, version in (("current", self.current), ("unversioned", self.unversioned)):
+            if version is not None and version not in self.functions:
+                raise ConfigurationError(
+                    f"{name} fingerprint version {version!r} is not registered (registered: {sorted(self.functions)})"
+                )
+        object.__setattr__(self, "functions", dict(self.functions))
+
+    def digest(self, request: object, version: int | None) -> bytes | None:
+        """The digest of ``request`` by fingerprint ``version`` (``None``: the unversioned records' way).
+
+        Raises:
+            InvalidFingerprintError: The version's function raised, or made what has no canonical form.
+            KeyError: ``version`` is not registered.
+        """
+        if version is None and self.unversioned is None:
+            return fingerprint_digest(request)
+        chosen = self.unversioned if version is None else version
+        function = self.functions[chosen]  # type: ignore[index]  # None only with unversioned set
+        try:
+            value = function(request)
+        except Exception as exc:
+            raise InvalidFingerprintError(
+                f"fingerprint function version {chosen} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        return fingerprint_digest(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """A request's fingerprint as a claim stores it (digest and version), able to match older records."""
+
+    digest: bytes | None
+    version: int | None = None
+    request: object = None
+    versions: FingerprintVersions | None = None
+
+    @classmethod
+    def of(cls, request: object, versions: FingerprintVersions | None) -> Fingerprint:
+        """Fingerprint ``request`` with the current version (before any SQL: refusals raise here)."""
+        if request is None:
+            return NO_FINGERPRINT
+        if versions is None:
+            return cls(fingerprint_digest(request))
+        return cls(versions.digest(request, versions.current), versions.current, request, versions)
+
+    def matches(self, record: Record) -> bool:
+        """Whether ``record`` was made for this request, compared by the version that fingerprinted it.
+
+        Raises:
+            FingerprintVersionError: The record's version is not one this barrier registers.
+        """
+        if self.digest is None or record.fingerprint is None:
+            return record.fingerprint == self.digest
+        if record.fingerprint_version == self.version:
+            return record.fingerprint == self.digest
+        versions, version = self.versions, record.fingerprint_version
+        if versions is None or (version is not None and version not in versions.functions):
+            raise FingerprintVersionError(scope=record.scope, key=record.key, record=record)
+        return record.fingerprint == versions.digest(self.request, version)
+
+
+NO_FINGERPRINT = Fingerprint(None)
+"""No request given: the key alone identifies it."""

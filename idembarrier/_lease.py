@@ -27,6 +27,7 @@ from ._exceptions import (
     ReconciliationRequiredError,
     UnitOfWorkError,
 )
+from ._keys import NO_FINGERPRINT
 from ._metrics import Outcome, outcome_of
 from ._observe import Phases, Work
 from ._record import Record, Status
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from ._codec import JSON
+    from ._keys import Fingerprint
     from ._runtime import Runtime
 
 __all__ = ["Lease", "downstream_key"]
@@ -79,7 +81,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
         *,
         key: str,
         scope: str,
-        fingerprint: bytes | None,
+        fingerprint: Fingerprint,
         lease: timedelta,
         heartbeat: float | None,
         max_reclaims: int,
@@ -187,7 +189,7 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
             self._runtime,
             key=self.key,
             scope=self.scope,
-            fingerprint=None,  # the lease's claim checked it; the fence below checks the token
+            fingerprint=NO_FINGERPRINT,  # the lease's claim checked it; the fence below checks the token
             session=session,
             on_conflict=options.on_conflict,
             wait_timeout=options.wait_timeout,
@@ -291,7 +293,13 @@ class Lease(anyio.AsyncContextManagerMixin, Generic[R]):
             try:
                 claimed = await self._runtime.atomically(
                     lambda storage: storage.lease_claim(
-                        self.scope, self.key, self._fingerprint, self.token, self._lease, self._wait_timeout
+                        self.scope,
+                        self.key,
+                        self._fingerprint.digest,
+                        self.token,
+                        self._lease,
+                        self._wait_timeout,
+                        fingerprint_version=self._fingerprint.version,
                     ),
                     wait=self._wait_timeout,
                 )

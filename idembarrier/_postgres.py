@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["DIALECT", "PostgresStorage"]
 
-_COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
+_COLUMNS = (
+    "scope, key, status, fingerprint, fingerprint_version, response, token, attempt, created_at, completed_at, "
+    "expires_at"
+)
 _LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data"
 _HORIZON_COLUMNS = f"{_LEASE_COLUMNS}, response_expires_at"  # what an operator reads: every horizon
 # A lease is stale once its end has passed on the database's clock (clock_timestamp(): the wall clock, not
@@ -50,6 +53,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         key=row["key"],
         status=(status := Status(row["status"])),
         fingerprint=row["fingerprint"],
+        fingerprint_version=row.get("fingerprint_version"),
         response=row["response"],
         token=row["token"],
         attempt=row["attempt"],
@@ -166,8 +170,8 @@ def _statements(names: Names) -> _Statements:
         # same statement returns the existing record, if its snapshot, taken before any wait, can see it:
         # a replay costs one statement; a record committed during the wait needs a lookup.
         claim=_claim_or_read(
-            f"""INSERT INTO {table} (scope, key, fingerprint, status, token)
-                VALUES ($1, $2, $3, 'IN_PROGRESS', $4)
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version)
+                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, $5)
                 ON CONFLICT (scope, key) DO NOTHING
                 RETURNING 1""",
             table,
@@ -175,8 +179,8 @@ def _statements(names: Names) -> _Statements:
         ),
         # The same claim, failing fast (see `_failing_fast`).
         claim_nowait=_failing_fast(
-            f"""INSERT INTO {table} (scope, key, fingerprint, status, token)
-                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid FROM applied
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version)
+                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid, $5::integer FROM applied
                 ON CONFLICT (scope, key) DO NOTHING
                 RETURNING token AS result"""
         ),
@@ -200,8 +204,8 @@ def _statements(names: Names) -> _Statements:
         # The same atomic claim as a unit of work's, committed at once with a lease ending on the
         # database's clock. A conflicting row is returned when visible, with its staleness.
         lease_claim=_claim_or_read(
-            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
-                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, clock_timestamp() + $5::interval)
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until, fingerprint_version)
+                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, clock_timestamp() + $5::interval, $6::integer)
                 ON CONFLICT (scope, key) DO NOTHING
                 RETURNING 1""",
             table,
@@ -415,7 +419,14 @@ class PostgresStorage:
         return bool(self._driver.is_in_transaction())
 
     async def claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        wait: float | None,
+        *,
+        fingerprint_version: int | None = None,
     ) -> Claim:
         """Insert the IN_PROGRESS record; see `Storage.claim`.
 
@@ -423,9 +434,12 @@ class PostgresStorage:
         SQLSTATE 55P03.
         """
         if wait is None:
-            claimed = await self._driver.fetchval(self._sql.claim_nowait, scope, key, fingerprint, token)
+            claimed = await self._driver.fetchval(
+                self._sql.claim_nowait, scope, key, fingerprint, token, fingerprint_version
+            )
             return Raced() if claimed is None else Claimed()
-        return _claimed(await self._driver.fetchrow(self._sql.claim, scope, key, fingerprint, token, timeout=wait))
+        sql, version = self._sql.claim, fingerprint_version
+        return _claimed(await self._driver.fetchrow(sql, scope, key, fingerprint, token, version, timeout=wait))
 
     async def finish(
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention
@@ -447,11 +461,19 @@ class PostgresStorage:
     # -- leased work ------------------------------------------------------------------------------------
 
     async def lease_claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        lease: timedelta,
+        wait: float,
+        *,
+        fingerprint_version: int | None = None,
     ) -> Claim:
         """Claim the key with a lease; see `Storage.lease_claim` (asyncpg bounds the wait)."""
-        sql = self._sql.lease_claim
-        return _claimed(await self._driver.fetchrow(sql, scope, key, fingerprint, token, lease, timeout=wait))
+        sql, version = self._sql.lease_claim, fingerprint_version
+        return _claimed(await self._driver.fetchrow(sql, scope, key, fingerprint, token, lease, version, timeout=wait))
 
     async def inspect(self, scope: str, key: str) -> Record | None:
         """Read the record with its lease; see `Storage.inspect`."""

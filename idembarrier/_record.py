@@ -55,6 +55,8 @@ class Record:
         key: The idempotency key, unique within its scope.
         status: Where the record stands.
         fingerprint: SHA-256 digest of the canonical request, or ``None`` when none was given.
+        fingerprint_version: The `FingerprintVersions` version that made ``fingerprint``, or ``None``
+            (a barrier without versions, or a record made before versions were adopted).
         response: The encoded response (COMPLETED or FAILED), or ``None``.
         token: The claim token of the holder that wrote the record.
         attempt: How many times the key was claimed (1 unless a lease was reclaimed).
@@ -84,6 +86,7 @@ class Record:
     checkpoint: str | None = None
     checkpoint_data: bytes | None = None
     stale: bool = False
+    fingerprint_version: int | None = None
 
     @property
     def compact(self) -> bool:

@@ -39,6 +39,7 @@ def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | N
         scope: namespace of the key (tenant, operation, consumer group); part of the primary key.
         key: the idempotency key, 1-255 characters; unique within its scope.
         fingerprint: SHA-256 of the canonical request, NULL when the caller gave none.
+        fingerprint_version: the `FingerprintVersions` version that made the fingerprint; NULL without one.
         status: IN_PROGRESS, COMPLETED, FAILED or UNKNOWN.
         response: the codec's bytes for the recorded outcome; NULL until finished.
         token: the claim token of the current holder; completion is conditioned on it (fencing).
@@ -69,6 +70,7 @@ def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | N
         Column("checkpoint_name", String(255), nullable=True),
         Column("checkpoint_data", LargeBinary, nullable=True),
         Column("response_expires_at", DateTime(timezone=True), nullable=True),
+        Column("fingerprint_version", Integer, nullable=True),
         PrimaryKeyConstraint("scope", "key", name=f"pk_{name}"),
         CheckConstraint(f"status IN ({_STATUSES})", name=f"ck_{name}_status"),
         CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{name}_key_length"),

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["DIALECT", "SqliteStorage"]
 
-_COLUMNS = "scope, key, status, fingerprint, response, token, attempt, created_at, completed_at, expires_at"
+_COLUMNS = (
+    "scope, key, status, fingerprint, fingerprint_version, response, token, attempt, created_at, completed_at, "
+    "expires_at"
+)
 _LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data"
 _HORIZON_COLUMNS = f"{_LEASE_COLUMNS}, response_expires_at"  # what an operator reads: every horizon
 # Lease ends are written and compared in one text format with milliseconds, so text order is time order.
@@ -53,6 +56,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         key=columns["key"],
         status=(status := Status(columns["status"])),
         fingerprint=columns["fingerprint"],
+        fingerprint_version=columns.get("fingerprint_version"),
         response=columns["response"],
         token=uuid.UUID(columns["token"]),
         attempt=columns["attempt"],
@@ -125,8 +129,8 @@ def _statements(names: Names) -> _Statements:
         lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = ? AND key = ?",
         # Under the write lock no other claim can interleave: a conflict is a committed record.
         claim=f"""
-            INSERT INTO {table} (scope, key, fingerprint, status, token)
-            VALUES (?, ?, ?, 'IN_PROGRESS', ?)
+            INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version)
+            VALUES (?, ?, ?, 'IN_PROGRESS', ?, ?)
             ON CONFLICT (scope, key) DO NOTHING
             RETURNING token""",
         # Fenced completion, under the same write lock as the claim.
@@ -146,8 +150,8 @@ def _statements(names: Names) -> _Statements:
             RETURNING 1""",
         # -- leased work: each statement takes the write lock; the caller commits it.
         lease_claim=f"""
-            INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until)
-            VALUES (?, ?, ?, 'IN_PROGRESS', ?, {_LATER})
+            INSERT INTO {table} (scope, key, fingerprint, status, token, locked_until, fingerprint_version)
+            VALUES (?, ?, ?, 'IN_PROGRESS', ?, {_LATER}, ?)
             ON CONFLICT (scope, key) DO NOTHING RETURNING 1""",
         inspect=f"SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = ? AND key = ?",
         # The same conditions as PostgreSQL's: the token the reclaimer saw, and staleness.
@@ -315,10 +319,17 @@ class SqliteStorage:
         return bool(self._driver.in_transaction)
 
     async def claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        wait: float | None,
+        *,
+        fingerprint_version: int | None = None,
     ) -> Claim:
         """Insert the IN_PROGRESS record; see `Storage.claim` (the write lock makes the wait moot)."""
-        claimed = await self._first(self._sql.claim, scope, key, fingerprint, token.hex)
+        claimed = await self._first(self._sql.claim, scope, key, fingerprint, token.hex, fingerprint_version)
         return Raced() if claimed is None else Claimed()
 
     async def finish(
@@ -335,10 +346,19 @@ class SqliteStorage:
     # -- leased work ------------------------------------------------------------------------------------
 
     async def lease_claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        lease: timedelta,
+        wait: float,
+        *,
+        fingerprint_version: int | None = None,
     ) -> Claim:
         """Claim the key with a lease; see `Storage.lease_claim` (`begin` bounded the write lock's wait)."""
-        if await self._one(self._sql.lease_claim, scope, key, fingerprint, token.hex, _later(lease)):
+        version = fingerprint_version
+        if await self._one(self._sql.lease_claim, scope, key, fingerprint, token.hex, _later(lease), version):
             return Claimed()
         found = await self.inspect(scope, key)
         return Raced() if found is None else Existing(found)

@@ -122,9 +122,16 @@ class Storage(Protocol):
         ...
 
     async def claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, wait: float | None
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        wait: float | None,
+        *,
+        fingerprint_version: int | None = None,
     ) -> Claim:
-        """Insert an IN_PROGRESS record unless one exists.
+        """Insert an IN_PROGRESS record unless one exists, with the fingerprint and the version that made it.
 
         Returns `Claimed` when this call inserted it, else `Existing` where the statement could read the
         record at no extra cost, else `Raced` (look it up).
@@ -150,7 +157,15 @@ class Storage(Protocol):
     # -- leased work: each statement is its own transaction unless said otherwise ----------------------
 
     async def lease_claim(
-        self, scope: str, key: str, fingerprint: bytes | None, token: uuid.UUID, lease: timedelta, wait: float
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        lease: timedelta,
+        wait: float,
+        *,
+        fingerprint_version: int | None = None,
     ) -> Claim:
         """Insert an IN_PROGRESS record whose lease ends ``lease`` from now (database clock).
 

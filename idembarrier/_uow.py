@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from ._config import Retention
+    from ._keys import Fingerprint
     from ._runtime import Runtime
     from ._storage import Storage
 
@@ -104,7 +105,7 @@ class UnitOfWork(Generic[R]):
         *,
         key: str,
         scope: str,
-        fingerprint: bytes | None,
+        fingerprint: Fingerprint,
         session: AsyncSession | None,
         on_conflict: OnConflict,
         wait_timeout: float,
@@ -393,7 +394,10 @@ class UnitOfWork(Generic[R]):
         await self._open_savepoint(session)
         self._sent = True
         for _ in range(_CLAIM_ATTEMPTS):
-            claimed = await storage.claim(self._scope, self._key, self._fingerprint, self._token, wait)
+            fingerprint = self._fingerprint
+            claimed = await storage.claim(
+                self._scope, self._key, fingerprint.digest, self._token, wait, fingerprint_version=fingerprint.version
+            )
             if isinstance(claimed, Claimed):
                 self._storage = storage
                 return

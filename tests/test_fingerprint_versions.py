@@ -1,0 +1,143 @@
+"""Fingerprints that survive a deploy: each record keeps the version that fingerprinted it.
+
+A rolling deploy changes what is fingerprinted (here the body normaliser: v2 reads amounts as decimals and
+ignores the client's ``sent_at``). Old and new processes serve the same keys at once, on each engine: a
+retry is compared by the version that made its record, so no in-flight retry meets a false 422.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from idembarrier import (
+    Barrier,
+    ConfigurationError,
+    FingerprintMismatchError,
+    FingerprintVersionError,
+    FingerprintVersions,
+    InvalidFingerprintError,
+)
+from tests.helpers import new_key, pay
+
+if TYPE_CHECKING:
+    from tests.conftest import Database
+
+
+def v1(body: object) -> object:
+    """The old normaliser: the body as JSON."""
+    assert isinstance(body, bytes)
+    return json.loads(body)
+
+
+def v2(body: object) -> object:
+    """The new one: amounts as decimals (10 and 10.00 are one), the client's send time left out."""
+    assert isinstance(body, bytes)
+    document = json.loads(body, parse_float=Decimal, parse_int=Decimal)
+    return {name: value for name, value in document.items() if name != "sent_at"}
+
+
+OLD = FingerprintVersions(current=1, functions={1: v1})
+"""The deploy before the change."""
+BOTH = FingerprintVersions(current=1, functions={1: v1, 2: v2})
+"""Step one of the change: v2 registered everywhere, still fingerprinting with v1."""
+NEW = FingerprintVersions(current=2, functions={1: v1, 2: v2})
+"""Step two: v2 current, v1 kept for the records it made."""
+
+BODY = b'{"amount": 10.00, "currency": "EUR", "sent_at": "2026-12-02T10:00:00Z"}'
+RESENT = b'{"amount": 10.00, "currency": "EUR", "sent_at": "2026-12-02T10:00:05Z"}'
+OTHER = b'{"amount": 12.00, "currency": "EUR", "sent_at": "2026-12-02T10:00:00Z"}'
+
+
+async def test_a_record_keeps_the_version_that_fingerprinted_it(db: Database) -> None:
+    """A record stores the current version; a barrier without versions stores none."""
+    versioned, plain = new_key(), new_key()
+    await pay(Barrier(db.sessionmaker, fingerprint_versions=NEW), versioned, fingerprint=BODY)
+    await pay(Barrier(db.sessionmaker), plain, fingerprint={"amount": 10})
+    records = [await Barrier(db.sessionmaker).inspect(key, scope="payments") for key in (versioned, plain)]
+    assert [None if record is None else record.fingerprint_version for record in records] == [2, None]
+
+
+async def test_a_rolling_deploy_that_changes_the_normaliser_gives_no_false_422(db: Database) -> None:
+    """Retries cross every pair of versions that run side by side and replay; another request is still a 422."""
+    old, both, new = (Barrier(db.sessionmaker, fingerprint_versions=v) for v in (OLD, BOTH, NEW))
+    before, during, after = new_key(), new_key(), new_key()
+    first = await pay(old, before, fingerprint=BODY)  # made by v1 before the deploy
+    assert await pay(both, before, fingerprint=BODY) == first  # old and step-one processes side by side
+    assert await pay(new, before, fingerprint=BODY) == first  # step two meets a v1 record: compared by v1
+    second = await pay(both, during, fingerprint=BODY)
+    assert await pay(old, during, fingerprint=BODY) == second
+    assert await pay(new, during, fingerprint=BODY) == second
+    third = await pay(new, after, fingerprint=BODY)  # made by v2
+    assert await pay(both, after, fingerprint=BODY) == third  # step one already knows v2
+    assert await pay(new, after, fingerprint=RESENT) == third  # v2 ignores sent_at
+    for key in (before, during, after):
+        assert await db.payments(key) == 1
+    with pytest.raises(FingerprintMismatchError):
+        await pay(new, before, fingerprint=OTHER)  # by v1 too, another amount is another request
+    with pytest.raises(FingerprintMismatchError):
+        await pay(new, before, fingerprint=RESENT)  # v1 made the record, and v1 counted sent_at
+
+
+async def test_without_versions_the_same_deploy_turns_retries_into_422(db: Database) -> None:
+    """The control: a normaliser changed in place fingerprints a retry differently, and it is refused."""
+    key = new_key()
+    await pay(Barrier(db.sessionmaker), key, fingerprint=v1(BODY))
+    with pytest.raises(FingerprintMismatchError):
+        await pay(Barrier(db.sessionmaker), key, fingerprint=v2(BODY))
+
+
+async def test_a_record_of_an_unregistered_version_is_a_precise_error(db: Database) -> None:
+    """A process that does not register the record's version (or has no versions) refuses to guess."""
+    key = new_key()
+    await pay(Barrier(db.sessionmaker, fingerprint_versions=NEW), key, fingerprint=BODY)
+    for barrier in (Barrier(db.sessionmaker, fingerprint_versions=OLD), Barrier(db.sessionmaker)):
+        with pytest.raises(FingerprintVersionError, match="fingerprinted by version 2") as caught:
+            await pay(barrier, key, fingerprint=BODY)
+        assert caught.value.record is not None
+        assert caught.value.record.fingerprint_version == 2
+    assert await db.payments(key) == 1
+
+
+async def test_records_made_before_versions_compare_as_the_unversioned_version_says(db: Database) -> None:
+    """A record without a version is compared by ``unversioned``, or as the request given when it is unset."""
+    key = new_key()
+    await pay(Barrier(db.sessionmaker), key, fingerprint=v1(BODY))  # the application normalised it itself
+    adopted = FingerprintVersions(current=2, functions={1: v1, 2: v2}, unversioned=1)
+    first = await pay(Barrier(db.sessionmaker, fingerprint_versions=adopted), key, fingerprint=BODY)
+    with pytest.raises(FingerprintMismatchError):  # compared as given: raw bytes against the parsed body
+        await pay(Barrier(db.sessionmaker, fingerprint_versions=NEW), key, fingerprint=BODY)
+    assert await pay(Barrier(db.sessionmaker), key, fingerprint=v1(BODY)) == first
+
+
+async def test_a_lease_is_compared_by_its_records_version(db: Database) -> None:
+    """Leased work made by v1 replays for a v2 process: the claim's decision is shared."""
+    key = new_key()
+    old = Barrier(db.sessionmaker, fingerprint_versions=OLD)
+    async with old.leased(key, scope="jobs", fingerprint=BODY) as lease, lease.finish() as uow:
+        uow.complete({"done": 1})
+    async with Barrier(db.sessionmaker, fingerprint_versions=NEW).leased(key, scope="jobs", fingerprint=BODY) as lease:
+        assert lease.replayed
+        assert lease.response == {"done": 1}
+
+
+def test_versions_refuse_what_they_cannot_use() -> None:
+    """The current and unversioned versions must be registered; versions count from 1."""
+    with pytest.raises(ConfigurationError, match="current fingerprint version 3 is not registered"):
+        FingerprintVersions(current=3, functions={1: v1})
+    with pytest.raises(ConfigurationError, match="unversioned fingerprint version 2"):
+        FingerprintVersions(current=1, functions={1: v1}, unversioned=2)
+    with pytest.raises(ConfigurationError, match="ints from 1"):
+        FingerprintVersions(current=0, functions={0: v1})
+
+
+def test_a_fingerprint_function_that_raises_is_an_invalid_fingerprint() -> None:
+    """The current version's function runs when the unit of work is made; what it raises is chained."""
+    barrier = Barrier(async_sessionmaker(), fingerprint_versions=NEW)  # bound to no engine: no SQL can run
+    with pytest.raises(InvalidFingerprintError, match="version 2 raised JSONDecodeError") as caught:
+        barrier.unit_of_work(new_key(), scope="payments", fingerprint=b"not json")
+    assert isinstance(caught.value.__cause__, json.JSONDecodeError)
