@@ -16,14 +16,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from idembarrier import Barrier, FingerprintMismatchError, downstream_key, key_hash
+from idembarrier.asgi import HTTPResponseCodec, IdempotencyMiddleware
 from idembarrier.otel import instrument
 from tests.helpers import Boom, new_key, pay
+from tests.test_asgi_units import Exchange, public
 from tests.test_concurrency import Waiters, Winner
 from tests.test_operations import left_behind
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
 
 SCOPE = "payments"  # pay()'s
@@ -248,6 +251,27 @@ async def test_spans_are_children_of_the_span_current_where_the_call_ends(
     assert theirs.name == "request"
     assert ours.parent is not None
     assert ours.parent.span_id == request.get_span_context().span_id
+
+
+async def test_requests_through_the_middleware_are_one_span_each(db: Database, telemetry: Telemetry) -> None:
+    """The ASGI middleware's start, commit and rollback make one span per guarded request, as a block does."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    instrument(barrier, meter=telemetry.meters.get_meter("test"), tracer=telemetry.tracers.get_tracer("test"))
+    middleware = IdempotencyMiddleware(app, barrier, scope_of=public)
+    for _ in range(2):
+        exchange = Exchange()
+        await exchange.through(middleware)
+        assert exchange.status == 201
+    first, replay = telemetry.finished()
+    assert [attrs(first)["idempotency.outcome"], attrs(replay)["idempotency.outcome"]] == ["executed", "replayed"]
+    assert attrs(first)["idempotency.key_hash"] == key_hash("public", "k-1")
+    assert attrs(first)["idempotency.status"] == attrs(replay)["idempotency.status"] == "COMPLETED"
+    assert list(events(first)) == ["claimed", "body_ended"]
 
 
 async def test_a_failing_watcher_does_not_fail_the_call(
