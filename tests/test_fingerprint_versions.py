@@ -11,6 +11,7 @@ import json
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -22,9 +23,13 @@ from idembarrier import (
     FingerprintVersions,
     InvalidFingerprintError,
 )
+from idembarrier.asgi import HTTPResponseCodec, IdempotencyMiddleware
 from tests.helpers import new_key, pay
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
 
 
@@ -141,3 +146,50 @@ def test_a_fingerprint_function_that_raises_is_an_invalid_fingerprint() -> None:
     with pytest.raises(InvalidFingerprintError, match="version 2 raised JSONDecodeError") as caught:
         barrier.unit_of_work(new_key(), scope="payments", fingerprint=b"not json")
     assert isinstance(caught.value.__cause__, json.JSONDecodeError)
+
+
+def by_body(normalise: Callable[[bytes], object]) -> Callable[[object], object]:
+    """A fingerprint version over the middleware's request: ``normalise`` applied to the body it passed on.
+
+    The middleware, given ``normalise_body=bytes.decode``, hands the barrier the body's text; a body that is
+    not UTF-8 stands as its digest, untouched.
+    """
+
+    def version(request: object) -> object:
+        assert isinstance(request, dict)
+        body = request["body"]
+        if "normalised" not in body:
+            return request
+        return {**request, "body": normalise(body["normalised"].encode())}
+
+    return version
+
+
+HTTP_OLD = FingerprintVersions(current=1, functions={1: by_body(v1)})
+HTTP_NEW = FingerprintVersions(current=2, functions={1: by_body(v1), 2: by_body(v2)})
+
+
+async def test_a_rolling_deploy_behind_the_middleware_gives_no_false_422(db: Database) -> None:
+    """Old and new apps behind IdempotencyMiddleware: a retry of the old one's request replays on the new one."""
+    runs: list[bytes] = []
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        runs.append(message.get("body", b""))
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": f"charge {len(runs)}".encode()})
+
+    def app(versions: FingerprintVersions) -> httpx.AsyncClient:
+        barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec(), fingerprint_versions=versions)
+        guarded = IdempotencyMiddleware(route, barrier, scope_of=lambda _: "shop", normalise_body=bytes.decode)
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded), base_url="http://shop")
+
+    key, headers = new_key(), {"content-type": "application/json"}
+    async with app(HTTP_OLD) as old, app(HTTP_NEW) as new:
+        first = await old.post("/charges", content=BODY, headers={**headers, "Idempotency-Key": key})
+        retried = await new.post("/charges", content=BODY, headers={**headers, "Idempotency-Key": key})
+        other = await new.post("/charges", content=OTHER, headers={**headers, "Idempotency-Key": key})
+    assert (first.status_code, first.text) == (201, "charge 1")
+    assert (retried.status_code, retried.text, retried.headers["idempotent-replayed"]) == (201, "charge 1", "true")
+    assert other.status_code == 422
+    assert runs == [BODY]
