@@ -28,7 +28,7 @@ from ._storage import pool_connection
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["check_asyncpg", "check_psycopg"]
+__all__ = ["SAFE_CONNECT_ARGS", "behind_pooler", "check_asyncpg", "check_psycopg"]
 
 _DOCS = "see the guide's Engines page, 'Transaction poolers'"
 _ASYNCPG_SETTINGS = (
@@ -37,6 +37,11 @@ _ASYNCPG_SETTINGS = (
 )
 _PSYCOPG_SETTINGS = "create_async_engine(url, connect_args={'prepare_threshold': None})"
 _BACKEND = "SELECT pg_backend_pid()"
+SAFE_CONNECT_ARGS: dict[str, dict[str, object]] = {
+    "postgresql+asyncpg": {"statement_cache_size": 0},
+    "postgresql+psycopg": {"prepare_threshold": None},
+}
+"""Connect arguments with which each PostgreSQL driver keeps no prepared statement in a server session."""
 _PREPARED = "SELECT name FROM pg_prepared_statements WHERE statement = $1"
 
 
@@ -95,6 +100,15 @@ async def check_psycopg(conn: AsyncConnection) -> None:
         f"opened with), and psycopg prepares statements on the server after {driver.prepare_threshold} runs: "
         f"they would fail at random. Build the engine with {_PSYCOPG_SETTINGS} ({_DOCS})"
     )
+
+
+async def behind_pooler(conn: AsyncConnection) -> bool:
+    """Whether ``conn`` reaches PostgreSQL through a pooler: its backend is not the one it was opened with."""
+    adapted = (await pool_connection(conn)).dbapi_connection
+    driver: Any = adapted.driver_connection if adapted is not None else None
+    backend = (await conn.exec_driver_sql(_BACKEND)).scalar_one()
+    opened = driver.get_server_pid() if hasattr(driver, "get_server_pid") else driver.info.backend_pid
+    return bool(backend != opened)
 
 
 def _probe() -> str:

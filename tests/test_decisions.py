@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from idembarrier import Barrier, FingerprintMismatchError, KeyInProgressError, OnConflict, key_hash
+from idembarrier import Barrier, FingerprintMismatchError, KeyedHash, KeyInProgressError, OnConflict, key_hash
 from idembarrier._observe import DECISION_FIELDS
 from tests.helpers import Boom, new_key, pay
 from tests.test_concurrency import Winner
@@ -139,4 +139,17 @@ async def test_a_leased_body_that_raises_logs_its_builtin_error_by_name(
         None,
         "RuntimeError",
     )
+    assert key not in everything(record)
+
+
+async def test_with_keyed_hashes_the_log_hashes_the_stored_key(
+    sqlite_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A barrier that stores keyed hashes logs key_hash of the stored key: the caller's key appears nowhere."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    keyed = KeyedHash(b"s" * 32)
+    key = new_key()
+    await pay(Barrier(sqlite_db.sessionmaker, keyed_hash=keyed), key)
+    (record,) = decisions(caplog)
+    assert fields(record)["key_hash"] == key_hash(SCOPE, keyed(SCOPE, key))
     assert key not in everything(record)

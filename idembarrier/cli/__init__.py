@@ -23,7 +23,7 @@ import anyio
 
 from .._config import DEFAULT_TABLE
 from .._record import Status
-from . import _operator, _probe, _purge
+from . import _engine_check, _operator, _probe, _purge
 from ._reconcile import add_parser as add_reconcile_parser
 from ._reconcile import run as reconcile
 
@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     lab.add_argument("--json", action="store_true", help="print JSON instead of text")
     _probe.add_parser(commands)
+    _engine_check.add_parser(commands)
     add_reconcile_parser(commands)
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
@@ -127,9 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.scope = _checked_scope(parser, args.scope)
     if args.command == "probe":
         return _probe.run(args)
+    if args.command == "engine-check":
+        args.database_url = args.url  # what a failure to reach it names
     if args.command not in ("demo", "lab") and not args.database_url:
         parser.error("give --database-url or set IDEMBARRIER_DATABASE_URL")
-    run = _run_demo if args.command == "demo" else _run_lab if args.command == "lab" else _operate
+    run = {"demo": _run_demo, "lab": _run_lab, "engine-check": _engine_check.run}.get(args.command, _operate)
     try:
         return run(args)
     except Exception as exc:
