@@ -33,7 +33,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sqlalchemy import NullPool, text
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Finding", "add_parser", "check", "run"]
 
+_Parser = TypeVar("_Parser", bound="argparse.ArgumentParser")
 _MYSQL_LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT, MySQL's and MariaDB's error number
 _LONG = "k" * 300
 
@@ -101,7 +102,7 @@ _DIALECTS = {
 }
 
 
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     """Register ``engine-check`` on the command line."""
     command = commands.add_parser("engine-check", help="check which of the barrier's guarantees hold on a database")
     command.add_argument("url", help="SQLAlchemy async URL of the database to check")
