@@ -8,12 +8,15 @@ retry is compared by the version that made its record, so no in-flight retry mee
 from __future__ import annotations
 
 import json
+import uuid
+from contextlib import AsyncExitStack, asynccontextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy import MetaData, insert
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from idembarrier import (
     Barrier,
@@ -22,12 +25,20 @@ from idembarrier import (
     FingerprintVersionError,
     FingerprintVersions,
     InvalidFingerprintError,
+    create_sqlite_engine,
+    upgrade,
 )
+from idembarrier._keys import fingerprint_digest
+from idembarrier._schema import records_table
 from idembarrier.asgi import HTTPResponseCodec, IdempotencyMiddleware
-from tests.helpers import new_key, pay
+from tests.helpers import fresh_database, new_key, pay
+from tests.test_migrations import run_command
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from idembarrier.asgi._types import Receive, Scope, Send
     from tests.conftest import Database
@@ -193,3 +204,41 @@ async def test_a_rolling_deploy_behind_the_middleware_gives_no_false_422(db: Dat
     assert (retried.status_code, retried.text, retried.headers["idempotent-replayed"]) == (201, "charge 1", "true")
     assert other.status_code == 422
     assert runs == [BODY]
+
+
+@asynccontextmanager
+async def at_revision_0005(engine_name: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """A new database of the engine, migrated to 0005 only: the schema before fingerprint versions."""
+    async with AsyncExitStack() as stack:
+        if engine_name == "postgresql":
+            url = await stack.enter_async_context(fresh_database("idembarrier_fv"))
+            engine = create_async_engine(url)
+        else:
+            engine = create_sqlite_engine(f"sqlite+aiosqlite:///{tmp_path / 'before-0006.db'}")
+        stack.push_async_callback(engine.dispose)
+        await run_command(engine, "upgrade", "0005")
+        yield engine
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql", "sqlite"])
+async def test_a_record_stored_before_0006_replays_after_the_upgrade(engine_name: str, tmp_path: Path) -> None:
+    """Revision 0006 leaves older records without a version; they replay, unversioned, on each engine."""
+    async with at_revision_0005(engine_name, tmp_path) as engine:
+        key, table = new_key(), records_table(MetaData())
+        row = {"scope": "payments", "key": key, "status": "COMPLETED", "token": uuid.uuid4()}
+        row |= {"fingerprint": fingerprint_digest(v1(BODY)), "response": b'{"payment_id":7}'}
+        async with engine.begin() as conn:
+            await conn.execute(insert(table).values(row))
+        await upgrade(engine)
+        sessions = async_sessionmaker(engine)
+        record = await Barrier(sessions).inspect(key, scope="payments")
+        assert record is not None
+        assert record.fingerprint_version is None
+        adopted = FingerprintVersions(current=2, functions={1: v1, 2: v2}, unversioned=1)
+        for barrier, fingerprint in (
+            (Barrier(sessions), v1(BODY)),
+            (Barrier(sessions, fingerprint_versions=adopted), BODY),
+        ):
+            async with barrier.unit_of_work(key, scope="payments", fingerprint=fingerprint) as uow:
+                assert uow.replayed
+                assert uow.response == {"payment_id": 7}
