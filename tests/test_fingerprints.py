@@ -316,3 +316,10 @@ def test_a_body_normalised_to_typed_values_is_fingerprinted_by_them(normalise: C
     first = _body_digest(b'{"amount": 10.0, "currency": "EUR"}', normalise)
     assert _body_digest(b'{"currency": "EUR", "amount": 10.00}', normalise) == first
     assert _body_digest(b'{"amount": 10.01, "currency": "EUR"}', normalise) != first
+
+
+def test_keys_in_the_typed_form_are_what_json_makes_of_them() -> None:
+    """An Enum key is its value; an int, bool or None key is its JSON text, as in the plain form."""
+    assert fingerprint_digest({Colour.RED: decimal.Decimal("1.0")}) == fingerprint_digest({"red": decimal.Decimal(1)})
+    expected = b't:[{"1":{"$decimal":"1e0"},"2":[]},{"null":{"$uuid":"0b0e2f4c-7a9d-4c1e-9f3a-2b5d6e7f8a91"}}]'
+    assert fingerprint_digest([{2: [], 1: decimal.Decimal(1)}, {None: ORDER}]) == hashlib.sha256(expected).digest()
