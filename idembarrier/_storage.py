@@ -364,7 +364,12 @@ async def open_storage(conn: AsyncConnection, table: TableName) -> Storage:
 
 
 async def check_connection(conn: AsyncConnection) -> None:
-    """Run the dialect's check of ``conn`` (`Dialect.check`), where it has one."""
+    """Run the dialect's check of ``conn`` (`Dialect.check`), where it has one.
+
+    Raises:
+        ConfigurationError: The engine is one the barrier's guarantees do not hold on (see `check_url`).
+    """
+    check_url(conn.engine.url)
     if (check := _dialect(conn.dialect).check) is not None:
         await check(conn)
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import pytest
+
 from idembarrier.cli._lab import DesignResult, LabReport, ScenarioResult, format_report, run_lab
 from tests._cli import run
+from tests.test_kafka import broker
 
 if TYPE_CHECKING:
-    import pytest
+    from pathlib import Path
 
     from tests.conftest import Database
+
+__all__ = ["broker"]  # a fixture, shared with test_kafka
 
 KEYS, CONCURRENCY = 3, 6
 
@@ -102,3 +107,58 @@ def test_report_names_units_explains_expected_and_sums_duplicates_and_losses_apa
     assert "   the failure: a simulated crash" in text
     assert "naive designs: 2 duplicate rows (extra writes) and 2 lost rows (never written)" in text
     assert "simulated in this one process" in text
+
+
+REAL_KEYS, REAL_CONCURRENCY = 2, 4
+REAL_NAIVE = {
+    "ttl-expiry": [(REAL_KEYS, 0)],
+    "partial-execution": [(0, REAL_KEYS), (REAL_KEYS, 0)],
+    "concurrent-race": [(REAL_KEYS * (REAL_CONCURRENCY - 1), 0)],
+    "layer-mismatch": [(REAL_KEYS, 0)],
+}
+"""What each naive design must show when its failure is real: the same counts as the simulated ones."""
+
+
+def assert_real(report: LabReport) -> None:
+    assert report.ok
+    assert report.real
+    for scenario in report.scenarios:
+        assert [(d.duplicates, d.lost) for d in scenario.designs if not d.barrier] == REAL_NAIVE[scenario.name]
+        (barrier,) = (d for d in scenario.designs if d.barrier)
+        assert (barrier.duplicates, barrier.lost, barrier.written) == (0, 0, barrier.expected), scenario.title
+
+
+@pytest.mark.timeout(180)
+async def test_real_lab_kills_and_races_processes_on_postgresql_through_a_broker(pg_db: Database, broker: str) -> None:
+    """--real on PostgreSQL with the Tansu broker: SIGKILLed workers, racing processes, a real redelivery."""
+    progress: list[str] = []
+    report = await run_lab(
+        pg_db.url, keys=REAL_KEYS, concurrency=REAL_CONCURRENCY, on_progress=progress.append, real=True, broker=broker
+    )
+    assert_real(report)
+    assert report.broker == broker
+    assert progress[1:] == ["[2/4] partial execution (real)", "[3/4] concurrent check race (real)",
+                            "[4/4] layer mismatch (real)"]  # fmt: skip
+    produced = {s.name: s.produced_by for s in report.scenarios}
+    assert "SIGKILLed" in produced["partial-execution"]
+    assert f"{REAL_CONCURRENCY} OS processes" in produced["concurrent-race"]
+    assert broker in produced["layer-mismatch"]
+    assert "races separate processes" in format_report(report)
+
+
+@pytest.mark.timeout(180)
+async def test_real_lab_on_sqlite_says_its_broker_is_in_process(tmp_path: Path) -> None:
+    """--real on an SQLite file without a broker: real crashes and races; the report says the broker was not."""
+    report = await run_lab(
+        f"sqlite+aiosqlite:///{tmp_path / 'lab.db'}", keys=REAL_KEYS, concurrency=REAL_CONCURRENCY, real=True
+    )
+    assert_real(report)
+    assert report.broker is None
+    assert "--broker for a real one" in format_report(report)
+
+
+def test_broker_without_real_is_a_usage_error(capfd: pytest.CaptureFixture[str]) -> None:
+    """``lab --broker`` alone: exit 2, one line."""
+    done = run(capfd, "lab", "--broker", "127.0.0.1:9092")
+    assert done.status == 2
+    assert "--broker goes with --real" in done.line

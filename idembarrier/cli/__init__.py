@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="SQLAlchemy async URL (default: IDEMBARRIER_DATABASE_URL, else a temporary SQLite file)",
     )
     lab.add_argument("--json", action="store_true", help="print JSON instead of text")
+    lab.add_argument(
+        "--real", action="store_true", help="crash and race with real OS processes (SIGKILL, one connection each)"
+    )
+    lab.add_argument(
+        "--broker", metavar="HOST:PORT", help="with --real: a Kafka-protocol broker for the layer mismatch"
+    )
     _probe.add_parser(commands)
     _engine_check.add_parser(commands)
     add_reconcile_parser(commands)
@@ -128,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.scope = _checked_scope(parser, args.scope)
     if args.command == "probe":
         return _probe.run(args)
+    if args.command == "lab" and args.broker is not None and not args.real:
+        parser.error("--broker goes with --real")
     if args.command == "engine-check":
         args.database_url = args.url  # what a failure to reach it names
     if args.command not in ("demo", "lab") and not args.database_url:
@@ -225,7 +233,7 @@ def _run_lab(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    report = anyio.run(lambda: run_lab(args.database_url, on_progress=progress))
+    report = anyio.run(lambda: run_lab(args.database_url, on_progress=progress, real=args.real, broker=args.broker))
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
 

@@ -107,6 +107,10 @@ class LabReport:
 
     database: str
     scenarios: list[ScenarioResult] = field(default_factory=list)
+    real: bool = False
+    """Whether crashes and races were real processes (``--real``), not simulated in one."""
+    broker: str | None = None
+    """With ``real``, the Kafka-protocol broker the layer mismatch went through (else an in-process one)."""
 
     @property
     def ok(self) -> bool:
@@ -117,6 +121,8 @@ class LabReport:
         """The report as JSON-ready data."""
         return {
             "database": self.database,
+            "real": self.real,
+            "broker": self.broker,
             "ok": self.ok,
             "scenarios": [
                 {
@@ -135,10 +141,11 @@ class LabReport:
 class _Lab:
     """One lab run: its engine, barrier, run id and the helpers its designs share."""
 
-    def __init__(self, engine: AsyncEngine, *, keys: int, concurrency: int) -> None:
+    def __init__(self, engine: AsyncEngine, *, keys: int, concurrency: int, run: str | None = None) -> None:
         self.engine = engine
         self.barrier: Barrier = Barrier(async_sessionmaker(engine, expire_on_commit=False))
-        self.run = uuid.uuid4().hex  # scopes and rows of this run only, so reruns on one database stay apart
+        # Scopes and rows of this run only, so reruns on one database stay apart (a worker process joins one).
+        self.run = run or uuid.uuid4().hex
         self.keys = [f"payment-{i}" for i in range(keys)]
         self.concurrency = concurrency
 
@@ -401,12 +408,31 @@ _SCENARIOS: tuple[tuple[str, Callable[[_Lab], Awaitable[ScenarioResult]]], ...] 
 )
 
 
+def _scenarios(
+    url: str, *, real: bool, broker: str | None
+) -> list[tuple[str, Callable[[_Lab], Awaitable[ScenarioResult]]]]:
+    """The four scenarios, with ``real`` ones where processes (and a broker, if given) produce the failures."""
+    if not real:
+        return list(_SCENARIOS)
+    from . import _lab_real
+
+    real_ones: dict[str, Callable[[_Lab], Awaitable[ScenarioResult]]] = {
+        "partial execution": lambda lab: _lab_real.partial_execution(lab, url),
+        "concurrent check race": lambda lab: _lab_real.concurrent_race(lab, url),
+    }
+    if broker is not None:
+        real_ones["layer mismatch"] = lambda lab: _lab_real.layer_mismatch(lab, broker)
+    return [(name, real_ones.get(name, scenario)) for name, scenario in _SCENARIOS]
+
+
 async def run_lab(
     database_url: str | None = None,
     *,
     keys: int = 3,
     concurrency: int = 8,
     on_progress: Callable[[str], object] | None = None,
+    real: bool = False,
+    broker: str | None = None,
 ) -> LabReport:
     """Run the four scenarios against naive designs and the barrier, and count their phantom writes.
 
@@ -415,6 +441,8 @@ async def run_lab(
         keys: Distinct requests per scenario.
         concurrency: Concurrent copies of each request in the race.
         on_progress: Called with a line before each scenario.
+        real: Crash and race with real OS processes (`idembarrier.cli._lab_real`).
+        broker: With ``real``, a Kafka-protocol broker (``host:port``) for the layer mismatch.
     """
     with tempfile.TemporaryDirectory(prefix="idembarrier-lab-") as tmp:
         url = database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'lab.db'}"
@@ -424,10 +452,13 @@ async def run_lab(
             async with engine.begin() as conn:
                 await conn.run_sync(_Base.metadata.create_all)
             lab = _Lab(engine, keys=keys, concurrency=concurrency)
-            report = LabReport(database=engine.url.render_as_string(hide_password=True))
-            for index, (name, scenario) in enumerate(_SCENARIOS, start=1):
+            database = engine.url.render_as_string(hide_password=True)
+            report = LabReport(database=database, real=real, broker=broker if real else None)
+            simulated = dict(_SCENARIOS)
+            for index, (name, scenario) in enumerate(_scenarios(url, real=real, broker=broker), start=1):
                 if on_progress is not None:
-                    on_progress(f"[{index}/{len(_SCENARIOS)}] {name}")
+                    how = "" if scenario is simulated[name] else " (real)"
+                    on_progress(f"[{index}/{len(_SCENARIOS)}] {name}{how}")
                 report.scenarios.append(await scenario(lab))
             return report
         finally:
@@ -452,7 +483,12 @@ def format_report(report: LabReport) -> str:
     naive = [d for s in report.scenarios for d in s.designs if not d.barrier]
     duplicates, lost = sum(d.duplicates for d in naive), sum(d.lost for d in naive)
     lines.append(f"naive designs: {duplicates} duplicate rows (extra writes) and {lost} lost rows (never written)")
-    lines.append("every failure above is simulated in this one process; the test suite kills and races real ones")
+    lines.append(
+        "crashes were SIGKILLed processes and races separate processes (--real); the TTL's clock is simulated"
+        + ("" if report.broker else ", and the layer mismatch's broker is in this process (--broker for a real one)")
+        if report.real
+        else "every failure above is simulated in this one process; --real kills and races real processes"
+    )
     lines.append(
         "OK: the barrier made no duplicate and lost no write"
         if report.ok
