@@ -242,6 +242,7 @@ def test_problem_types_are_distinct_and_stable() -> None:
         "CONNECTION_LOST": 503,
         "TRANSACTION_ABORTED": 503,
         "STORAGE_FAILED": 503,
+        "FINGERPRINT_VERSION_UNKNOWN": 503,
         "INTERNAL_ERROR": 500,
         "APPLICATION_ERROR": 500,
     }

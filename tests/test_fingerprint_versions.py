@@ -242,3 +242,29 @@ async def test_a_record_stored_before_0006_replays_after_the_upgrade(engine_name
             async with barrier.unit_of_work(key, scope="payments", fingerprint=fingerprint) as uow:
                 assert uow.replayed
                 assert uow.response == {"payment_id": 7}
+
+
+async def test_behind_the_middleware_an_unknown_version_is_a_503_to_retry_elsewhere(db: Database) -> None:
+    """An old instance meeting a newer deploy's record answers a 503 problem with Retry-After, never a 500."""
+    runs: list[bytes] = []
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        runs.append((await receive()).get("body", b""))
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"charged"})
+
+    def app(versions: FingerprintVersions) -> httpx.AsyncClient:
+        barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec(), fingerprint_versions=versions)
+        guarded = IdempotencyMiddleware(route, barrier, scope_of=lambda _: "shop", normalise_body=bytes.decode)
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded), base_url="http://shop")
+
+    key, headers = new_key(), {"content-type": "application/json", "Idempotency-Key": ""}
+    headers["Idempotency-Key"] = key
+    async with app(HTTP_NEW) as new, app(HTTP_OLD) as old:
+        assert (await new.post("/charges", content=BODY, headers=headers)).status_code == 201
+        refused = await old.post("/charges", content=BODY, headers=headers)
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"].endswith("/fingerprint-version-unknown")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert runs == [BODY]

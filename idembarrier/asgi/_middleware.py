@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from .._exceptions import (
     FingerprintMismatchError,
+    FingerprintVersionError,
     InvalidFingerprintError,
     InvalidKeyError,
     KeyInProgressError,
@@ -202,6 +203,10 @@ class IdempotencyMiddleware:
         except FingerprintMismatchError:
             detail = "this key was already used for a different request; use a new key for a new request"
             await send_problem(send, Problem.KEY_REUSED, detail)
+            return
+        except FingerprintVersionError:  # before ConflictError's other kinds: a rolling deploy, not a misuse
+            detail = "another deploy recorded this key; retry with the same key (nothing ran here)"
+            await send_problem(send, Problem.FINGERPRINT_VERSION_UNKNOWN, detail, retry_after=settings.retry_after)
             return
         except ReconciliationRequiredError:
             detail = "the earlier work for this key may or may not have happened; an operator must resolve it"

@@ -51,6 +51,11 @@ class Problem(Enum):
     """``scope_of`` refused the request with ``ScopeRefusedError(status=401)``: it names no principal (401)."""
     FORBIDDEN = _Kind(403, "forbidden", "Request forbidden")
     """``scope_of`` refused the request with ``ScopeRefusedError(status=403)`` (403)."""
+    FINGERPRINT_VERSION_UNKNOWN = _Kind(
+        503, "fingerprint-version-unknown", "The record of this Idempotency-Key was made by another deploy"
+    )
+    """The key's record was fingerprinted by a version this instance does not register (a newer deploy wrote it):
+    nothing ran; retry with the same key, which an instance of that deploy compares (503, ``Retry-After``)."""
     OUTCOME_UNKNOWN = _Kind(503, "outcome-unknown", "Outcome unknown: retry with the same Idempotency-Key")
     """The database connection was lost during the COMMIT: the request may have taken effect. A retry with
     the same key replays its response if it did, and runs it if it did not; a new key could run it twice (503)."""
