@@ -1,4 +1,4 @@
-"""The HTTP integration's parts: header parsing, the response codec, options, and ASGI edge cases.
+"""The HTTP integration's parts: the response codec, options, and ASGI edge cases (the header: test_asgi_header).
 
 The edge cases call the middleware in process, as an ASGI server would, on a real database: they are
 about messages no well-behaved server or client produces (and so no HTTP client can send), not about
@@ -22,14 +22,13 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from starlette.requests import Request
 
 import idembarrier.asgi
-from idembarrier import Barrier, ConfigurationError, InvalidKeyError, UnitOfWorkError
+from idembarrier import Barrier, ConfigurationError, UnitOfWorkError
 from idembarrier.asgi import (
     HTTPResponse,
     HTTPResponseCodec,
     IdempotencyMiddleware,
     Problem,
     RequestHead,
-    parse_key_header,
     unit_of_work,
 )
 from idembarrier.asgi._request import request_fingerprint
@@ -40,54 +39,6 @@ if TYPE_CHECKING:
     from tests.conftest import Database
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# -- the header -------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "key"),
-    [
-        ('"abc"', "abc"),
-        ("abc", "abc"),
-        (b'"abc"', "abc"),
-        ('  "abc"\t', "abc"),
-        ('"a\\"b"', 'a"b'),
-        ('"a\\\\b"', "a\\b"),
-        ('"a b"', "a b"),
-        ("*tok:en/x", "*tok:en/x"),
-    ],
-)
-def test_header_values_that_parse(value: str | bytes, key: str) -> None:
-    """An sf-string (escapes resolved, surrounding spaces dropped) or a bare token yields its key."""
-    assert parse_key_header(value) == key
-
-
-@pytest.mark.parametrize(
-    ("value", "reason"),
-    [
-        ("", "empty"),
-        ("   ", "empty"),
-        ('""', "empty"),
-        ('"abc', "no closing quote"),
-        ('"ab\\', "only"),
-        ('"a\\nb"', "only"),
-        ('"abc"x', "nothing may follow"),
-        ('"abc";a=1', "nothing may follow"),
-        ('"a\x7fb"', "printable ASCII"),
-        ('"é"', "printable ASCII"),
-        ('"a\tb"', "printable ASCII"),
-        ("a,b", "quoted string"),
-        ("a;b", "quoted string"),
-        ("é", "quoted string"),
-        ("a\"b'", "quoted string"),
-        ('"' + "k" * 256 + '"', "at most 255"),
-    ],
-)
-def test_header_values_that_are_refused(value: str, reason: str) -> None:
-    """Anything but one sf-string or bare token, or an unusable key, raises InvalidKeyError with a reason."""
-    with pytest.raises(InvalidKeyError, match=reason):
-        parse_key_header(value)
-
 
 # -- the stored response ----------------------------------------------------------------------------------
 

@@ -1,23 +1,28 @@
-"""The ``Idempotency-Key`` header: an RFC 8941 structured-field string, or a bare token.
+"""The ``Idempotency-Key`` header: an RFC 9651 structured-field string, or a bare token.
 
-The draft defines the field as an ``sf-string``: ``"`` … ``"``, printable ASCII inside, where ``\\"`` and
-``\\\\`` are the only escapes. Many clients send the key unquoted (a UUID, most often), so a bare value
-of printable ASCII without whitespace, quotes, backslashes, commas or semicolons is accepted as the key
-itself. Anything else — parameters after the string, a second header line (the lines then join with a
-comma), non-ASCII bytes, a bad escape — is refused: RFC 8941 says a field that fails to parse is invalid
-as a whole.
+The draft defines the field as an Item whose value is a String: ``"`` … ``"``, printable ASCII inside,
+where ``\\"`` and ``\\\\`` are the only escapes. A quoted value is read by `http_sf`, a maintained parser of
+RFC 9651 (which obsoletes RFC 8941): a value that fails to parse — anything after the string, a second
+header line (the lines then join with a comma), non-ASCII bytes, a bad escape — is refused, since RFC 9651
+(section 4.2) makes a field that fails to parse invalid as a whole. Parameters after the string
+(``"k";v=1``) parse, and are ignored: the draft defines none, and RFC 9651 (section 2.3) discourages field
+definitions from making an unrecognised parameter an error.
+
+Many clients send the key unquoted (a UUID, most often), which no structured-field type covers (a UUID
+may start with a digit: not a Token). So a bare value of printable ASCII without whitespace, quotes,
+backslashes, commas or semicolons is accepted as the key itself: a leniency of ours, beyond RFC 9651.
 """
 
 from __future__ import annotations
+
+import http_sf
 
 from .._exceptions import InvalidKeyError
 from .._keys import validate_key
 
 __all__ = ["parse_key_header"]
 
-_STRING_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
-"""What an sf-string holds unescaped: %x20-21 / %x23-5B / %x5D-7E."""
-_BARE_CHARS = _STRING_CHARS - {" ", ",", ";"}
+_BARE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\", ",", ";"}
 """What a bare key holds: visible ASCII without quotes, backslashes, or the list and parameter separators."""
 
 
@@ -25,14 +30,14 @@ def parse_key_header(value: bytes | str) -> str:
     """Return the key carried by an ``Idempotency-Key`` field value, validated like any key.
 
     Args:
-        value: The field value as received (bytes are read as Latin-1, as HTTP does).
+        value: The field value as received (text is read as Latin-1, as HTTP does).
 
     Raises:
         InvalidKeyError: The value is neither an sf-string nor a bare token, or its key is unusable
             (empty, longer than 255 characters).
     """
     text = value.decode("latin-1") if isinstance(value, bytes) else value
-    stripped = text.strip(" \t")  # RFC 8941 drops leading and trailing spaces; HTTP's OWS adds tabs
+    stripped = text.strip(" \t")  # HTTP drops a field value's surrounding whitespace (RFC 9110, section 5.5)
     if not stripped:
         raise InvalidKeyError(text, "the Idempotency-Key header is empty")
     key = _parse_string(stripped) if stripped.startswith('"') else _parse_bare(stripped)
@@ -40,27 +45,20 @@ def parse_key_header(value: bytes | str) -> str:
 
 
 def _parse_string(text: str) -> str:
-    """Parse an sf-string (RFC 8941, section 4.2.5) that must span all of ``text``."""
-    chars: list[str] = []
-    i = 1
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            following = text[i + 1 : i + 2]
-            if following not in ('"', "\\"):
-                raise InvalidKeyError(text, 'only \\" and \\\\ may be escaped in a structured-field string')
-            chars.append(following)
-            i += 2
-        elif char == '"':
-            if i != len(text) - 1:
-                raise InvalidKeyError(text, "nothing may follow the closing quote of the key")
-            return "".join(chars)
-        elif char in _STRING_CHARS:
-            chars.append(char)
-            i += 1
-        else:
-            raise InvalidKeyError(text, f"the key holds {char!r}: only printable ASCII is allowed")
-    raise InvalidKeyError(text, "the key's string has no closing quote")
+    """Parse ``text`` as an RFC 9651 Item whose value is a String, and return that string."""
+    try:
+        data = text.encode("latin-1")
+    except UnicodeEncodeError:  # only a caller's str can hold this: HTTP bytes are Latin-1 by construction
+        raise InvalidKeyError(text, "the key holds characters beyond Latin-1: only ASCII is allowed") from None
+    try:
+        parsed = http_sf.parse(data, tltype="item")
+    except http_sf.StructuredFieldError as exc:
+        raise InvalidKeyError(text, f"not a structured-field string (RFC 9651): {exc}") from exc
+    # An Item parses as (bare item, parameters); the draft defines no parameters. A value that starts
+    # with a quote can only be a String.
+    assert isinstance(parsed, tuple)
+    assert isinstance(parsed[0], str)
+    return parsed[0]
 
 
 def _parse_bare(text: str) -> str:

@@ -34,7 +34,7 @@ class Problem(Enum):
     KEY_MISSING = _Kind(400, "key-missing", "Idempotency-Key header missing")
     """A guarded request came without the key, which is required (400)."""
     KEY_INVALID = _Kind(400, "key-invalid", "Idempotency-Key header invalid")
-    """The header is not an RFC 8941 string or bare token, or its key is unusable (400)."""
+    """The header is not an RFC 9651 string or bare token, or its key is unusable (400)."""
     KEY_REUSED = _Kind(422, "key-reused", "Idempotency-Key reused for a different request")
     """The key was already used for a request with another fingerprint (422)."""
     KEY_IN_PROGRESS = _Kind(409, "key-in-progress", "A request with this Idempotency-Key is in progress")
