@@ -219,7 +219,17 @@ class Injector:
             await proxy.heal()
 
     async def terminate(self, n: int) -> None:
-        """``pg_terminate_backend`` of ``n`` of the application's backends, chosen at random."""
+        """``pg_terminate_backend`` of ``n`` of the application's backends, chosen at random.
+
+        Right after a cut the application may hold no connection at all (its pools refill as requests come):
+        then it tries again, for up to 2 s, so that the round's termination really happens.
+        """
+        for _ in range(40):
+            if await self._terminate(n):
+                return
+            await asyncio.sleep(0.05)  # waiting for the application to reconnect, not ordering anything
+
+    async def _terminate(self, n: int) -> int:
         async with self.admin.connect() as conn:
             done = await conn.execute(
                 text(
@@ -230,7 +240,9 @@ class Injector:
                 ),
                 {"n": n},
             )
-            self.terminated += int(done.scalar_one())
+            terminated = int(done.scalar_one())
+        self.terminated += terminated
+        return terminated
 
 
 async def ensure_database(url: URL) -> None:
