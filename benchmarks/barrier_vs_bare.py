@@ -4,7 +4,9 @@ Three kinds of request, each one HTTP-handler-sized transaction on an `AsyncEngi
 
 * ``bare``: the business write alone (``session.add(Payment(...)); await session.commit()``);
 * ``barrier``: the same write inside ``barrier.unit_of_work`` on a fresh key (a first execution);
-* ``replay``: ``barrier.unit_of_work`` on one of ``--prefill`` keys recorded beforehand.
+* ``replay``: ``barrier.unit_of_work`` on one of ``--prefill`` keys recorded beforehand (by the claim);
+* ``lookup``: the same replay with ``lookup_first=True`` (one read outside any transaction; the default for a
+  key that finished in the same process).
 
 Method (paired blocks): for each concurrency, all three variants run in this one process against one
 engine, in short timed blocks taken round-robin (the order rotates every round). Each round yields the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -60,9 +63,9 @@ DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_bench"
 ADMIN_DATABASE = "test"
 RECORDS = "idempotency_keys"
 SCOPE = "bench"
-VARIANTS = ("bare", "barrier", "replay")
-RATIOS = ("barrier", "replay")  # each over bare
-TARGETS = {"barrier": 0.75, "replay": 1.5}  # minimum ratio over bare, at the concurrencies below
+VARIANTS = ("bare", "barrier", "replay", "lookup")
+RATIOS = ("barrier", "replay", "lookup")  # each over bare
+TARGETS = {"barrier": 0.75, "replay": 1.5, "lookup": 4.0}  # minimum ratio over bare, at the concurrencies below
 TARGET_CONCURRENCIES = (8, 32)
 # The amount tags each variant's payments, so the correctness check can count them apart.
 AMOUNT = {"bare": 1, "barrier": 2, "prefill": 3}
@@ -111,9 +114,10 @@ async def first_execution(t: Target) -> None:
         uow.complete({"payment_id": str(pid), "amount": amount})
 
 
-async def replay(t: Target) -> None:
+async def replay(t: Target, *, lookup_first: bool = False) -> None:
     key, amount = random.choice(t.replay_keys), AMOUNT["prefill"]
-    async with t.barrier.unit_of_work(key, scope=SCOPE, fingerprint={"amount": amount, "key": key}) as uow:
+    fingerprint = {"amount": amount, "key": key}
+    async with t.barrier.unit_of_work(key, scope=SCOPE, fingerprint=fingerprint, lookup_first=lookup_first) as uow:
         if not uow.replayed:
             raise RuntimeError(f"recorded key {key} was not replayed")  # rolls the claim back
         response = uow.response
@@ -125,6 +129,7 @@ REQUESTS: dict[str, Callable[[Target], Awaitable[None]]] = {
     "bare": bare,
     "barrier": first_execution,
     "replay": replay,
+    "lookup": functools.partial(replay, lookup_first=True),
 }
 
 
@@ -420,7 +425,7 @@ def print_summary(summary: dict[int, dict[str, Any]], repeats: int, rounds: int)
 
 def verdicts(summary: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    names = {"barrier": "first execution", "replay": "replay"}
+    names = {"barrier": "first execution", "replay": "replay", "lookup": "replay, lookup first"}
     for v, minimum in TARGETS.items():
         measured = {c: summary[c]["ratio"][v] for c in TARGET_CONCURRENCIES if c in summary}
         status = "N/A" if not measured else "PASS" if all(x >= minimum for x in measured.values()) else "MISS"

@@ -124,6 +124,7 @@ class Barrier(Generic[R]):
         on_conflict: OnConflict | None = None,
         wait_timeout: float | None = None,
         retention: timedelta | Retention | None = None,
+        lookup_first: bool | None = None,
     ) -> UnitOfWork[R]:
         """Return the unit of work for ``key`` in ``scope``, to be entered with ``async with``.
 
@@ -139,6 +140,11 @@ class Barrier(Generic[R]):
             on_conflict: Overrides the barrier's choice for a concurrent duplicate.
             wait_timeout: Overrides the barrier's longest wait, in seconds.
             retention: Overrides the horizons of this record (see `Barrier`'s ``retention``).
+            lookup_first: Read the record before claiming, outside any transaction, so that a replay costs one
+                read (no BEGIN, claim, ROLLBACK) and a first execution one more round trip. ``None`` (the
+                default): where claims serialize (SQLite), and for a key that finished in this process lately
+                (a retry landing where its first request ran). Only the order of statements changes: the
+                lookup replays what the database says is finished; everything else goes on to the claim.
 
         Raises:
             InvalidKeyError: The key or scope is unusable; raised here, before any SQL.
@@ -154,6 +160,7 @@ class Barrier(Generic[R]):
             on_conflict=self.options.on_conflict if on_conflict is None else OnConflict(on_conflict),
             wait_timeout=self.options.wait_timeout if wait_timeout is None else check_wait_timeout(wait_timeout),
             retention=self.options.retention_for(scope) if retention is None else self._checked(retention),
+            lookup_first=lookup_first,
         )
 
     def _identify(self, scope: str, key: str) -> tuple[str, str]:
@@ -181,6 +188,7 @@ class Barrier(Generic[R]):
         on_conflict: OnConflict | None = None,
         wait_timeout: float | None = None,
         retention: timedelta | Retention | None = None,
+        lookup_first: bool | None = None,
     ) -> R:
         """Run ``handler(session)`` once per key and return its response; replays return the stored one.
 
@@ -198,6 +206,7 @@ class Barrier(Generic[R]):
             on_conflict=on_conflict,
             wait_timeout=wait_timeout,
             retention=retention,
+            lookup_first=lookup_first,
         ) as uow:
             if not uow.replayed:
                 uow.complete(await handler(uow.session))

@@ -7,7 +7,7 @@ They call down into it, never back into the barrier: the barrier is a façade ov
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Generic
 
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from ._observe import Observation, Phases, Work
     from ._record import Record, Status
 
-__all__ = ["Runtime"]
+__all__ = ["FINISHED_KEYS", "Runtime"]
+
+FINISHED_KEYS = 4096
+"""How many keys that finished here a runtime remembers (least recently finished forgotten first): ~0.5 MB."""
 
 _log = logging.getLogger("idembarrier")
 
@@ -50,6 +53,7 @@ class Runtime(Generic[R]):
 
     __slots__ = (
         "_connection_checked",
+        "_finished",
         "_observers",
         "_on_reclaim",
         "_outcomes",
@@ -79,6 +83,24 @@ class Runtime(Generic[R]):
         self._outcomes: Counter[Outcome] = Counter()
         self._observers: list[Callable[[Outcome, str], object]] = []
         self._watchers: list[Callable[[Observation], object]] = []
+        self._finished: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    # -- keys that finished in this process ----------------------------------------------------------------
+
+    def finished(self, scope: str, key: str) -> None:
+        """Note that ``key`` finished (or replayed) here: a retry of it is likely a replay (`finished_here`)."""
+        self._finished[(scope, key)] = None
+        self._finished.move_to_end((scope, key))
+        if len(self._finished) > FINISHED_KEYS:
+            self._finished.popitem(last=False)
+
+    def finished_here(self, scope: str, key: str) -> bool:
+        """Whether ``key`` finished in this process lately: its next unit of work reads before it claims.
+
+        Only a hint for the order of two statements, never a decision: the lookup replays only what the
+        database says is finished, and anything else goes on to the claim.
+        """
+        return (scope, key) in self._finished
 
     # -- storage ----------------------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class UnitOfWork(Generic[R]):
         "_fenced",
         "_fingerprint",
         "_key",
+        "_lookup_first",
         "_messages",
         "_on_conflict",
         "_outcome",
@@ -111,8 +112,10 @@ class UnitOfWork(Generic[R]):
         wait_timeout: float,
         retention: Retention,
         lease_token: uuid.UUID | None = None,
+        lookup_first: bool | None = None,
     ) -> None:
         self._runtime = runtime
+        self._lookup_first = lookup_first
         self._key = key
         self._scope = scope
         self._fingerprint = fingerprint
@@ -124,7 +127,9 @@ class UnitOfWork(Generic[R]):
         self._token = lease_token or uuid.uuid4()
         self._fenced = lease_token is not None
         self._entered = False
-        self._sent = False  # whether a statement on the key's record was sent (a claim, fence or lookup)
+        # Whether a statement that takes the key was sent (a claim or a fence). A lookup is not one: a plain read
+        # outside any transaction, so a connection that dies under it leaves nothing, and a fresh one is taken.
+        self._sent = False
         self._driver: object = None  # the driver's connection, to be closed at once when it stops answering
         self._storage: Storage | None = None
         self._savepoint: AsyncSessionTransaction | None = None
@@ -338,10 +343,15 @@ class UnitOfWork(Generic[R]):
         if self._fenced:
             await self._fence(session, storage)
             return
-        # A lookup before the claim pays off where claims serialize (SQLite's write lock). Not with the
-        # caller's session: a replay keeps its savepoint open, so that nothing the body writes survives.
-        if self._owned and storage.lookup_first:
-            self._sent = True  # a read only, yet past the point where a fresh connection is taken silently
+        # A lookup before the claim pays off where claims serialize (SQLite's write lock), and where a replay
+        # is likely (a key this process saw finish, or the caller says so): one read outside any transaction
+        # replays, with no BEGIN, claim or ROLLBACK. What it does not find (a holder's uncommitted claim, no
+        # record) goes on to the claim, which alone decides. Not with the caller's session: a replay keeps
+        # its savepoint open, so that nothing the body writes survives.
+        lookup = self._lookup_first
+        if lookup is None:
+            lookup = storage.lookup_first or self._runtime.finished_here(self._scope, self._key)
+        if self._owned and lookup:
             if (record := await storage.lookup(self._scope, self._key)) is not None and self._adopt(record):
                 return
         waits = self._on_conflict is OnConflict.WAIT
@@ -451,6 +461,8 @@ class UnitOfWork(Generic[R]):
             await self._abandon(err)
             self._report_end(err)
             raise  # already ours where it is the database's doing; see _commit
+        if self._owned:  # committed (or replayed): a retry of this key in this process looks it up first
+            self._runtime.finished(self._scope, self._key)
         self._report_end(None)
 
     async def rollback(self, cause: BaseException) -> None:
