@@ -25,7 +25,7 @@ from tests.helpers import new_key, pay
 from tests.models import Payment
 from tests.test_crash import assert_retry_runs_once_and_replays, backend_pid, terminate
 from tests.test_outbox import Collecting
-from tests.test_relay import Signalling, publish, until_relayed
+from tests.test_relay import until_relayed, woken_through
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -137,14 +137,5 @@ async def test_a_relay_behind_a_pooler_says_once_that_it_polls(
 
 async def test_a_relay_behind_a_pooler_is_woken_through_its_listen_url(pg_db: Database, pooled: Database) -> None:
     """With a direct ``listen_url`` the relay of a pooled engine is woken by NOTIFY at once (polls are 30 s apart)."""
-    barrier = idembarrier.Barrier(pooled.sessionmaker)
-    publisher = Signalling()
-    relay = OutboxRelay(barrier, publisher, poll_interval=30, max_poll_interval=30, listen_url=pg_db.url)
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
-        with anyio.fail_after(1):
-            await publish(barrier, "o-1", ("orders", b"A", b"v"))
-            await publisher.arrived.wait()
-        stop.set()
+    publisher = await woken_through(idembarrier.Barrier(pooled.sessionmaker), pg_db.url)
     assert [m.key for m in publisher.messages] == [b"A"]

@@ -14,7 +14,7 @@ from tests.test_kafka import broker
 from tests.test_outbox import Collecting
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from idembarrier.kafka import Message
     from tests.conftest import Database
@@ -148,19 +148,33 @@ async def test_the_relay_listens_again_after_its_backend_is_terminated(pg_db: Da
     assert len(publisher.messages) == 1
 
 
-async def test_a_listen_url_wakes_the_relay(pg_db: Database) -> None:
-    """With ``listen_url`` the relay listens on a connection of its own and is woken by NOTIFY at once."""
-    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+async def woken_through(
+    barrier: idembarrier.Barrier, listen_url: str, listening: Callable[[], Awaitable[object]] | None = None
+) -> Signalling:
+    """Run a relay listening at ``listen_url`` whose polls are 30 s apart, publish one message, and return once
+    it was delivered, which only a notification can do within the second allowed (``listening``: checked once
+    the relay has started)."""
     publisher = Signalling()
-    relay = OutboxRelay(barrier, publisher, poll_interval=30, max_poll_interval=30, listen_url=pg_db.url)
+    relay = OutboxRelay(barrier, publisher, poll_interval=30, max_poll_interval=30, listen_url=listen_url)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
-        assert len(await listeners(pg_db)) == 1
+        if listening is not None:
+            await listening()
         with anyio.fail_after(1):
             await publish(barrier, "o-1", ("orders", b"A", b"v"))
             await publisher.arrived.wait()
         stop.set()
+    return publisher
+
+
+async def test_a_listen_url_wakes_the_relay(pg_db: Database) -> None:
+    """With ``listen_url`` the relay listens on a connection of its own and is woken by NOTIFY at once."""
+
+    async def one_listener() -> None:
+        assert len(await listeners(pg_db)) == 1
+
+    await woken_through(idembarrier.Barrier(pg_db.sessionmaker), pg_db.url, one_listener)
 
 
 async def test_a_listen_that_hears_nothing_is_reported_once_and_the_relay_polls(

@@ -298,16 +298,25 @@ async def _partial_execution(lab: _Lab) -> ScenarioResult:
         for crash_barrier in (True, False):
             with contextlib.suppress(_SimulatedCrashError):
                 await lab.once("partial/barrier", key, crash=crash_barrier)
+    return await partial_result(
+        lab,
+        "a crash between commits",
+        "an exception raised where the process would die (after the claim's commit, or mid-work)",
+    )
+
+
+async def partial_result(lab: _Lab, crash: str, produced_by: str) -> ScenarioResult:
+    """The partial-execution scenario's tally, the ``crash`` named in its title."""
     return ScenarioResult(
         "partial-execution",
-        "Partial execution: a crash between commits, then a retry",
+        f"Partial execution: {crash}, then a retry",
         (
             await lab.tally("partial/naive-refuse", "naive: claim committed apart; retry refuses", barrier=False),
             await lab.tally("partial/naive-rerun", "naive: claim committed apart; retry reruns", barrier=False),
             await lab.tally("partial/barrier", "barrier: one unit of work", barrier=True),
         ),
         expected_is=f"{len(lab.keys)} payments, one per key; the first attempt dies, its retry must write it",
-        produced_by="an exception raised where the process would die (after the claim's commit, or mid-work)",
+        produced_by=produced_by,
     )
 
 
@@ -338,15 +347,22 @@ async def _concurrent_race(lab: _Lab) -> ScenarioResult:
         async with anyio.create_task_group() as burst:
             for _ in range(lab.concurrency):
                 burst.start_soon(lab.once, "race/barrier", key)
+    return await race_result(
+        lab, "requests", "concurrent tasks on one event loop whose checks all run before the first insert"
+    )
+
+
+async def race_result(lab: _Lab, senders: str, produced_by: str) -> ScenarioResult:
+    """The race scenario's tally; ``senders`` says what sent each key at once (requests, processes)."""
     return ScenarioResult(
         "concurrent-race",
-        f"Concurrent check race: {lab.concurrency} requests at once per key",
+        f"Concurrent check race: {lab.concurrency} {senders} at once per key",
         (
             await lab.tally("race/naive", "naive: SELECT then INSERT", barrier=False),
             await lab.tally("race/barrier", "barrier: atomic claim", barrier=True),
         ),
-        expected_is=f"{len(lab.keys)} payments, one per key, each sent {lab.concurrency} times at once",
-        produced_by="concurrent tasks on one event loop whose checks all run before the first insert",
+        expected_is=f"{len(lab.keys)} payments, one per key, each sent by {lab.concurrency} {senders} at once",
+        produced_by=produced_by,
     )
 
 
@@ -386,6 +402,11 @@ async def _layer_mismatch(lab: _Lab) -> ScenarioResult:
     """API-level deduplication in front of a consumer that receives each event twice."""
     await _layer(lab, "layer/naive", consumer_barrier=False)
     await _layer(lab, "layer/barrier", consumer_barrier=True)
+    return await layer_result(lab, "an in-process broker that delivers each event twice (an acknowledgement lost)")
+
+
+async def layer_result(lab: _Lab, produced_by: str) -> ScenarioResult:
+    """The layer-mismatch scenario's tally: orders by the API, shipments by the consumer."""
     steps = ("order", "shipment")
     return ScenarioResult(
         "layer-mismatch",
@@ -396,7 +417,7 @@ async def _layer_mismatch(lab: _Lab) -> ScenarioResult:
         ),
         unit="order + shipment rows",
         expected_is=f"{len(lab.keys)} orders written by the API and {len(lab.keys)} shipments by the consumer",
-        produced_by="an in-process broker that delivers each event twice (an acknowledgement lost)",
+        produced_by=produced_by,
     )
 
 

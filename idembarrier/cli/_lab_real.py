@@ -26,7 +26,7 @@ from anyio.streams.text import TextReceiveStream
 from sqlalchemy import text
 
 from ._engine import create_engine
-from ._lab import ScenarioResult, _Lab, _naive_partial
+from ._lab import ScenarioResult, _Lab, _naive_partial, layer_result, partial_result, race_result
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -97,16 +97,10 @@ async def partial_execution(lab: _Lab, url: str) -> ScenarioResult:
             await _naive_partial(lab, design, key, on_in_progress=on_in_progress, crash_after=None)
         await _kill_at(await _spawn(url, lab, "barrier-partial", "partial/barrier", key), "flushed")
         await lab.once("partial/barrier", key)
-    return ScenarioResult(
-        "partial-execution",
-        "Partial execution: a process SIGKILLed between commits, then a retry",
-        (
-            await lab.tally("partial/naive-refuse", "naive: claim committed apart; retry refuses", barrier=False),
-            await lab.tally("partial/naive-rerun", "naive: claim committed apart; retry reruns", barrier=False),
-            await lab.tally("partial/barrier", "barrier: one unit of work", barrier=True),
-        ),
-        expected_is=f"{len(lab.keys)} payments, one per key; the first attempt dies, its retry must write it",
-        produced_by="each first attempt in an OS process of its own, SIGKILLed after the naive claim's commit, "
+    return await partial_result(
+        lab,
+        "a process SIGKILLed between commits",
+        "each first attempt in an OS process of its own, SIGKILLed after the naive claim's commit, "
         "after the naive write's commit, or inside the barrier's unit of work once its write was flushed",
     )
 
@@ -127,15 +121,10 @@ async def concurrent_race(lab: _Lab, url: str) -> ScenarioResult:
         for worker in workers:
             if await worker.process.wait() != 0:
                 raise RuntimeError(f"a racing worker of {design} failed")
-    return ScenarioResult(
-        "concurrent-race",
-        f"Concurrent check race: {lab.concurrency} processes at once per key",
-        (
-            await lab.tally("race/naive", "naive: SELECT then INSERT", barrier=False),
-            await lab.tally("race/barrier", "barrier: atomic claim", barrier=True),
-        ),
-        expected_is=f"{len(lab.keys)} payments, one per key, each sent by {lab.concurrency} processes at once",
-        produced_by=f"{lab.concurrency} OS processes, each with its own database connection; the naive ones "
+    return await race_result(
+        lab,
+        "processes",
+        f"{lab.concurrency} OS processes, each with its own database connection; the naive ones "
         "all pass their SELECT before any INSERT, the barrier's claim at the same moment",
     )
 
@@ -195,17 +184,9 @@ async def layer_mismatch(lab: _Lab, broker: str) -> ScenarioResult:
 
     await read_all(f"lab-{lab.run}-naive", naive)
     await read_all(f"lab-{lab.run}-barrier", barrier)
-    steps = ("order", "shipment")
-    return ScenarioResult(
-        "layer-mismatch",
-        "Layer mismatch: a redelivered event behind an idempotent API",
-        (
-            await lab.tally("layer/naive", "naive: barrier at the API only", barrier=False, steps=steps),
-            await lab.tally("layer/barrier", "barrier: API and consumer, key as header", barrier=True, steps=steps),
-        ),
-        unit="order + shipment rows",
-        expected_is=f"{len(lab.keys)} orders written by the API and {len(lab.keys)} shipments by the consumer",
-        produced_by=f"the outbox relayed to a real topic on {broker}; each group's first consumer stops without "
+    return await layer_result(
+        lab,
+        f"the outbox relayed to a real topic on {broker}; each group's first consumer stops without "
         "committing its offsets, so the broker delivers every event again to the next one",
     )
 
