@@ -34,6 +34,9 @@ COMMANDS = {
     "stats": ["stats"],
     "purge": ["purge"],
     "inspect": ["inspect", "shop", "order-1"],
+    "list": ["list"],
+    "unresolved": ["unresolved"],
+    "parked": ["parked"],
     "lab": ["lab"],
     "demo": ["demo", "--orders", "1", "--duplicates", "1"],
 }
