@@ -26,6 +26,8 @@ from .._record import Status
 from . import _engine_check, _operator, _probe, _purge
 from ._reconcile import add_parser as add_reconcile_parser
 from ._reconcile import run as reconcile
+from ._window import add_parser as add_window_parser
+from ._window import run as check_window
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -87,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _probe.add_parser(commands)
     _engine_check.add_parser(commands)
     add_reconcile_parser(commands)
+    add_window_parser(commands)
     for name, text in (
         ("migrate", "install or update idembarrier's schema"),
         ("purge", "drop expired responses (keeping compact records), then delete expired records"),
@@ -134,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.scope = _checked_scope(parser, args.scope)
     if args.command == "probe":
         return _probe.run(args)
+    if args.command == "check-window":
+        return check_window(args)
     if args.command == "lab" and args.broker is not None and not args.real:
         parser.error("--broker goes with --real")
     if args.command == "engine-check":
