@@ -203,6 +203,16 @@ async def test_a_broker_that_cannot_be_reached_exits_3(capfd: pytest.CaptureFixt
     assert ran.line.startswith(f"idembarrier: broker {where}: ")
 
 
+async def test_group_without_aiokafka_is_a_usage_error(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the kafka extra, --group exits 2 naming it."""
+    monkeypatch.setitem(sys.modules, "aiokafka.errors", None)  # what the import finds when it is not installed
+    ran = await run_async(capfd, "check-window", "--bootstrap-servers", "127.0.0.1:1", "--group", "g=t")
+    assert ran.status == 2
+    assert "idembarrier[kafka]" in ran.line
+
+
 def test_the_window_is_the_longest_bound_and_an_unknown_one_is_a_risk() -> None:
     """ScopeWindow's arithmetic, on its own."""
     parts = (Part("topic t retention.ms", timedelta(days=7)), Part("group g lag", timedelta(days=9)))

@@ -95,7 +95,12 @@ async def _run(args: argparse.Namespace) -> int:
     retention_for, window = _retentions(args)
     parts: dict[str, list[Part]] = {}
     if groups:
-        from aiokafka.errors import KafkaError
+        try:
+            from aiokafka.errors import KafkaError
+        except ImportError:
+            raise ConfigurationError(
+                "--group reads the broker through aiokafka: pip install 'idembarrier[kafka]'"
+            ) from None
 
         try:
             parts = await read_broker(args.bootstrap_servers, groups, request_timeout=args.timeout)
