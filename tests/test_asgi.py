@@ -158,7 +158,8 @@ async def test_body_less_status_replays_without_content_length(pg_db: Database) 
 
 
 async def test_duplicate_of_a_request_in_flight_is_409_with_retry_after(db: Database) -> None:
-    """With OnConflict.FAIL a duplicate of a held request is a 409 with Retry-After; a later retry replays."""
+    """With OnConflict.FAIL a duplicate of a held request is a 409 whose Retry-After is the wait budget (the
+    barrier's wait_timeout, 10 s), not retry_after (that of the 503s); a later retry replays."""
     key = new_key()
     async with running(db, on_conflict=OnConflict.FAIL, retry_after=2) as site:
         first: list[httpx.Response] = []
@@ -173,7 +174,7 @@ async def test_duplicate_of_a_request_in_flight_is_409_with_retry_after(db: Data
             site.gate.release.set()
         later = await site.client.post("/payments/held", json={"amount": 1}, headers=keyed(key))
     assert_problem(duplicate, Problem.KEY_IN_PROGRESS)
-    assert duplicate.headers["retry-after"] == "2"
+    assert duplicate.headers["retry-after"] == "10"
     assert first[0].status_code == 201
     assert later.headers["idempotent-replayed"] == "true"
     assert later.content == first[0].content

@@ -345,11 +345,13 @@ async def test_app_reads_the_body_once_then_hears_the_client(pg_db: Database) ->
 
 
 async def test_key_held_by_leased_work_or_unresolved_is_409(pg_db: Database) -> None:
-    """A committed IN_PROGRESS record (leased work) is a 409 in progress; an UNKNOWN one a 409 unresolved."""
+    """A committed IN_PROGRESS record (leased work) is a 409 in progress whose Retry-After is what is left of
+    the lease; an UNKNOWN one a 409 unresolved."""
     async with pg_db.engine.begin() as conn:
         for key, status in (("held", "IN_PROGRESS"), ("lost", "UNKNOWN")):
             await conn.exec_driver_sql(
-                "INSERT INTO idempotency_keys (scope, key, status, token) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO idempotency_keys (scope, key, status, token, locked_until)"
+                " VALUES ($1, $2, $3, $4, now() + interval '30 seconds')",
                 ("public", key, status, uuid.uuid4()),
             )
     middleware = guard(pg_db, inner_app, fingerprint=())
@@ -357,7 +359,7 @@ async def test_key_held_by_leased_work_or_unresolved_is_409(pg_db: Database) -> 
     await held.through(middleware)
     await lost.through(middleware)
     assert (held.status, lost.status) == (409, 409)
-    assert held.headers[b"retry-after"] == b"1"
+    assert 28 <= int(held.headers[b"retry-after"]) <= 30
     assert Problem.KEY_UNRESOLVED.type.encode() in lost.sent[1]["body"]
     assert b"retry-after" not in lost.headers
 

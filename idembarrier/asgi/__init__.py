@@ -29,6 +29,9 @@ Scope: keys are chosen by clients, so a key alone must never select a record. ``
 request to its tenant or principal; the same key from two tenants is two records, and one tenant can
 never obtain the response stored for another (the draft's security considerations).
 
+Its own answers are RFC 9457 problems with the draft's statuses; `Problems` chooses other statuses, the
+``type`` URIs' base, 409 or 410 for a key past retention, and the body's shape (`Problems.stripe`).
+
 The middleware is plain ASGI; only the FastAPI dependencies need Starlette's ``Request``, and FastAPI
 itself is optional.
 """
@@ -39,7 +42,7 @@ from ._dependencies import unit_of_work, unit_of_work_session
 from ._failures import ScopeRefusedError
 from ._header import parse_key_header
 from ._middleware import IdempotencyMiddleware
-from ._problems import Problem
+from ._problems import Problem, ProblemDetails, Problems
 from ._request import FingerprintPart, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, NEVER_STORED_HEADERS, HTTPResponse, HTTPResponseCodec
 from ._state import STATE_KEY, UnguardedRequestError
@@ -53,6 +56,8 @@ __all__ = [
     "HTTPResponseCodec",
     "IdempotencyMiddleware",
     "Problem",
+    "ProblemDetails",
+    "Problems",
     "RequestHead",
     "ScopeRefusedError",
     "UnguardedRequestError",

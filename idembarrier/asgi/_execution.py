@@ -92,7 +92,9 @@ class Execution:
 
     async def _fail(self, failure: BaseException) -> None:
         """Answer ``failure`` as a problem, unless the response has begun; raise it unless it was answered for good."""
-        if self._replied or await answer_failure(self._downstream, failure, self._settings.retry_after):
+        if self._replied or await answer_failure(
+            self._downstream, failure, self._settings.retry_after, self._settings.problems
+        ):
             raise failure
 
     async def send(self, message: Message) -> None:

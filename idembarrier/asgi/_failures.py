@@ -26,7 +26,7 @@ from .._exceptions import (
     SerializationError,
     StorageError,
 )
-from ._problems import Problem, send_problem
+from ._problems import DEFAULT_PROBLEMS, Problem, Problems, send_problem
 
 if TYPE_CHECKING:
     from ._types import Send
@@ -95,7 +95,9 @@ def answer_for(exc: Exception, retry_after: int) -> Answer:
     return Answer(Problem.APPLICATION_ERROR, detail, reraise=True)
 
 
-async def answer_failure(send: Send, exc: BaseException, retry_after: int) -> bool:
+async def answer_failure(
+    send: Send, exc: BaseException, retry_after: int, problems: Problems = DEFAULT_PROBLEMS
+) -> bool:
     """Answer the failure ``exc`` as a problem; return whether it must still be raised to the server.
 
     A cancellation, or any other `BaseException` that is not an `Exception`, is not answered: it is raised.
@@ -108,6 +110,8 @@ async def answer_failure(send: Send, exc: BaseException, retry_after: int) -> bo
         headers.append((b"www-authenticate", exc.challenge.encode("latin-1")))
     if isinstance(exc, StorageError):
         # Answered, and not raised: a database outage is the operator's to see, not a bug's traceback.
-        _log.warning("guarded request answered %s: %r", answer.problem.status, exc, exc_info=exc)
-    await send_problem(send, answer.problem, answer.detail, retry_after=answer.retry_after, headers=headers)
+        _log.warning("guarded request answered %s: %r", problems.status(answer.problem), exc, exc_info=exc)
+    await send_problem(
+        send, answer.problem, answer.detail, problems=problems, retry_after=answer.retry_after, headers=headers
+    )
     return answer.reraise

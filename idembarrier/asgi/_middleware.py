@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from .._exceptions import (
@@ -28,7 +30,7 @@ from .._exceptions import (
 from ._execution import Execution
 from ._failures import NOT_STORED, answer_failure
 from ._header import parse_key_header
-from ._problems import Problem, send_problem
+from ._problems import DEFAULT_PROBLEMS, Problem, Problems, send_problem
 from ._request import RequestHead, request_fingerprint
 from ._response import DEFAULT_STORED_HEADERS
 from ._settings import DEFAULT_MAX_BYTES, Settings
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
     from .._barrier import Barrier
     from .._config import OnConflict
+    from .._record import Record
     from .._uow import UnitOfWork
     from ._request import FingerprintPart
     from ._response import HTTPResponse
@@ -69,11 +72,17 @@ class IdempotencyMiddleware:
         max_response_bytes: The largest response body recorded; a larger one is sent but not stored.
         on_conflict: While the first request with the key is in progress, wait for it and replay
             (``OnConflict.WAIT``), or answer 409 at once (``OnConflict.FAIL``); default: the barrier's.
-        retry_after: The ``Retry-After`` seconds sent with a 409 in progress, and with a 503.
+        retry_after: The ``Retry-After`` seconds sent with a 503 (a 409 in progress sends how long its holder
+            may still take, below).
         store_statuses: The 4xx statuses that are deterministic business failures: recorded as FAILED
             with the route's writes, and replayed. Other 4xx, and all 5xx, roll back and are not stored.
         stored_headers: The response headers a record keeps (never ``Set-Cookie``, ``Authorization``…).
         header: The name of the key's header.
+        problems: How the middleware's own answers look (`Problems`: statuses, ``type`` URIs, the body's
+            shape, 409 or 410 for a key past retention); default: the draft's, as RFC 9457 documents.
+
+    A 409 ``key-in-progress`` carries a ``Retry-After`` of how long the holder may still take: what is left of
+    its lease (the record's ``locked_until``), else the barrier's ``wait_timeout``, the wait budget.
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class IdempotencyMiddleware:
         store_statuses: Collection[int] = (),
         stored_headers: Collection[str] = DEFAULT_STORED_HEADERS,
         header: str = "Idempotency-Key",
+        problems: Problems = DEFAULT_PROBLEMS,
     ) -> None:
         self.app = app
         self.barrier = barrier
@@ -109,6 +119,7 @@ class IdempotencyMiddleware:
             store_statuses=frozenset(store_statuses),
             stored_headers=frozenset(stored_headers),
             header=header,
+            problems=problems,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,7 +132,7 @@ class IdempotencyMiddleware:
         if not values:
             if settings.require_key:
                 detail = f"{scope['method']} requests must carry an {settings.header} header"
-                await send_problem(send, Problem.KEY_MISSING, detail)
+                await send_problem(send, Problem.KEY_MISSING, detail, problems=settings.problems)
             else:
                 await self._pass(scope, receive, send, key_absent=True)
             return
@@ -130,7 +141,9 @@ class IdempotencyMiddleware:
                 raise InvalidKeyError(", ".join(v.decode("latin-1") for v in values), "the header is sent twice")
             key = parse_key_header(values[0])
         except InvalidKeyError as exc:
-            await send_problem(send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}")
+            await send_problem(
+                send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}", problems=settings.problems
+            )
             return
         try:
             body = await _read_body(scope, receive, settings.max_body_bytes)
@@ -138,7 +151,7 @@ class IdempotencyMiddleware:
             return  # nothing ran, and there is no one to answer
         if body is None:
             detail = f"the request body exceeds {settings.max_body_bytes} bytes"
-            await send_problem(send, Problem.REQUEST_TOO_LARGE, detail)
+            await send_problem(send, Problem.REQUEST_TOO_LARGE, detail, problems=settings.problems)
             return
         await self._guard(key, body, scope, receive, send)
 
@@ -158,10 +171,23 @@ class IdempotencyMiddleware:
                 raise
             if key_absent:  # the client can fix this one: the route needs the optional key
                 detail = f"this route needs an {self.settings.header} header"
-                await send_problem(send, Problem.KEY_MISSING, detail, headers=[NOT_STORED])
+                await send_problem(
+                    send, Problem.KEY_MISSING, detail, problems=self.settings.problems, headers=[NOT_STORED]
+                )
                 return
-            if await answer_failure(send, exc, self.settings.retry_after):
+            if await answer_failure(send, exc, self.settings.retry_after, self.settings.problems):
                 raise
+
+    async def _holder(self, exc: KeyInProgressError, key: str, scope: str) -> Record | None:
+        """The record of the key's holder, with its lease's end: a unit of work's claim reads it without."""
+        record = exc.record
+        if record is None or record.locked_until is not None:
+            return record  # no committed record (a unit of work holds the key), or one read whole
+        try:
+            return await self.barrier.inspect(key, scope=scope) or record  # the caller's key (keyed_hash)
+        except Exception:  # only an estimate for Retry-After: the 409 stands without it
+            _log.warning("reading the holder of a key for Retry-After failed", exc_info=True)
+            return record
 
     async def _guard(self, key: str, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
@@ -170,7 +196,7 @@ class IdempotencyMiddleware:
             named = settings.scope_of(head)
             key_scope: str = await named if inspect.isawaitable(named) else named
         except Exception as exc:  # a refusal (401/403), or the application's failure (500)
-            if await answer_failure(send, exc, settings.retry_after):
+            if await answer_failure(send, exc, settings.retry_after, settings.problems):
                 raise
             return
         try:
@@ -180,51 +206,77 @@ class IdempotencyMiddleware:
             )
         except InvalidFingerprintError:
             detail = "the request body, as normalised, has no canonical form (NaN, infinity, deep nesting…)"
-            await send_problem(send, Problem.BODY_INVALID, detail, headers=[NOT_STORED])
+            await send_problem(send, Problem.BODY_INVALID, detail, problems=settings.problems, headers=[NOT_STORED])
             return
         except InvalidKeyError as exc:
             if exc.key == key:
-                await send_problem(send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}")
+                await send_problem(
+                    send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}", problems=settings.problems
+                )
                 return
             # The header's key was validated already: scope_of returned an unusable scope, the app's bug.
-            if await answer_failure(send, exc, settings.retry_after):
+            if await answer_failure(send, exc, settings.retry_after, settings.problems):
                 raise
             return
         except Exception as exc:  # the application's normalise_body failed
-            if await answer_failure(send, exc, settings.retry_after):
+            if await answer_failure(send, exc, settings.retry_after, settings.problems):
                 raise
             return
         try:
             await uow.start()
-        except KeyInProgressError:
+        except KeyInProgressError as exc:
             detail = "the first request with this key has not finished; retry with the same key later"
-            await send_problem(send, Problem.KEY_IN_PROGRESS, detail, retry_after=settings.retry_after)
+            wait = holder_may_take(await self._holder(exc, key, key_scope), self.barrier.options.wait_timeout)
+            await send_problem(send, Problem.KEY_IN_PROGRESS, detail, problems=settings.problems, retry_after=wait)
             return
         except FingerprintMismatchError:
             detail = "this key was already used for a different request; use a new key for a new request"
-            await send_problem(send, Problem.KEY_REUSED, detail)
+            await send_problem(send, Problem.KEY_REUSED, detail, problems=settings.problems)
             return
         except FingerprintVersionError:  # before ConflictError's other kinds: a rolling deploy, not a misuse
             detail = "another deploy recorded this key; retry with the same key (nothing ran here)"
-            await send_problem(send, Problem.FINGERPRINT_VERSION_UNKNOWN, detail, retry_after=settings.retry_after)
+            await send_problem(
+                send,
+                Problem.FINGERPRINT_VERSION_UNKNOWN,
+                detail,
+                problems=settings.problems,
+                retry_after=settings.retry_after,
+            )
             return
         except ReconciliationRequiredError:
             detail = "the earlier work for this key may or may not have happened; an operator must resolve it"
-            await send_problem(send, Problem.KEY_UNRESOLVED, detail)
+            await send_problem(send, Problem.KEY_UNRESOLVED, detail, problems=settings.problems)
             return
         except ResponseExpiredError:
             detail = "this key was used already and its response is past retention; nothing was run again"
-            await send_problem(send, Problem.KEY_EXPIRED, detail)
+            await send_problem(send, Problem.KEY_EXPIRED, detail, problems=settings.problems)
             return
         except Exception as exc:  # the database, or the barrier's configuration
-            if await answer_failure(send, exc, settings.retry_after):
+            if await answer_failure(send, exc, settings.retry_after, settings.problems):
                 raise
             return
         if uow.replayed:
-            await _replay(uow, send, settings.retry_after)
+            await _replay(uow, send, settings)
             return
         scope.setdefault("state", {})[STATE_KEY] = uow
         await Execution(uow, settings, send).run(self.app, scope, _replaying(body, receive))
+
+
+def holder_may_take(record: Record | None, wait_timeout: float) -> int:
+    """Return the whole seconds the holder of a key may still take, for ``Retry-After``.
+
+    A lease says how long it is held (its record's ``locked_until``, by the database's clock, read against
+    ours); a unit of work holds its key in a transaction of unknown length, so the duplicate is told the
+    wait budget it would have been given. Never less than 1: a retry at once would only meet the holder again.
+    """
+    if record is not None and record.locked_until is not None:
+        until = record.locked_until
+        if until.tzinfo is None:  # SQLite keeps naive UTC
+            until = until.replace(tzinfo=UTC)
+        left = (until - datetime.now(UTC)).total_seconds()
+    else:
+        left = wait_timeout
+    return max(1, math.ceil(left))
 
 
 class _ClientGone(Exception):
@@ -263,13 +315,13 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _replay(uow: UnitOfWork[HTTPResponse], send: Send, retry_after: int) -> None:
+async def _replay(uow: UnitOfWork[HTTPResponse], send: Send, settings: Settings) -> None:
     """Send the recorded response of ``uow``, a replay, and give its session back."""
     try:
         response = uow.response
     except Exception as exc:  # the codec cannot read the record
         await uow.rollback(exc)
-        if await answer_failure(send, exc, retry_after):
+        if await answer_failure(send, exc, settings.retry_after, settings.problems):
             raise
         return
     try:

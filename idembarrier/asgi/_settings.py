@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .._config import OnConflict
 from .._exceptions import ConfigurationError
+from ._problems import DEFAULT_PROBLEMS, Problems
 from ._request import FINGERPRINT_PARTS, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, check_stored_headers
 
@@ -32,6 +33,7 @@ class Settings:
     store_statuses: frozenset[int] = frozenset()
     stored_headers: frozenset[str] = DEFAULT_STORED_HEADERS
     header: str = "Idempotency-Key"
+    problems: Problems = DEFAULT_PROBLEMS
 
     def __post_init__(self) -> None:
         if not callable(self.scope_of):
@@ -52,6 +54,8 @@ class Settings:
         object.__setattr__(self, "stored_headers", check_stored_headers(self.stored_headers))
         if not self.header or not self.header.isascii():
             raise ConfigurationError(f"the key's header must be a non-empty ASCII name, not {self.header!r}")
+        if not isinstance(self.problems, Problems):
+            raise ConfigurationError(f"problems must be a Problems, not {type(self.problems).__name__}")
         if self.on_conflict is not None:
             object.__setattr__(self, "on_conflict", OnConflict(self.on_conflict))
 
