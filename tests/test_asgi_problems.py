@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
-from idembarrier import Barrier, ConfigurationError, OnConflict, UnitOfWork
+from idembarrier import Barrier, ConfigurationError, OnConflict, StorageError, UnitOfWork
 from idembarrier.asgi import (
     HTTPResponse,
     HTTPResponseCodec,
@@ -289,3 +289,42 @@ async def test_stripe_profile_end_to_end_over_uvicorn(db: Database) -> None:
     assert (missing.status_code, missing.json()["error"]["type"]) == (400, "invalid_request_error")
     assert json.loads(missing.content)["error"]["message"].startswith("POST requests must carry")
     assert await db.payments(key) == 1
+
+
+@pytest.mark.parametrize(
+    ("problem", "status", "kind"),
+    [
+        (Problem.KEY_REUSED, 400, "idempotency_error"),
+        (Problem.KEY_IN_PROGRESS, 409, "invalid_request_error"),
+        (Problem.KEY_EXPIRED, 409, "invalid_request_error"),
+        (Problem.STORAGE_FAILED, 503, "api_error"),
+        (Problem.INTERNAL_ERROR, 500, "api_error"),
+    ],
+)
+def test_stripe_profile_types_each_problem(problem: Problem, status: int, kind: str) -> None:
+    """Stripe's documented type for a reused key; its general ones, by status class, for the rest."""
+    answered, media_type, body = Problems.stripe().render(problem, "why")
+    assert (answered, media_type) == (status, "application/json")
+    assert json.loads(body) == {"error": {"type": kind, "message": "why"}}
+
+
+class UnreadableBarrier(Barrier[HTTPResponse]):
+    """A barrier whose records cannot be read back: `inspect` fails as a lost database would."""
+
+    async def inspect(self, key: str, *, scope: str) -> None:
+        raise StorageError("the database went away")
+
+
+async def test_a_holder_that_cannot_be_read_leaves_the_wait_budget(pg_db: Database, caplog: Any) -> None:
+    """If the holder's lease cannot be read, the 409 still stands, with the wait budget, and a warning."""
+    key = new_key()
+    await insert_record(pg_db, key, "IN_PROGRESS", "90 seconds")
+    barrier = UnreadableBarrier(pg_db.sessionmaker, codec=HTTPResponseCodec(), wait_timeout=4)
+    app = IdempotencyMiddleware(FastAPI(), barrier, scope_of=lambda request: "shop", fingerprint=())
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level(logging.WARNING, logger="idembarrier.asgi"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            held = await client.post("/payments", json={}, headers={"Idempotency-Key": key})
+    assert held.status_code == 409
+    assert held.headers["retry-after"] == "4"
+    assert "reading the holder of a key for Retry-After failed" in caplog.text
