@@ -14,6 +14,8 @@ An exception raised by your own code inside a unit of work is never wrapped: it 
     │   ├── ReconciliationRequiredError the key is UNKNOWN: a person must resolve it
     │   ├── ResponseExpiredError     only the compact record remains: the response is past retention
     │   └── LeaseLostError           a lease was taken over or released: its holder may no longer write
+    ├── DownstreamError              an outbound call (idembarrier.httpx) got no final answer within its attempts
+    │   └── DownstreamDeadlineError  … nor within its deadline
     ├── RecordedFailureError         ``execute()`` met a record whose outcome is FAILED
     ├── ResponseEncodingError        the codec cannot encode or decode a response
     ├── UnitOfWorkError              the unit of work was used against its contract
@@ -40,6 +42,8 @@ __all__ = [
     "ConflictError",
     "ConnectError",
     "ConnectionLostError",
+    "DownstreamDeadlineError",
+    "DownstreamError",
     "FingerprintMismatchError",
     "FingerprintVersionError",
     "IdembarrierError",
@@ -196,6 +200,33 @@ class LeaseLostError(ConflictError):
             key=key,
             record=record,
         )
+
+
+class DownstreamError(IdembarrierError):
+    """Raised when an outbound call kept its key but got no final answer within its attempts.
+
+    Every attempt failed to connect, lost its connection, timed out, or was answered with a retried status
+    (409, 429, 503 by default). ``key`` is the idempotency key every attempt sent: a later retry must send it
+    again. ``status`` is the last answer's status (None if the last attempt got none); ``outcome_unknown`` is
+    true when an attempt may have reached the other side's application, so that the call may have happened.
+    The last attempt's httpx error, if any, is chained (``from``).
+    """
+
+    def __init__(
+        self, message: str, *, key: str | None, attempts: int, status: int | None, outcome_unknown: bool
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.attempts = attempts
+        self.status = status
+        self.outcome_unknown = outcome_unknown
+
+
+class DownstreamDeadlineError(DownstreamError):
+    """Raised when an outbound call's total deadline passed before a final answer.
+
+    Raised as well, without waiting, when a ``Retry-After`` answer asks to wait past the deadline.
+    """
 
 
 class RecordedFailureError(IdembarrierError):

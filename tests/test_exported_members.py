@@ -13,6 +13,7 @@ import pytest
 
 import idembarrier
 import idembarrier.asgi
+import idembarrier.httpx
 import idembarrier.kafka
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 NOT_API = frozenset({"annotations", "TYPE_CHECKING"})
 """Names a module binds for the compiler (``from __future__ import annotations``) and for the type checker."""
 NAMESPACES = pytest.mark.parametrize(
-    "module", [idembarrier, idembarrier.asgi, idembarrier.kafka], ids=lambda m: m.__name__
+    "module", [idembarrier, idembarrier.asgi, idembarrier.httpx, idembarrier.kafka], ids=lambda m: m.__name__
 )
 """The public namespaces: the package and its documented subpackages."""
 PACKAGE = Path(idembarrier.__file__).parent
