@@ -352,7 +352,8 @@ class UnitOfWork(Generic[R]):
         if lookup is None:
             lookup = storage.lookup_first or self._runtime.finished_here(self._scope, self._key)
         if self._owned and lookup:
-            if (record := await storage.lookup(self._scope, self._key)) is not None and self._adopt(record):
+            record = await storage.lookup(self._scope, self._key)
+            if record is not None and self._adopt(record):
                 return
         waits = self._on_conflict is OnConflict.WAIT
         wait = self._wait_timeout if waits else None
