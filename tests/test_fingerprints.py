@@ -213,7 +213,11 @@ def model(value: object) -> object:
     if isinstance(value, float):
         return ("float", repr(value))
     if isinstance(value, dt.datetime):
-        return ("naive" if value.utcoffset() is None else "aware", value)
+        if value.utcoffset() is None:
+            return ("naive", value)
+        # Its instant, not the value: across zones Python's == calls a time in a DST fold or gap unequal to
+        # every other (PEP 495), while it has one UTC instant, which is what the fingerprint keeps.
+        return ("aware", value.astimezone(dt.UTC))
     return (type(value).__name__, value)  # bool, int, str, None, Decimal, UUID, date, time: by ==
 
 
