@@ -552,7 +552,7 @@ async def test_list_escapes_what_a_terminal_would_act_on(db: Database, capfd: py
         (["--status", "DONE"], "argument --status: not a status"),
         (["--status", "COMPLETED,"], "argument --status: not a status"),
         (["--older-than", "2x"], "argument --older-than: not a duration like 30m, 2h or 7d: '2x'"),
-        (["--older-than", "1.5h"], "argument --older-than: not a duration"),
+        (["--older-than", "1,5h"], "argument --older-than: not a duration"),
         (["--newer-than", "h"], "argument --newer-than: not a duration"),
         (["--newer-than", "-1d"], "argument --newer-than: expected one argument"),
         (["--older-than", "99999999999d"], "argument --older-than: too long a duration"),
@@ -573,10 +573,11 @@ def test_list_usage_errors_exit_2_before_connecting(
 
 
 def test_durations_add_up() -> None:
-    """A duration is one or more whole numbers with a unit: s, m, h, d, w."""
+    """A duration is one or more numbers with a unit (ms, s, m, h, d, w); a bare number is seconds."""
     from idembarrier.cli._operator import duration
 
-    assert duration("90s") == timedelta(seconds=90)
+    assert duration("90s") == duration("90") == duration("1.5m") == timedelta(seconds=90)
+    assert duration("250ms") == timedelta(milliseconds=250)
     assert duration("30m") == timedelta(minutes=30)
     assert duration("1w2d3h4m5s") == timedelta(weeks=1, days=2, hours=3, minutes=4, seconds=5)
     assert duration("0d") == timedelta(0)

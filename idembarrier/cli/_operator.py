@@ -51,8 +51,8 @@ __all__ = [
 LIST_LIMIT = 10_000
 """The most records ``list`` prints: past that, narrow the filters (or page with ``--older-than``)."""
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_DURATION = re.compile(r"([0-9]+)([smhdw])")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|[smhdw])")
 
 
 def positive(text: str) -> int:
@@ -75,13 +75,16 @@ def list_limit(text: str) -> int:
 
 
 def duration(text: str) -> timedelta:
-    """argparse's type for ``--older-than`` / ``--newer-than``: ``90s``, ``30m``, ``2h``, ``7d``, ``1w``, ``1h30m``."""
+    """argparse's type for a duration: ``90s``, ``30m``, ``2h``, ``7d``, ``1w``, ``1h30m``, ``250ms``, ``1.5h``; a
+    bare number is seconds."""
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+        text += "s"
     parts = _DURATION.findall(text)
     if not parts or "".join(number + unit for number, unit in parts) != text:
         raise argparse.ArgumentTypeError(f"not a duration like 30m, 2h or 7d: {text!r}")
     try:
-        return sum((timedelta(**{_UNITS[unit]: int(number)}) for number, unit in parts), timedelta(0))
-    except (OverflowError, ValueError):  # past timedelta's range, or past int's digits limit
+        return sum((timedelta(seconds=float(number) * _UNITS[unit]) for number, unit in parts), timedelta(0))
+    except (OverflowError, ValueError):  # past timedelta's range, or past float's
         raise argparse.ArgumentTypeError(f"too long a duration: {text!r}") from None
 
 

@@ -11,13 +11,10 @@ cut at ``--limit``), listed with the amount still in doubt; 2 bad usage or a pro
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import os
-import re
 from contextlib import AsyncExitStack
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._config import DEFAULT_TABLE
@@ -26,24 +23,15 @@ from .._reconcile import DEFAULT_CONFIRM_AFTER, DEFAULT_MIN_AGE, Reconciliation,
 from . import _operator
 
 if TYPE_CHECKING:
+    import argparse
+
     from .._barrier import Barrier
     from .._codec import JSON
     from .._reconcile import Provider
 
-__all__ = ["add_parser", "duration", "load_provider", "run"]
+__all__ = ["add_parser", "load_provider", "run"]
 
 _Parser = TypeVar("_Parser", bound="argparse.ArgumentParser")
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)?")
-
-
-def duration(text: str) -> timedelta:
-    """argparse's type for a duration: a number and a unit (``ms``, ``s``, ``m``, ``h``, ``d``, ``w``; none: ``s``)."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration (like 90s, 15m, 7d): {text!r}")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
 
 
 def add_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -63,13 +51,13 @@ def add_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     command.add_argument("--dry-run", action="store_true", help="ask the provider, write nothing")
     command.add_argument(
         "--min-age",
-        type=duration,
+        type=_operator.duration,
         default=DEFAULT_MIN_AGE,
         help="trust 'not found' only for keys quiet this long (default 15m)",
     )
     command.add_argument(
         "--confirm-after",
-        type=duration,
+        type=_operator.duration,
         default=DEFAULT_CONFIRM_AFTER,
         help="ask again this long after a first 'not found' (default 30s)",
     )

@@ -21,7 +21,7 @@ import anyio
 from .._config import Retention
 from .._exceptions import ConfigurationError
 from .._window import Part, ScopeWindow, check, human, read_broker
-from ._reconcile import duration
+from ._operator import duration
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
