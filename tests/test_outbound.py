@@ -8,9 +8,12 @@ Where a lease is involved the test runs on PostgreSQL and SQLite.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import math
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -445,6 +448,15 @@ def test_an_empty_call_name_is_refused() -> None:
     """An empty name is refused where it is written: ConfigurationError."""
     with pytest.raises(ConfigurationError):
         call("")
+
+
+def test_the_transport_needs_httpx_alone() -> None:
+    """`idembarrier.httpx` imports httpx and no web framework or server; `idembarrier` itself does not import it."""
+    code = "import sys, idembarrier.httpx; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    loaded = set(ast.literal_eval(done.stdout))
+    assert "httpx" in loaded
+    assert not loaded & {"starlette", "fastapi", "uvicorn"}
 
 
 # -- Retry-After and the policy ---------------------------------------------------------------------------
