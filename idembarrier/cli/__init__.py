@@ -4,8 +4,10 @@ Exit status, for every command: 0 success; 1 something needs a person or was ref
 lab's barrier) saw phantom writes, ``inspect`` found no record, ``unresolved`` listed UNKNOWN records or
 stale leases, ``parked`` listed parked messages, ``resolve`` was refused (a live lease holds the key, or it
 has no record or a finished one), ``release-parked`` or ``drop-parked`` named a message that is not parked,
-or ``probe`` saw a MUST clause fail; 2 bad usage or configuration (an unsupported URL or driver, in-memory
-SQLite, a ``--response`` that is not JSON, a ``--status``, age, limit or scope that ``list`` cannot use); 3
+``probe`` saw a MUST clause fail, ``reconcile`` escalated a key (or its listing was cut at ``--limit``),
+``check-window`` found a scope at risk, or ``engine-check`` found a guarantee the barrier needs missing; 2 bad
+usage or configuration (an unsupported URL or driver, in-memory SQLite, a ``--response`` that is not JSON, a
+``--status``, age, limit or scope that ``list`` cannot use); 3
 the database failed (unreachable, refused, no such database, authentication) or its schema is not
 installed, or the probe's target could not be reached. A failure or a refusal prints one line on stderr,
 with the server's or the OS's reason, and never a traceback.
