@@ -74,6 +74,7 @@ class Arrival:
     path: str
     at: float
     wall: float
+    body: bytes
 
 
 @dataclass
@@ -94,11 +95,15 @@ class Downstream:
                 await send({"type": f"{message['type']}.complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
-        while (await receive()).get("more_body"):
-            pass
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
         headers = {name.decode().lower(): value.decode() for name, value in scope["headers"]}
         key = headers.get(KEY_HEADER.lower())
-        self.arrivals.append(Arrival(key, scope["path"], time.monotonic(), time.time()))
+        self.arrivals.append(Arrival(key, scope["path"], time.monotonic(), time.time(), body))
         if self.script:
             reply = self.script.pop(0)
             await anyio.sleep(reply.delay)
@@ -236,6 +241,23 @@ async def test_409_in_progress_then_the_answer(pg_db: Database) -> None:
             await lease.release()
     assert answer.status_code == 201
     assert downstream.keys == [lease.downstream_key] * 3
+
+
+async def test_a_streamed_body_is_sent_whole_on_every_attempt(pg_db: Database) -> None:
+    """A request body from an async generator (readable once) is sent again, the same bytes, on the retry."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in (b'{"amount": ', b"100}"):
+            yield chunk
+
+    downstream = Downstream([Reply(503)])
+    barrier, key = Barrier(pg_db.sessionmaker), new_key()
+    with serving(downstream) as base:
+        async with barrier.leased(key, scope=SCOPE) as lease, client_for(lease, base) as client:
+            answer = await client.post("/charges", content=chunks())
+            await lease.release()
+    assert answer.status_code == 201
+    assert [arrival.body for arrival in downstream.arrivals] == [b'{"amount": 100}'] * 2
 
 
 async def test_other_answers_are_returned_at_once(pg_db: Database) -> None:
