@@ -39,29 +39,51 @@ itself is optional.
 from __future__ import annotations
 
 from ._dependencies import unit_of_work, unit_of_work_session
+from ._extractors import KeyExtractor, header, json_field
 from ._failures import ScopeRefusedError
 from ._header import parse_key_header
+from ._marks import exempt
 from ._middleware import IdempotencyMiddleware
 from ._problems import Problem, ProblemDetails, Problems
 from ._request import FingerprintPart, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, NEVER_STORED_HEADERS, HTTPResponse, HTTPResponseCodec
+from ._route import RouteGuard
 from ._state import STATE_KEY, UnguardedRequestError
+from ._webhooks import (
+    GITHUB_RETENTION,
+    STANDARD_WEBHOOKS_RETENTION,
+    STRIPE_RETENTION,
+    github_webhooks,
+    standard_webhooks,
+    stripe_webhooks,
+)
 
 __all__ = [
     "DEFAULT_STORED_HEADERS",
+    "GITHUB_RETENTION",
     "NEVER_STORED_HEADERS",
+    "STANDARD_WEBHOOKS_RETENTION",
     "STATE_KEY",
+    "STRIPE_RETENTION",
     "FingerprintPart",
     "HTTPResponse",
     "HTTPResponseCodec",
     "IdempotencyMiddleware",
+    "KeyExtractor",
     "Problem",
     "ProblemDetails",
     "Problems",
     "RequestHead",
+    "RouteGuard",
     "ScopeRefusedError",
     "UnguardedRequestError",
+    "exempt",
+    "github_webhooks",
+    "header",
+    "json_field",
     "parse_key_header",
+    "standard_webhooks",
+    "stripe_webhooks",
     "unit_of_work",
     "unit_of_work_session",
 ]

@@ -63,9 +63,20 @@ class Execution:
         try:
             await app(scope, receive, self.send)
         except BaseException as exc:
+            await self.finish(exc)
+            return
+        await self.finish(None)
+
+    async def finish(self, raised: BaseException | None) -> None:
+        """Finish the unit of work once the application has returned, or raised ``raised``.
+
+        For a caller that ran the application itself with `send` (a route guard, which opens the unit of
+        work while the application is already running).
+        """
+        if raised is not None:
             # Recording the outcome failed (the application propagated it, or raised its own), or the
             # application raised before its response was complete.
-            await self._fail(self._failure or await self._exit(exc))
+            await self._fail(self._failure or await self._exit(raised))
             return
         if self._failure is not None:
             await self._fail(self._failure)  # recording the outcome failed, and the application swallowed it

@@ -30,6 +30,7 @@ from .._exceptions import (
 from ._execution import Execution
 from ._failures import NOT_STORED, answer_failure
 from ._header import parse_key_header
+from ._marks import route_leaves_middleware
 from ._problems import DEFAULT_PROBLEMS, Problem, Problems, send_problem
 from ._request import RequestHead, request_fingerprint
 from ._response import DEFAULT_STORED_HEADERS
@@ -38,16 +39,17 @@ from ._state import STATE_KEY, UnguardedRequestError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection
+    from datetime import timedelta
 
     from .._barrier import Barrier
-    from .._config import OnConflict
+    from .._config import OnConflict, Retention
     from .._record import Record
     from .._uow import UnitOfWork
     from ._request import FingerprintPart
     from ._response import HTTPResponse
     from ._types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["IdempotencyMiddleware"]
+__all__ = ["IdempotencyMiddleware", "open_claim"]
 
 _log = logging.getLogger("idembarrier.asgi")
 
@@ -127,6 +129,9 @@ class IdempotencyMiddleware:
         if scope["type"] != "http" or str(scope["method"]).upper() not in self.settings.methods:
             await self._pass(scope, receive, send, key_absent=False)
             return
+        if route_leaves_middleware(scope):  # `exempt`, or a route its own RouteGuard guards
+            await self.app(scope, receive, send)
+            return
         settings = self.settings
         values = [value for name, value in scope.get("headers", ()) if name.lower() == settings.header_name]
         if not values:
@@ -178,17 +183,6 @@ class IdempotencyMiddleware:
             if await answer_failure(send, exc, self.settings.retry_after, self.settings.problems):
                 raise
 
-    async def _holder(self, exc: KeyInProgressError, key: str, scope: str) -> Record | None:
-        """The record of the key's holder, with its lease's end: a unit of work's claim reads it without."""
-        record = exc.record
-        if record is None or record.locked_until is not None:
-            return record  # no committed record (a unit of work holds the key), or one read whole
-        try:
-            return await self.barrier.inspect(key, scope=scope) or record  # the caller's key (keyed_hash)
-        except Exception:  # only an estimate for Retry-After: the 409 stands without it
-            _log.warning("reading the holder of a key for Retry-After failed", exc_info=True)
-            return record
-
     async def _guard(self, key: str, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
         head = RequestHead.from_scope(scope)
@@ -199,67 +193,105 @@ class IdempotencyMiddleware:
             if await answer_failure(send, exc, settings.retry_after, settings.problems):
                 raise
             return
-        try:
-            fingerprint = request_fingerprint(head, body, settings.fingerprint, settings.normalise_body)
-            uow = self.barrier.unit_of_work(
-                key, scope=key_scope, fingerprint=fingerprint, on_conflict=settings.on_conflict
-            )
-        except InvalidFingerprintError:
-            detail = "the request body, as normalised, has no canonical form (NaN, infinity, deep nesting…)"
-            await send_problem(send, Problem.BODY_INVALID, detail, problems=settings.problems, headers=[NOT_STORED])
-            return
-        except InvalidKeyError as exc:
-            if exc.key == key:
-                await send_problem(
-                    send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}", problems=settings.problems
-                )
-                return
-            # The header's key was validated already: scope_of returned an unusable scope, the app's bug.
-            if await answer_failure(send, exc, settings.retry_after, settings.problems):
-                raise
-            return
-        except Exception as exc:  # the application's normalise_body failed
-            if await answer_failure(send, exc, settings.retry_after, settings.problems):
-                raise
-            return
-        try:
-            await uow.start()
-        except KeyInProgressError as exc:
-            detail = "the first request with this key has not finished; retry with the same key later"
-            wait = holder_may_take(await self._holder(exc, key, key_scope), self.barrier.options.wait_timeout)
-            await send_problem(send, Problem.KEY_IN_PROGRESS, detail, problems=settings.problems, retry_after=wait)
-            return
-        except FingerprintMismatchError:
-            detail = "this key was already used for a different request; use a new key for a new request"
-            await send_problem(send, Problem.KEY_REUSED, detail, problems=settings.problems)
-            return
-        except FingerprintVersionError:  # before ConflictError's other kinds: a rolling deploy, not a misuse
-            detail = "another deploy recorded this key; retry with the same key (nothing ran here)"
-            await send_problem(
-                send,
-                Problem.FINGERPRINT_VERSION_UNKNOWN,
-                detail,
-                problems=settings.problems,
-                retry_after=settings.retry_after,
-            )
-            return
-        except ReconciliationRequiredError:
-            detail = "the earlier work for this key may or may not have happened; an operator must resolve it"
-            await send_problem(send, Problem.KEY_UNRESOLVED, detail, problems=settings.problems)
-            return
-        except ResponseExpiredError:
-            detail = "this key was used already and its response is past retention; nothing was run again"
-            await send_problem(send, Problem.KEY_EXPIRED, detail, problems=settings.problems)
-            return
-        except Exception as exc:  # the database, or the barrier's configuration
-            if await answer_failure(send, exc, settings.retry_after, settings.problems):
-                raise
-            return
-        if uow.replayed:
-            await _replay(uow, send, settings)
+        uow = await open_claim(self.barrier, settings, key, key_scope, head, body, send)
+        if uow is None:
             return
         scope.setdefault("state", {})[STATE_KEY] = uow
         await Execution(uow, settings, send).run(self.app, scope, _replaying(body, receive))
+
+
+async def open_claim(
+    barrier: Barrier[HTTPResponse],
+    settings: Settings,
+    key: str,
+    key_scope: str,
+    head: RequestHead,
+    body: bytes,
+    send: Send,
+    *,
+    retention: timedelta | Retention | None = None,
+) -> UnitOfWork[HTTPResponse] | None:
+    """Claim ``key`` in ``key_scope`` for the request; return its unit of work, started, to run the request in.
+
+    Return ``None`` when the request has been answered already: a replay of the key's recorded response, or
+    a problem (a reused key, one in progress, past retention, the database's failure…) sent on ``send``.
+    """
+    try:
+        fingerprint = request_fingerprint(head, body, settings.fingerprint, settings.normalise_body)
+        uow = barrier.unit_of_work(
+            key,
+            scope=key_scope,
+            fingerprint=fingerprint,
+            on_conflict=settings.on_conflict,
+            retention=retention,
+        )
+    except InvalidFingerprintError:
+        detail = "the request body, as normalised, has no canonical form (NaN, infinity, deep nesting…)"
+        await send_problem(send, Problem.BODY_INVALID, detail, problems=settings.problems, headers=[NOT_STORED])
+        return None
+    except InvalidKeyError as exc:
+        if exc.key == key:
+            await send_problem(
+                send, Problem.KEY_INVALID, f"{settings.header}: {exc.reason}", problems=settings.problems
+            )
+            return None
+        # The header's key was validated already: scope_of returned an unusable scope, the app's bug.
+        if await answer_failure(send, exc, settings.retry_after, settings.problems):
+            raise
+        return None
+    except Exception as exc:  # the application's normalise_body failed
+        if await answer_failure(send, exc, settings.retry_after, settings.problems):
+            raise
+        return None
+    try:
+        await uow.start()
+    except KeyInProgressError as exc:
+        detail = "the first request with this key has not finished; retry with the same key later"
+        wait = holder_may_take(await _holder(barrier, exc, key, key_scope), barrier.options.wait_timeout)
+        await send_problem(send, Problem.KEY_IN_PROGRESS, detail, problems=settings.problems, retry_after=wait)
+        return None
+    except FingerprintMismatchError:
+        detail = "this key was already used for a different request; use a new key for a new request"
+        await send_problem(send, Problem.KEY_REUSED, detail, problems=settings.problems)
+        return None
+    except FingerprintVersionError:  # before ConflictError's other kinds: a rolling deploy, not a misuse
+        detail = "another deploy recorded this key; retry with the same key (nothing ran here)"
+        await send_problem(
+            send,
+            Problem.FINGERPRINT_VERSION_UNKNOWN,
+            detail,
+            problems=settings.problems,
+            retry_after=settings.retry_after,
+        )
+        return None
+    except ReconciliationRequiredError:
+        detail = "the earlier work for this key may or may not have happened; an operator must resolve it"
+        await send_problem(send, Problem.KEY_UNRESOLVED, detail, problems=settings.problems)
+        return None
+    except ResponseExpiredError:
+        detail = "this key was used already and its response is past retention; nothing was run again"
+        await send_problem(send, Problem.KEY_EXPIRED, detail, problems=settings.problems)
+        return None
+    except Exception as exc:  # the database, or the barrier's configuration
+        if await answer_failure(send, exc, settings.retry_after, settings.problems):
+            raise
+        return None
+    if uow.replayed:
+        await _replay(uow, send, settings)
+        return None
+    return uow
+
+
+async def _holder(barrier: Barrier[HTTPResponse], exc: KeyInProgressError, key: str, scope: str) -> Record | None:
+    """The record of the key's holder, with its lease's end: a unit of work's claim reads it without."""
+    record = exc.record
+    if record is None or record.locked_until is not None:
+        return record  # no committed record (a unit of work holds the key), or one read whole
+    try:
+        return await barrier.inspect(key, scope=scope) or record  # the caller's key (keyed_hash)
+    except Exception:  # only an estimate for Retry-After: the 409 stands without it
+        _log.warning("reading the holder of a key for Retry-After failed", exc_info=True)
+        return record
 
 
 def holder_may_take(record: Record | None, wait_timeout: float) -> int:

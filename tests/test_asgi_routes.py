@@ -1,0 +1,270 @@
+"""Per-route guards (`RouteGuard`): a route class that claims the key in the scope FastAPI's dependencies resolve.
+
+In process, through httpx's ASGI transport, on a real database (PostgreSQL and SQLite).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import httpx
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from idembarrier import Barrier, ConfigurationError, JSONCodec
+from idembarrier.asgi import (
+    HTTPResponse,
+    HTTPResponseCodec,
+    IdempotencyMiddleware,
+    RouteGuard,
+    exempt,
+    header,
+    unit_of_work_session,
+)
+from tests.helpers import Boom, new_key
+from tests.models import Payment
+
+if TYPE_CHECKING:
+    from tests.conftest import Database
+
+Session = Annotated[AsyncSession, Depends(unit_of_work_session)]
+USERS = {"token-alice": "alice", "token-bob": "bob"}
+
+
+def current_user(authorization: Annotated[str | None, Header()] = None) -> str:
+    """The authenticated principal, as an application's own FastAPI dependency resolves it."""
+    if authorization not in USERS:
+        raise HTTPException(status_code=401, detail="not authenticated")
+    return USERS[authorization]
+
+
+def tenant_of(user: Annotated[str, Depends(current_user)]) -> str:
+    """The key's scope: the principal's tenant, from the dependency above."""
+    return f"tenant:{user}"
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://shop")
+
+
+def payments_router(guard: RouteGuard, crashes: list[str] | None = None) -> APIRouter:
+    """A router of guarded routes: one that pays, one that fails while a crash is queued, one exempt."""
+    router = APIRouter(route_class=guard.route)
+
+    @router.post("/payments", status_code=201)
+    async def pay(session: Session) -> dict[str, object]:
+        payment = Payment(key="route", amount=1)
+        session.add(payment)
+        await session.flush()
+        return {"id": payment.id}
+
+    @router.post("/crash", status_code=201)
+    async def crash(session: Session) -> dict[str, object]:
+        session.add(Payment(key="crash", amount=1))
+        await session.flush()
+        if crashes:
+            raise Boom(crashes.pop())
+        return {"ok": True}
+
+    @router.post("/search")
+    @exempt
+    async def search() -> dict[str, object]:
+        return {"results": []}
+
+    @router.get("/payments")
+    async def listing() -> dict[str, object]:
+        return {"payments": []}
+
+    return router
+
+
+def app_with(guard: RouteGuard, crashes: list[str] | None = None) -> FastAPI:
+    app = FastAPI()
+    app.include_router(payments_router(guard, crashes))
+    return app
+
+
+def alice(key: str) -> dict[str, str]:
+    return {"Authorization": "token-alice", "Idempotency-Key": key}
+
+
+async def test_a_guarded_route_replays(db: Database) -> None:
+    """A retry with the key replays the route's response; the route wrote once."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of)
+    key = new_key()
+    async with client(app_with(guard)) as http:
+        first = await http.post("/payments", headers=alice(key), json={})
+        again = await http.post("/payments", headers=alice(key), json={})
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.content == first.content
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert await db.payments("route") == 1
+    assert await db.records(key) == [("tenant:alice", key, "COMPLETED")]
+
+
+async def test_the_scope_comes_from_the_authenticated_principal(db: Database) -> None:
+    """Two principals sending one key make two records, each in its principal's scope, and two payments."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=Depends(tenant_of))
+    key = new_key()
+    async with client(app_with(guard)) as http:
+        for token in ("token-alice", "token-bob", "token-alice"):
+            answer = await http.post("/payments", headers={"Authorization": token, "Idempotency-Key": key}, json={})
+            assert answer.status_code == 201
+    assert await db.records(key) == [("tenant:alice", key, "COMPLETED"), ("tenant:bob", key, "COMPLETED")]
+    assert await db.payments("route") == 2
+
+
+async def test_an_unauthenticated_request_is_refused_before_any_claim(db: Database) -> None:
+    """The scope's dependency refuses (401): the route did not run and no key was claimed."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of)
+    key = new_key()
+    async with client(app_with(guard)) as http:
+        answer = await http.post("/payments", headers={"Idempotency-Key": key}, json={})
+    assert answer.status_code == 401
+    assert await db.records() == []
+    assert await db.payments() == 0
+
+
+async def test_a_guarded_route_without_the_key_is_a_problem(db: Database) -> None:
+    """The key is required by default: 400 key-missing; an unusable one, 400 key-invalid; nothing runs."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of)
+    async with client(app_with(guard)) as http:
+        missing = await http.post("/payments", headers={"Authorization": "token-alice"}, json={})
+        invalid = await http.post("/payments", headers=alice('"open'), json={})
+    assert (missing.status_code, invalid.status_code) == (400, 400)
+    assert missing.json()["type"].endswith("/key-missing")
+    assert invalid.json()["type"].endswith("/key-invalid")
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert await db.payments() == 0
+
+
+async def test_exempt_and_unguarded_methods_pass_through(db: Database) -> None:
+    """An exempt route and a GET of the guard's router run without a key, and leave no record."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of)
+    async with client(app_with(guard)) as http:
+        searched = await http.post("/search", json={})
+        listed = await http.get("/payments")
+    assert (searched.status_code, listed.status_code) == (200, 200)
+    assert await db.records() == []
+
+
+async def test_a_keyless_request_passes_when_the_key_is_optional(db: Database) -> None:
+    """required=False: without a key the route runs unguarded; one that asks for the unit of work is a 400."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of, required=False)
+    router = APIRouter(route_class=guard.route)
+
+    @router.post("/notes")
+    async def note() -> dict[str, object]:
+        return {"noted": True}
+
+    router.include_router(payments_router(guard))
+    app = FastAPI()
+    app.include_router(router)
+    async with client(app) as http:
+        noted = await http.post("/notes", headers={"Authorization": "token-alice"}, json={})
+        needs = await http.post("/payments", headers={"Authorization": "token-alice"}, json={})
+        keyed = await http.post("/payments", headers=alice(key := new_key()), json={})
+    assert noted.status_code == 200
+    assert needs.status_code == 400
+    assert needs.json()["type"].endswith("/key-missing")
+    assert needs.headers["idempotency-stored"] == "false"
+    assert keyed.status_code == 201
+    assert await db.records() == [("tenant:alice", key, "COMPLETED")]
+
+
+async def test_a_failing_route_records_nothing_and_its_retry_runs(db: Database) -> None:
+    """The route raises: its writes roll back, a 500 problem marked not stored; the retry runs and is recorded."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of)
+    key = new_key()
+    async with client(app_with(guard, crashes=["first try"])) as http:
+        failed = await http.post("/crash", headers=alice(key), json={})
+        retried = await http.post("/crash", headers=alice(key), json={})
+    assert failed.status_code == 500
+    assert failed.json()["type"].endswith("/application-error")
+    assert failed.headers["idempotency-stored"] == "false"
+    assert retried.status_code == 201
+    assert await db.payments("crash") == 1
+    assert await db.records(key) == [("tenant:alice", key, "COMPLETED")]
+
+
+async def test_another_header_carries_the_key(db: Database) -> None:
+    """key=header("X-Request-Id"): that header is the key; the Idempotency-Key header means nothing here."""
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    guard = RouteGuard(barrier, scope=tenant_of, key=header("X-Request-Id"))
+    key = new_key()
+    async with client(app_with(guard)) as http:
+        plain = await http.post("/payments", headers=alice(key), json={})
+        first = await http.post("/payments", headers={"Authorization": "token-alice", "X-Request-Id": key}, json={})
+        again = await http.post("/payments", headers={"Authorization": "token-alice", "X-Request-Id": key}, json={})
+    assert plain.status_code == 400
+    assert (first.status_code, again.headers["idempotent-replayed"]) == (201, "true")
+    assert await db.payments("route") == 1
+
+
+async def test_the_middleware_leaves_exempt_and_route_guarded_routes_alone(db: Database) -> None:
+    """Under IdempotencyMiddleware, an exempt route needs no key, and a route its guard guards is claimed once."""
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    guard = RouteGuard(barrier, scope=tenant_of)
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, barrier=barrier, scope_of=lambda request: "middleware")
+
+    @app.post("/export")
+    @exempt
+    async def export() -> dict[str, object]:
+        return {"exported": True}
+
+    @app.post("/orders", status_code=201)
+    async def order(session: Session) -> dict[str, object]:
+        session.add(Payment(key="order", amount=1))
+        return {"ordered": True}
+
+    app.include_router(payments_router(guard), prefix="/v1")
+    key = new_key()
+    async with client(app) as http:
+        exported = await http.post("/export", json={})
+        guarded = [await http.post("/v1/payments", headers=alice(key), json={}) for _ in range(2)]
+        ordered = await http.post("/orders", headers={"Idempotency-Key": key}, json={})
+        unkeyed = await http.post("/orders", json={})
+    assert exported.status_code == 200
+    assert [a.status_code for a in guarded] == [201, 201]
+    assert guarded[1].headers["idempotent-replayed"] == "true"
+    assert ordered.status_code == 201
+    assert unkeyed.status_code == 400  # the middleware still guards its other routes
+    assert await db.records(key) == [("middleware", key, "COMPLETED"), ("tenant:alice", key, "COMPLETED")]
+    assert await db.payments("route") == 1
+
+
+def offline_barrier() -> Barrier[HTTPResponse]:
+    """A barrier that never connects: building a guard runs no SQL."""
+    return Barrier(async_sessionmaker(create_async_engine("sqlite+aiosqlite://")), codec=HTTPResponseCodec())
+
+
+def test_a_guard_needs_a_barrier_of_http_responses() -> None:
+    """A barrier with another codec is refused when the guard is built, not on a request."""
+    barrier = Barrier(async_sessionmaker(create_async_engine("sqlite+aiosqlite://")), codec=JSONCodec())
+    with pytest.raises(ConfigurationError, match="HTTPResponseCodec"):
+        RouteGuard(barrier, scope="shop")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scope": 42}, "scope must be"),
+        ({"scope": "shop", "key": "Idempotency-Key"}, "key extractor"),
+        ({"scope": "shop", "store_statuses": {500}}, "only 4xx"),
+        ({"scope": "shop", "fingerprint": ("headers",)}, "unknown fingerprint parts"),
+    ],
+)
+def test_a_guard_refuses_unusable_options(options: dict[str, object], message: str) -> None:
+    """Each option is checked when the guard is built, with an error naming it."""
+    with pytest.raises(ConfigurationError, match=message):
+        RouteGuard(offline_barrier(), **options)  # type: ignore[arg-type]
+
+
+def test_header_needs_a_name() -> None:
+    """header() refuses an empty or non-ASCII name."""
+    with pytest.raises(ConfigurationError, match="header"):
+        header("Clé")
