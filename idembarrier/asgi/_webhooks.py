@@ -7,10 +7,10 @@ re-serialise an event it redelivers.
 
 - Stripe: the event's ``id`` in the JSON body; 30 days. Stripe retries for up to 3 days, and an event can
   be resent by hand while Stripe keeps it (30 days).
-- GitHub: ``X-GitHub-Delivery``; 7 days. GitHub does not redeliver by itself; a delivery can be
-  redelivered by hand for 3 days.
-- Standard Webhooks: ``webhook-id``; 7 days. The specification's retry schedule spans about a day and a
-  half; senders may replay by hand.
+- GitHub: ``X-GitHub-Delivery``; 14 days. GitHub does not redeliver by itself; a delivery can be
+  redelivered by hand for the past 7 days (3 on some of GitHub's products), so twice the longest.
+- Standard Webhooks: ``webhook-id``; 7 days. Svix, whose scheme the specification is, retries on a
+  schedule of about 28 hours; senders may also replay by hand.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ __all__ = [
 
 STRIPE_RETENTION = timedelta(days=30)
 """How long a Stripe event's response replays: past its 3 days of retries, and its 30 days of manual resends."""
-GITHUB_RETENTION = timedelta(days=7)
-"""How long a GitHub delivery's response replays: past the 3 days in which a delivery can be redelivered."""
+GITHUB_RETENTION = timedelta(days=14)
+"""How long a GitHub delivery's response replays: past the 7 days in which a delivery can be redelivered."""
 STANDARD_WEBHOOKS_RETENTION = timedelta(days=7)
 """How long a Standard Webhooks message's response replays: past its sender's retry schedule, with margin."""
 
