@@ -37,6 +37,7 @@ from idembarrier.asgi import (
     IdempotencyMiddleware,
     RequestHead,
     ScopeRefusedError,
+    document_idempotency,
     unit_of_work,
     unit_of_work_session,
 )
@@ -119,8 +120,17 @@ def create_app(database_url: str | None = None, *, processor_latency: float = 0.
         store_statuses={402},  # a declined card is an outcome: replay it, never charge again
         normalise_body=json.loads,  # the same JSON with keys reordered is the same request
     )
+    document_idempotency(app)  # the key header, the problems and the replay headers in /openapi.json
 
-    @app.post("/payments", status_code=201, response_model=None)
+    @app.post(
+        "/payments",
+        status_code=201,
+        response_model=None,
+        responses={
+            400: {"description": "The body is not JSON (FastAPI's answer)", "content": {"application/json": {}}},
+            402: {"description": "The card was declined: recorded, and replayed to a retry"},
+        },
+    )
     async def pay(body: PaymentIn, uow: Work, session: Session, response: Response) -> Response | dict[str, object]:
         """Charge the card once per key: the payment row and this response commit together."""
         await anyio.sleep(processor_latency)  # the card processor's round trip

@@ -29,6 +29,9 @@ Scope: keys are chosen by clients, so a key alone must never select a record. ``
 request to its tenant or principal; the same key from two tenants is two records, and one tenant can
 never obtain the response stored for another (the draft's security considerations).
 
+`document_idempotency` writes this contract into a FastAPI app's OpenAPI schema, from the middleware's own
+settings: the key's header on each guarded operation, its problem responses, and the replay headers.
+
 Its own answers are RFC 9457 problems with the draft's statuses; `Problems` chooses other statuses, the
 ``type`` URIs' base, 409 or 410 for a key past retention, and the body's shape (`Problems.stripe`).
 
@@ -44,6 +47,7 @@ from ._failures import ScopeRefusedError
 from ._header import parse_key_header
 from ._marks import exempt
 from ._middleware import IdempotencyMiddleware
+from ._openapi import document_idempotency
 from ._problems import Problem, ProblemDetails, Problems
 from ._request import FingerprintPart, RequestHead
 from ._response import DEFAULT_STORED_HEADERS, NEVER_STORED_HEADERS, HTTPResponse, HTTPResponseCodec
@@ -77,6 +81,7 @@ __all__ = [
     "RouteGuard",
     "ScopeRefusedError",
     "UnguardedRequestError",
+    "document_idempotency",
     "exempt",
     "github_webhooks",
     "header",
