@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
+import anyio
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from idembarrier import Barrier, ConfigurationError, JSONCodec
+from idembarrier import Barrier, ConfigurationError, JSONCodec, OnConflict
 from idembarrier.asgi import (
     HTTPResponse,
     HTTPResponseCodec,
@@ -22,7 +23,7 @@ from idembarrier.asgi import (
     header,
     unit_of_work_session,
 )
-from tests.helpers import Boom, new_key
+from tests.helpers import Boom, lock_waiters, new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
@@ -268,3 +269,56 @@ def test_header_needs_a_name() -> None:
     """header() refuses an empty or non-ASCII name."""
     with pytest.raises(ConfigurationError, match="header"):
         header("Clé")
+
+
+def held_app(guard: RouteGuard, entered: anyio.Event, release: anyio.Event) -> FastAPI:
+    """A guarded route that holds its request inside its body, its write uncommitted, until ``release``."""
+    router = APIRouter(route_class=guard.route)
+
+    @router.post("/held", status_code=201)
+    async def held(session: Session) -> dict[str, object]:
+        session.add(Payment(key="held", amount=1))
+        await session.flush()
+        entered.set()
+        await release.wait()
+        return {"held": True}
+
+    app = FastAPI()
+    app.include_router(router)
+    return app
+
+
+@pytest.mark.parametrize("on_conflict", [OnConflict.WAIT, OnConflict.FAIL])
+async def test_a_concurrent_duplicate_waits_or_is_told_to_retry(pg_db: Database, on_conflict: OnConflict) -> None:
+    """A duplicate sent while the first request runs: WAIT replays the first's response once it commits,
+    FAIL answers 409 key-in-progress with Retry-After at once; the route ran once either way."""
+    barrier = Barrier(pg_db.sessionmaker, codec=HTTPResponseCodec())
+    guard = RouteGuard(barrier, scope=tenant_of, on_conflict=on_conflict)
+    entered, release = anyio.Event(), anyio.Event()
+    key = new_key()
+    answers: dict[str, httpx.Response] = {}
+    async with client(held_app(guard, entered, release)) as http:
+
+        async def send(name: str) -> None:
+            answers[name] = await http.post("/held", headers=alice(key), json={})
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(send, "first")
+            await entered.wait()
+            if on_conflict is OnConflict.FAIL:
+                await send("duplicate")  # answered while the first still holds the key
+                release.set()
+            else:
+                tasks.start_soon(send, "duplicate")
+                await lock_waiters(pg_db)  # the duplicate waits on the first's claim, inside PostgreSQL
+                release.set()
+    assert answers["first"].status_code == 201
+    duplicate = answers["duplicate"]
+    if on_conflict is OnConflict.FAIL:
+        assert duplicate.status_code == 409
+        assert duplicate.json()["type"].endswith("/key-in-progress")
+        assert int(duplicate.headers["retry-after"]) >= 1
+    else:
+        assert (duplicate.status_code, duplicate.content) == (201, answers["first"].content)
+        assert duplicate.headers["idempotent-replayed"] == "true"
+    assert await pg_db.payments("held") == 1
