@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 import pytest
 import schemathesis
 from fastapi import APIRouter, FastAPI
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from examples.payments_api import create_app
 from examples.retry_session import serve_api
-from idembarrier import Barrier, ConfigurationError
+from idembarrier import Barrier, ConfigurationError, OnConflict
 from idembarrier.asgi import (
     HTTPResponse,
     HTTPResponseCodec,
@@ -39,6 +40,7 @@ from idembarrier.asgi import (
     parse_key_header,
 )
 from idembarrier.asgi._openapi import KEY_PATTERN, PROBLEM_SCHEMA_NAME, _added_middleware, describe_idempotency
+from tests.helpers import new_key
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -320,3 +322,52 @@ async def test_schemathesis_finds_nothing_undocumented_in_the_example(db: Databa
     """Generated requests (valid and not, keys fresh and reused) get documented statuses, media types, headers."""
     with serve_api(db.url) as url:
         await anyio.to_thread.run_sync(conforms, url, 30)
+
+
+async def test_the_answers_schemathesis_cannot_provoke_conform_too(db: Database) -> None:
+    """A concurrent duplicate's 409 (with Retry-After), the replay and a reused key's 422 match the schema."""
+    entered, release = anyio.Event(), anyio.Event()
+    app = FastAPI()
+    guarded = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    app.add_middleware(IdempotencyMiddleware, barrier=guarded, scope_of=tenant, on_conflict=OnConflict.FAIL)
+    document_idempotency(app)
+
+    @app.post("/orders", status_code=201)
+    async def create() -> dict[str, str]:
+        entered.set()
+        await release.wait()
+        return {"order": "1"}
+
+    operation = schemathesis.openapi.from_dict(app.openapi())["/orders"]["POST"]
+    key = new_key()
+
+    def conform(response: httpx.Response, status: int, headers: dict[str, str]) -> None:
+        assert response.status_code == status, response.text
+        operation.Case(headers=headers).validate_response(response, checks=CHECKS)
+
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client,
+        anyio.create_task_group() as tg,
+    ):
+        first: list[httpx.Response] = []
+
+        async def send_first() -> None:
+            first.append(await client.post("/orders", headers={"Idempotency-Key": key}, content=b"{}"))
+
+        tg.start_soon(send_first)
+        await entered.wait()
+        duplicate = await client.post("/orders", headers={"Idempotency-Key": key}, content=b"{}")
+        conform(duplicate, 409, {"Idempotency-Key": key})
+        assert duplicate.headers["retry-after"].isdigit()
+        release.set()
+    conform(first[0], 201, {"Idempotency-Key": key})
+    replay = await client_post(app, key, b"{}")
+    conform(replay, 201, {"Idempotency-Key": key})
+    assert replay.headers["idempotent-replayed"] == "true"
+    conform(await client_post(app, key, b'{"other": 1}'), 422, {"Idempotency-Key": key})
+
+
+async def client_post(app: FastAPI, key: str, body: bytes) -> httpx.Response:
+    """POST ``body`` to the app's ``/orders`` under ``key``, in process."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client:
+        return await client.post("/orders", headers={"Idempotency-Key": key}, content=body)
