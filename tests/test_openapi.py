@@ -158,6 +158,27 @@ def test_an_application_response_keeps_its_own_content() -> None:
     assert responses["422"]["description"].startswith("Validation Error")
 
 
+def test_a_status_the_application_answers_in_the_same_media_type_takes_either_schema() -> None:
+    """A route's own 409 in application/problem+json keeps its schema, beside the problem's (anyOf)."""
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, barrier=barrier(), scope_of=tenant)
+    own = {"type": "object", "properties": {"conflict": {"type": "string"}}}
+    document_idempotency(app)
+
+    @app.post(
+        "/orders",
+        responses={409: {"description": "Sold out", "content": {"application/problem+json": {"schema": own}}}},
+    )
+    async def create() -> None:
+        return None
+
+    conflict = app.openapi()["paths"]["/orders"]["post"]["responses"]["409"]
+    assert conflict["content"]["application/problem+json"]["schema"] == {"anyOf": [own, PROBLEM]}
+    assert conflict["description"].startswith("Sold out\n\nIdempotency problems: ")
+    before = copy.deepcopy(app.openapi())
+    assert describe_idempotency(app.openapi(), _added_middleware(app).settings) == before  # no anyOf in an anyOf
+
+
 def test_problems_that_cannot_happen_are_left_out() -> None:
     """Without a fingerprint no key is reused (no 422 problem); without normalise_body no body is invalid."""
     responses = api(fingerprint=()).openapi()["paths"]["/orders"]["post"]["responses"]
