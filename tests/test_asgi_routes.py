@@ -21,12 +21,14 @@ from idembarrier.asgi import (
     RouteGuard,
     exempt,
     header,
+    json_field,
     unit_of_work_session,
 )
 from tests.helpers import Boom, lock_waiters, new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
+    from idembarrier.asgi._types import Message, Receive, Scope, Send
     from tests.conftest import Database
 
 Session = Annotated[AsyncSession, Depends(unit_of_work_session)]
@@ -322,3 +324,114 @@ async def test_a_concurrent_duplicate_waits_or_is_told_to_retry(pg_db: Database,
         assert (duplicate.status_code, duplicate.content) == (201, answers["first"].content)
         assert duplicate.headers["idempotent-replayed"] == "true"
     assert await pg_db.payments("held") == 1
+
+
+async def test_the_middleware_wrapped_around_the_app_still_leaves_route_guards_alone(db: Database) -> None:
+    """IdempotencyMiddleware(app) from outside (no scope["app"] yet): it finds the routes through the app."""
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    inner = app_with(RouteGuard(barrier, scope=tenant_of))
+    outer = IdempotencyMiddleware(inner, barrier, scope_of=lambda request: "middleware")
+    key = new_key()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://shop") as http:
+        searched = await http.post("/search", json={})
+        answers = [await http.post("/payments", headers=alice(key), json={}) for _ in range(2)]
+    assert searched.status_code == 200
+    assert [a.status_code for a in answers] == [201, 201]
+    assert await db.records(key) == [("tenant:alice", key, "COMPLETED")]
+
+
+async def test_two_guards_on_one_request_are_a_problem_not_a_double_claim(db: Database) -> None:
+    """A middleware that cannot see the routes (behind an opaque wrapper) and a route guard: a 500 problem
+    naming neither key twice; nothing ran, nothing recorded but the middleware's claim rolled back."""
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    inner = app_with(RouteGuard(barrier, scope=tenant_of))
+
+    async def opaque(scope: Scope, receive: Receive, send: Send) -> None:
+        await inner(scope, receive, send)
+
+    outer = IdempotencyMiddleware(opaque, barrier, scope_of=lambda request: "middleware")
+    transport = httpx.ASGITransport(app=outer, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop") as http:
+        answer = await http.post("/payments", headers=alice(new_key()), json={})
+    assert answer.status_code == 500
+    assert answer.json()["type"].endswith("/internal-error")
+    assert await db.records() == []
+    assert await db.payments() == 0
+
+
+async def test_the_middleware_honours_exempt_inside_a_mounted_app(db: Database) -> None:
+    """A route marked exempt in a mounted sub-application needs no key under the outer app's middleware."""
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    sub = FastAPI()
+
+    @sub.post("/export")
+    @exempt
+    async def export() -> dict[str, object]:
+        return {"exported": True}
+
+    @sub.post("/guarded")
+    async def guarded() -> dict[str, object]:
+        return {"guarded": True}
+
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, barrier=barrier, scope_of=lambda request: "shop")
+    app.mount("/sub", sub)
+    async with client(app) as http:
+        exported = await http.post("/sub/export", json={})
+        refused = await http.post("/sub/guarded", json={})
+    assert (exported.status_code, refused.status_code) == (200, 400)
+
+
+def test_a_route_mixing_guarded_and_unguarded_methods_is_refused_at_start_up() -> None:
+    """A GET-and-POST route on a guard's router: ConfigurationError when the route is declared, not a 401 on GET."""
+    guard = RouteGuard(offline_barrier(), scope=tenant_of)
+    router = APIRouter(route_class=guard.route)
+
+    async def both() -> dict[str, object]:
+        return {"ok": True}
+
+    with pytest.raises(ConfigurationError, match="mixes guarded and unguarded methods"):
+        router.add_api_route("/both", both, methods=["GET", "POST"])
+    router.add_api_route("/both", exempt(both), methods=["GET", "POST"])  # exempt: one route, unguarded
+
+
+async def test_a_body_over_the_limit_is_a_413_and_a_vanished_client_gets_nothing(db: Database) -> None:
+    """max_body_bytes: a larger body is a 413 problem; a client gone before its body was read is not answered."""
+    guard = RouteGuard(Barrier(db.sessionmaker, codec=HTTPResponseCodec()), scope=tenant_of, max_body_bytes=8)
+    app = app_with(guard)
+    async with client(app) as http:
+        large = await http.post("/payments", headers=alice(new_key()), json={"amount": 1234567})
+    assert large.status_code == 413
+    assert large.json()["type"].endswith("/request-too-large")
+    sent: list[Message] = []
+
+    async def gone() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/payments",
+        "raw_path": b"/payments",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"idempotency-key", b"k-1"), (b"authorization", b"token-alice")],
+        "server": ("shop", 80),
+        "client": ("127.0.0.1", 1),
+    }
+    await app(scope, gone, record)
+    assert sent == []
+    assert await db.records() == []
+
+
+def test_json_field_needs_a_path() -> None:
+    """json_field() refuses an empty path or an empty member name."""
+    for path in ((), ("data", "")):
+        with pytest.raises(ConfigurationError, match="json_field"):
+            json_field(*path)

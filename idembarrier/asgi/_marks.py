@@ -38,13 +38,31 @@ def is_exempt(endpoint: object) -> bool:
     return getattr(endpoint, _EXEMPT, False) is True
 
 
-def route_leaves_middleware(scope: Scope) -> bool:
-    """Return whether the route that ``scope`` reaches is exempt, or guarded by its own `RouteGuard`."""
-    router = getattr(scope.get("app"), "router", None)
-    route = _find(getattr(router, "routes", ()), scope)
+def route_leaves_middleware(scope: Scope, app: object) -> bool:
+    """Return whether the route that ``scope`` reaches is exempt, or guarded by its own `RouteGuard`.
+
+    The routes are the application's: ``scope["app"]`` (Starlette sets it before its middleware runs), else
+    the first of ``app`` and the applications it wraps (``.app``) that has a router, for a middleware
+    wrapped around the application from outside.
+    """
+    route = _find(getattr(_router(scope.get("app")) or _router(app), "routes", ()), scope)
     if route is None:
         return False
     return getattr(route, GUARDED_BY_ROUTE, None) is not None or is_exempt(getattr(route, "endpoint", None))
+
+
+def _router(app: object) -> object | None:
+    """The router of ``app`` (or ``app`` itself, a router), or of the first application it wraps that has one."""
+    for _ in range(16):  # a middleware stack is short; a cycle of .app must not hang a request
+        if app is None:
+            return None
+        router: object | None = getattr(app, "router", None)
+        if router is not None:
+            return router
+        if hasattr(app, "routes"):  # the router itself, the innermost of Starlette's own stack
+            return app
+        app = getattr(app, "app", None)
+    return None
 
 
 def _find(routes: Iterable[object], scope: Scope) -> object | None:

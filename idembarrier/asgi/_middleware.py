@@ -129,7 +129,7 @@ class IdempotencyMiddleware:
         if scope["type"] != "http" or str(scope["method"]).upper() not in self.settings.methods:
             await self._pass(scope, receive, send, key_absent=False)
             return
-        if route_leaves_middleware(scope):  # `exempt`, or a route its own RouteGuard guards
+        if route_leaves_middleware(scope, self.app):  # `exempt`, or a route its own RouteGuard guards
             await self.app(scope, receive, send)
             return
         settings = self.settings

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import ConfigurationError, InvalidKeyError
 from ._execution import Execution
 from ._extractors import header
-from ._failures import NOT_STORED
+from ._failures import NOT_STORED, answer_failure
 from ._marks import GUARDED_BY_ROUTE, is_exempt
 from ._middleware import _ClientGone, _read_body, _replaying, open_claim
 from ._problems import DEFAULT_PROBLEMS, Problem, send_problem
@@ -66,6 +66,7 @@ class _Pending:
     downstream: Send
     execution: Execution | None = None
     started: bool = field(default=False)
+    failure: Exception | None = None  # the guard's own, raised from its dependency: answered as a problem
 
     async def send(self, message: Message) -> None:
         self.started = True
@@ -184,14 +185,16 @@ class RouteGuard:
 
     async def _claim(self, scope: Scope, key_scope: str) -> None:
         pending = scope.get(_PENDING)
-        if pending is None and str(scope.get("method", "")).upper() not in self.settings.methods:
-            return  # a route of several methods, called with one this guard does not guard
         if not isinstance(pending, _Pending) or pending.guard is not self:
             raise ConfigurationError("a RouteGuard's dependency ran on a route not built by guard.route")
         if pending.key is None:
             return  # an optional key, absent: the request runs unguarded
         if find_unit_of_work(scope) is not None:
-            raise ConfigurationError("this request already has a unit of work: two guards for one route")
+            pending.failure = ConfigurationError(
+                "this request already has a unit of work: two guards for one route (IdempotencyMiddleware "
+                "wrapped so that it cannot see the app's routes, or two route guards)"
+            )
+            raise pending.failure
         uow = await open_claim(
             self.barrier,
             self.settings,
@@ -242,6 +245,9 @@ class RouteGuard:
                 await pending.execution.finish(exc)
             elif isinstance(exc, _Answered):
                 pass
+            elif exc is pending.failure and not pending.started:
+                if await answer_failure(send, exc, settings.retry_after, settings.problems):
+                    raise
             elif isinstance(exc, UnguardedRequestError) and key is None and not pending.started:
                 detail = f"this route needs an idempotency key ({_where(self.key)})"
                 await send_problem(send, Problem.KEY_MISSING, detail, problems=settings.problems, headers=[NOT_STORED])
@@ -290,6 +296,12 @@ def _route_class(guard: RouteGuard) -> type[APIRoute]:
         def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
             methods = {str(method).upper() for method in options.get("methods") or ("GET",)}
             guarded = not is_exempt(endpoint) and bool(methods & guard.settings.methods)
+            if guarded and not methods <= guard.settings.methods:
+                # The guard's dependency (its scope, the principal) would run for every method of the route.
+                raise ConfigurationError(
+                    f"route {path!r} mixes guarded and unguarded methods ({sorted(methods)}): split it into "
+                    "one route per kind, or mark it exempt"
+                )
             if guarded:
                 # Last of the route's dependencies, before the endpoint's own: authentication first.
                 options["dependencies"] = [*(options.get("dependencies") or ()), claim]
