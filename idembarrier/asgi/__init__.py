@@ -29,6 +29,12 @@ Scope: keys are chosen by clients, so a key alone must never select a record. ``
 request to its tenant or principal; the same key from two tenants is two records, and one tenant can
 never obtain the response stored for another (the draft's security considerations).
 
+Per route, in FastAPI: `RouteGuard` guards the routes of a router (``APIRouter(route_class=guard.route)``)
+with the scope a FastAPI dependency resolves (the authenticated principal), after the route's own
+dependencies, so no middleware order can hide it; the key comes from a `KeyExtractor` (`header`,
+`json_field`); `exempt` marks a route that neither guards. `stripe_webhooks`, `github_webhooks` and
+`standard_webhooks` take each sender's event id as the key, in its own scope, kept past its retries.
+
 `document_idempotency` writes this contract into a FastAPI app's OpenAPI schema, from the middleware's own
 settings: the key's header on each guarded operation, its problem responses, and the replay headers.
 
