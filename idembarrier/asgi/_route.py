@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection
     from datetime import timedelta
 
+    from fastapi import params
     from fastapi.routing import APIRoute
 
     from .._barrier import Barrier
@@ -118,7 +119,7 @@ class RouteGuard:
         self,
         barrier: Barrier[HTTPResponse],
         *,
-        scope: str | Callable[..., str | Awaitable[str]] | Any,
+        scope: str | Callable[..., str | Awaitable[str]] | params.Depends,
         key: KeyExtractor | None = None,
         required: bool = True,
         methods: Collection[str] = ("POST", "PATCH"),
