@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Annotated
 import anyio
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.middleware.authentication import AuthenticationMiddleware
 
 from idembarrier import Barrier, ConfigurationError, JSONCodec, OnConflict
 from idembarrier.asgi import (
@@ -28,6 +30,8 @@ from tests.helpers import Boom, lock_waiters, new_key
 from tests.models import Payment
 
 if TYPE_CHECKING:
+    from starlette.requests import HTTPConnection
+
     from idembarrier.asgi._types import Message, Receive, Scope, Send
     from tests.conftest import Database
 
@@ -435,3 +439,33 @@ def test_json_field_needs_a_path() -> None:
     for path in ((), ("data", "")):
         with pytest.raises(ConfigurationError, match="json_field"):
             json_field(*path)
+
+
+class TokenBackend(AuthenticationBackend):
+    """Starlette's authentication: the Authorization header names the user."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        user = USERS.get(conn.headers.get("authorization", ""))
+        return None if user is None else (AuthCredentials(["authenticated"]), SimpleUser(user))
+
+
+def principal(request: Request) -> str:
+    """The scope from what Starlette's AuthenticationMiddleware left on the request."""
+    if not request.user.is_authenticated:
+        raise HTTPException(status_code=401, detail="not authenticated")
+    return f"user:{request.user.display_name}"
+
+
+async def test_the_middleware_order_cannot_hide_the_principal_from_a_route_guard(db: Database) -> None:
+    """IdempotencyMiddleware added after AuthenticationMiddleware runs first (Starlette's reverse order), so its
+    scope_of could not read the user; a route guard's scope is a dependency, resolved after every middleware."""
+    barrier = Barrier(db.sessionmaker, codec=HTTPResponseCodec())
+    app = app_with(RouteGuard(barrier, scope=principal))
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+    app.add_middleware(IdempotencyMiddleware, barrier=barrier, scope_of=lambda request: str(request.scope["user"]))
+    key = new_key()
+    async with client(app) as http:
+        answers = [await http.post("/payments", headers=alice(key), json={}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [201, 201]
+    assert answers[1].headers["idempotent-replayed"] == "true"
+    assert await db.records(key) == [("user:alice", key, "COMPLETED")]
