@@ -81,7 +81,7 @@ from typing import Annotated, Any
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from alembic import context
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel
 from sqlalchemy import JSON as SQLJSON
 from sqlalchemy import Connection, MetaData
@@ -90,6 +90,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import idembarrier
 from idembarrier import Barrier, ExpiredReplay, Retention, UnitOfWork
+from idembarrier.asgi import HTTPResponseCodec, RequestHead
 from idembarrier.kafka import AIOKafkaPublisher, DeadLetterTopic, OutboxRelay, run_consumer
 
 
@@ -147,6 +148,25 @@ NEW_KEY = OLD_KEY = b"a Fernet key: SealedCodec.new_key()"
 
 async def serve() -> None:
     raise NotImplementedError
+
+
+class User:
+    tenant_id: str
+
+
+def current_user() -> User:
+    raise NotImplementedError
+
+
+def tenant_of(request: RequestHead) -> str:
+    raise NotImplementedError
+
+
+async def verify_stripe_signature(request: Request) -> None:
+    raise NotImplementedError
+
+
+app = FastAPI()
 '''
 
 MYPY_CONFIG = """
