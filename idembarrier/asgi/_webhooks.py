@@ -25,6 +25,7 @@ from ._route import RouteGuard
 if TYPE_CHECKING:
     from .._barrier import Barrier
     from .._config import OnConflict, Retention
+    from ._extractors import KeyExtractor
     from ._problems import Problems
     from ._request import FingerprintPart
     from ._response import HTTPResponse
@@ -62,15 +63,7 @@ def stripe_webhooks(
     string, a 400 ``key-invalid``. Verify the ``Stripe-Signature`` in a dependency of the route: it runs
     before the key is claimed.
     """
-    return RouteGuard(
-        barrier,
-        scope=scope,
-        key=json_field("id"),
-        retention=retention,
-        fingerprint=_WEBHOOK_FINGERPRINT,
-        on_conflict=on_conflict,
-        problems=problems,
-    )
+    return _guard(barrier, json_field("id"), scope, retention, on_conflict, problems)
 
 
 def github_webhooks(
@@ -85,15 +78,7 @@ def github_webhooks(
 
     A redelivery keeps its delivery's GUID. Verify ``X-Hub-Signature-256`` in a dependency of the route.
     """
-    return RouteGuard(
-        barrier,
-        scope=scope,
-        key=header("X-GitHub-Delivery"),
-        retention=retention,
-        fingerprint=_WEBHOOK_FINGERPRINT,
-        on_conflict=on_conflict,
-        problems=problems,
-    )
+    return _guard(barrier, header("X-GitHub-Delivery"), scope, retention, on_conflict, problems)
 
 
 def standard_webhooks(
@@ -109,10 +94,22 @@ def standard_webhooks(
     The specification keeps a message's ``webhook-id`` across its retries. Verify ``webhook-signature`` in a
     dependency of the route. Give each sender its own ``scope``: their ids are unique only per sender.
     """
+    return _guard(barrier, header("webhook-id"), scope, retention, on_conflict, problems)
+
+
+def _guard(
+    barrier: Barrier[HTTPResponse],
+    key: KeyExtractor,
+    scope: str,
+    retention: timedelta | Retention,
+    on_conflict: OnConflict | None,
+    problems: Problems,
+) -> RouteGuard:
+    """A sender's guard: its key, its scope and retention, and only the method and path fingerprinted."""
     return RouteGuard(
         barrier,
         scope=scope,
-        key=header("webhook-id"),
+        key=key,
         retention=retention,
         fingerprint=_WEBHOOK_FINGERPRINT,
         on_conflict=on_conflict,
