@@ -66,11 +66,11 @@ async def check_asyncpg(conn: AsyncConnection) -> None:
 
 async def _kept(conn: AsyncConnection, driver: Any) -> list[str]:
     """What the drivers under ``conn`` keep on the server across transactions, behind a pooler; direct: nothing."""
-    if await driver.fetchval(_BACKEND) == driver.get_server_pid():
+    # SQLAlchemy's statements first: the first one (the pooler check's) opens SQLAlchemy's transaction if none
+    # is open yet, and every later statement of the check then reaches the same server session.
+    if not await behind_pooler(conn):
         return []  # a direct connection: the server reported its own backend at startup
     kept = []
-    # SQLAlchemy's statements first: the first one opens SQLAlchemy's transaction if none is open yet, and
-    # every later statement of the check then reaches the same server session.
     probe = _probe()
     await conn.exec_driver_sql(probe)
     first = await _names(driver, probe)
@@ -91,10 +91,8 @@ async def check_psycopg(conn: AsyncConnection) -> None:
     """Refuse a psycopg engine that prepares statements on the server when a pooler is in front."""
     adapted = (await pool_connection(conn)).dbapi_connection
     driver: Any = adapted.driver_connection if adapted is not None else None
-    cursor = await driver.execute(_BACKEND, prepare=False)
-    [backend] = await cursor.fetchone()
-    if backend == driver.info.backend_pid or driver.prepare_threshold is None:
-        return  # direct, or nothing is ever prepared on the server
+    if driver.prepare_threshold is None or not await behind_pooler(conn):
+        return  # nothing is ever prepared on the server, or a direct connection
     raise ConfigurationError(
         "a transaction pooler is in front of PostgreSQL (the backend differs from the one the connection was "
         f"opened with), and psycopg prepares statements on the server after {driver.prepare_threshold} runs: "
