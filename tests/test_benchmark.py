@@ -36,3 +36,19 @@ async def test_benchmark_runs_briefly_and_checks_its_writes(pg_db: Database) -> 
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert "repeat 1: OK" in out
     assert "VERDICT" in out
+
+
+async def _smoke(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script> --smoke``; return its output once it exited 0."""
+    done = await anyio.run_process([sys.executable, f"benchmarks/{script}", "--smoke", *args], cwd=ROOT, check=False)
+    assert done.returncode == 0, (done.stdout.decode()[-3000:], done.stderr.decode()[-3000:])
+    return done.stdout.decode()
+
+
+async def test_peers_core_smoke_prints_its_tables(pg_db: Database) -> None:
+    """benchmarks/peers_core.py --smoke runs every variant (a peer not installed as such) and checks its writes."""
+    out = await _smoke("peers_core.py", "--database-url", pg_db.url)
+    assert "### Ratios to bare" in out
+    for variant in ("bare", "ib_own", "ib_session", "ib_replay", "ib_lookup", "naive", "idemkit", "dbos"):
+        assert f"| {variant} (" in out
+    assert "CORRECTNESS: OK" in out

@@ -1,0 +1,463 @@
+"""The block-interleaved harness the peers benchmarks share: one process per variant, paired rounds, CPU per request.
+
+How a measurement is taken (the method of ``research/performance_measured.md``):
+
+* Every variant runs in its own long-lived worker process (the same script, started with ``--worker NAME``),
+  so that no variant's imports, pools, threads or garbage slow another's. Only one worker is active at a time.
+* A **block** is: open the variant's pools, warm up (unmeasured: at least ``warmup`` seconds and ``3 c``
+  requests), measure a closed loop of ``c`` tasks for ``block`` seconds, close the pools.
+* A **round** is one block of every variant, in an order that rotates every round. Each round yields the
+  ratios variant ÷ reference (throughput, client CPU per request, server CPU per request), so that drift
+  of the shared machine cancels within a round. A table cell is the **median of the per-round ratios**,
+  with their spread (the lowest and highest per-round ratio, and the interquartile range).
+* **Client CPU** is the worker's own ``getrusage`` (every thread) over the measured window. **Server
+  CPU** is the ``schedstat`` run time of the worker's own PostgreSQL backends over the same window: the
+  backends whose client ports are this worker's sockets (whatever the driver, DBOS's system database
+  included). **Redis CPU** is the server's ``INFO cpu``; Redis is shared, so small values are noise.
+
+A worker talks to the controller in JSON lines over a pipe of its own (its stdout is sent to stderr, so
+that libraries printing cannot break the protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+DASH = "\u2013"  # the en dash of a range, as the README writes them
+
+
+class Variant(Protocol):
+    """One way of doing the request, as a worker process runs it."""
+
+    async def setup(self) -> None:
+        """Prepare what the variant needs in a fresh database (keys to replay…); once per repeat."""
+
+    async def open(self, conc: int) -> None:
+        """Open the pools for ``conc`` concurrent callers."""
+
+    async def request(self) -> None:
+        """Do one request; raise on a wrong answer."""
+
+    async def close(self) -> None:
+        """Close the pools."""
+
+    def counts(self) -> dict[str, int]:
+        """What the variant did since `setup`, for the controller's correctness check."""
+
+
+# -- what a worker measures ---------------------------------------------------------------------------------
+
+
+def _socket_inodes() -> set[str]:
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def local_ports(remote_port: int) -> list[int]:
+    """The local ports of this process's TCP connections to ``remote_port`` (from procfs)."""
+    inodes, ports = _socket_inodes(), []
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+                ports.append(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def process_cpu_ns(pid: int) -> int | None:
+    """The run time of process ``pid`` in ns (procfs ``schedstat``), or None when it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def client_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class ServerProbe:
+    """Finds this worker's PostgreSQL backends and reads their CPU; one asyncpg connection of its own."""
+
+    def __init__(self, dsn: str | None, port: int) -> None:
+        self.dsn, self.port = dsn, port
+        self.conn: Any = None
+        self.own_pid = 0
+
+    async def backends(self) -> list[int]:
+        if self.dsn is None:
+            return []
+        import asyncpg
+
+        if self.conn is None:
+            self.conn = await asyncpg.connect(self.dsn)
+            self.own_pid = await self.conn.fetchval("SELECT pg_backend_pid()")
+        rows = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE client_port = ANY($1::int[]) AND pid <> $2",
+            local_ports(self.port),
+            self.own_pid,
+        )
+        return [r["pid"] for r in rows]
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+
+def cpu_of(pids: Sequence[int]) -> dict[int, int]:
+    return {pid: ns for pid in pids if (ns := process_cpu_ns(pid)) is not None}
+
+
+class RedisProbe:
+    """Redis's own CPU (``INFO cpu``): shared with everything else that uses it."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.client: Any = None
+
+    async def cpu_s(self) -> float:
+        if self.url is None:
+            return math.nan
+        import redis.asyncio as aioredis
+
+        if self.client is None:
+            self.client = aioredis.from_url(self.url)
+        info = await self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+
+@dataclass
+class Block:
+    """One measured block of one variant."""
+
+    variant: str
+    requests: int  # completed inside the measured window
+    seconds: float
+    client_cpu_s: float
+    server_cpu_s: float  # NaN where the backends could not be read
+    redis_cpu_s: float  # NaN without Redis
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else math.nan
+
+    def per_request_us(self, what: str) -> float:
+        value: float = getattr(self, f"{what}_cpu_s")
+        return value / self.requests * 1e6 if self.requests else math.nan
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def measure(
+    variant: Variant,
+    name: str,
+    conc: int,
+    warmup: float,
+    seconds: float,
+    server: ServerProbe,
+    redis: RedisProbe,
+) -> Block:
+    """One block: open, warm up, a closed loop of ``conc`` callers for ``seconds``, close."""
+    errors: dict[str, int] = {}
+    await variant.open(conc)
+    try:
+        warm_end, warm_done = time.perf_counter() + warmup, 0
+
+        async def warm() -> None:
+            nonlocal warm_done
+            while time.perf_counter() < warm_end or warm_done < 3 * conc:
+                await variant.request()
+                warm_done += 1
+
+        await asyncio.gather(*(warm() for _ in range(conc)))
+        pids = await server.backends()
+        latencies: list[float] = []
+        started = asyncio.Event()
+        t_start = t_end = 0.0
+        snap: dict[str, Any] = {}
+
+        async def caller() -> None:
+            await started.wait()
+            while (begin := time.perf_counter()) < t_end:
+                try:
+                    await variant.request()
+                except Exception as exc:
+                    what = f"{type(exc).__name__}: {str(exc)[:120]}"
+                    errors[what] = errors.get(what, 0) + 1
+                    continue
+                end = time.perf_counter()
+                if end <= t_end:
+                    latencies.append(end - begin)
+
+        tasks = [asyncio.create_task(caller()) for _ in range(conc)]
+        snap["redis"] = await redis.cpu_s()
+        snap["server"], snap["client"] = cpu_of(pids), client_cpu_s()
+        t_start = time.perf_counter()
+        t_end = t_start + seconds
+        started.set()
+        await asyncio.sleep(seconds)
+        client = client_cpu_s() - snap["client"]
+        server_after = cpu_of(pids)
+        elapsed = time.perf_counter() - t_start
+        redis_cpu = await redis.cpu_s() - snap["redis"]
+        await asyncio.gather(*tasks)
+    finally:
+        await variant.close()
+    common = set(snap["server"]) & set(server_after)
+    server_cpu = sum(server_after[p] - snap["server"][p] for p in common) / 1e9 if common else math.nan
+    return Block(
+        variant=name,
+        requests=len(latencies),
+        seconds=elapsed,
+        client_cpu_s=client,
+        server_cpu_s=server_cpu,
+        redis_cpu_s=redis_cpu,
+        p50_ms=percentile(latencies, 0.5) * 1e3,
+        p99_ms=percentile(latencies, 0.99) * 1e3,
+        errors=errors,
+    )
+
+
+def serve(make: Callable[[str, dict[str, Any]], Variant], name: str, config: dict[str, Any]) -> int:
+    """A worker's main: answer the controller's commands (JSON lines) until it says ``quit``."""
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever a library prints goes to stderr
+    runner = asyncio.Runner()
+    variant = make(name, config)
+    server = ServerProbe(config.get("probe_dsn"), int(config.get("pg_port", 5432)))
+    redis = RedisProbe(config.get("redis_probe_url"))
+    channel.write(json.dumps({"ready": True}) + "\n")
+    try:
+        for line in sys.stdin:
+            command = json.loads(line)
+            op = command["op"]
+            answer: dict[str, Any]
+            try:
+                if op == "quit":
+                    break
+                if op == "setup":
+                    runner.run(variant.setup())
+                    answer = {"ok": True}
+                elif op == "block":
+                    block = runner.run(
+                        measure(variant, name, command["conc"], command["warmup"], command["block"], server, redis)
+                    )
+                    answer = {"ok": True, "block": asdict(block)}
+                elif op == "counts":
+                    answer = {"ok": True, "counts": variant.counts()}
+                else:
+                    answer = {"ok": False, "error": f"unknown command {op!r}"}
+            except Exception as exc:
+                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            channel.write(json.dumps(answer, default=str) + "\n")
+    finally:
+        runner.run(server.close())
+        runner.run(redis.close())
+        runner.close()
+    return 0
+
+
+# -- the controller -----------------------------------------------------------------------------------------
+
+
+class Worker:
+    """The controller's end of one worker process."""
+
+    def __init__(self, script: Path, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), "--worker", name, "--worker-config", json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.failed: str | None = None
+
+    def ask(self, **command: Any) -> dict[str, Any]:
+        stdin, stdout = self._pipes()
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        return self._answer(stdout)
+
+    def ready(self) -> None:
+        _, stdout = self._pipes()
+        self._answer(stdout)
+
+    def _pipes(self) -> tuple[IO[str], IO[str]]:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        return self.process.stdin, self.process.stdout
+
+    def _answer(self, stdout: IO[str]) -> dict[str, Any]:
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} exited with {self.process.wait()}")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.get("ok", True):
+            raise RuntimeError(f"worker {self.name}: {answer.get('error')}")
+        return answer
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            self.ask(op="quit")
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Run:
+    """Every block of a run, by repeat, concurrency and round."""
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # each: repeat, conc, round, + Block fields
+
+    def of(self, conc: int) -> dict[tuple[int, int], dict[str, dict[str, Any]]]:
+        """(repeat, round) → variant → block, at ``conc``."""
+        out: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+        for b in self.blocks:
+            if b["conc"] == conc:
+                out.setdefault((b["repeat"], b["round"]), {})[b["variant"]] = b
+        return out
+
+
+def run_rounds(
+    workers: dict[str, Worker], run: Run, repeat: int, conc: int, rounds: int, warmup: float, block: float
+) -> None:
+    """``rounds`` rounds of one block per variant at ``conc``, the order rotating every round."""
+    names = list(workers)
+    for r in range(rounds):
+        shift = (r + repeat) % len(names)
+        for name in names[shift:] + names[:shift]:
+            answer = workers[name].ask(op="block", conc=conc, warmup=warmup, block=block)
+            run.blocks.append({"repeat": repeat, "conc": conc, "round": r, **answer["block"]})
+        print(f"  repeat {repeat + 1} c={conc} round {r + 1}/{rounds} done", flush=True)
+
+
+def _value(b: dict[str, Any], metric: str) -> float:
+    if metric == "throughput":
+        return float(b["requests"]) / b["seconds"] if b["seconds"] else math.nan
+    requests = b["requests"]
+    return float(b[f"{metric}_cpu_s"]) / requests * 1e6 if requests else math.nan
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A median of per-round ratios, with the spread of those ratios."""
+
+    median: float
+    low: float
+    high: float
+    q1: float
+    q3: float
+    n: int
+
+    def cell(self) -> str:
+        if self.n == 0 or math.isnan(self.median):
+            return DASH
+        if self.n < 4:
+            return f"{self.median:.2f} [{self.low:.2f}{DASH}{self.high:.2f}]"
+        return f"{self.median:.2f} [{self.q1:.2f}{DASH}{self.q3:.2f}]"
+
+
+def ratio(run: Run, conc: int, metric: str, over: str, under: str) -> Ratio:
+    """Median over rounds of ``metric(over) / metric(under)``, measured in the same round."""
+    values = []
+    for blocks in run.of(conc).values():
+        if over in blocks and under in blocks:
+            a, b = _value(blocks[over], metric), _value(blocks[under], metric)
+            if b and not math.isnan(a) and not math.isnan(b):
+                values.append(a / b)
+    if not values:
+        return Ratio(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return Ratio(statistics.median(values), min(values), max(values), q[0], q[2], len(values))
+
+
+def median_value(run: Run, conc: int, metric: str, variant: str) -> float:
+    values = [_value(blocks[variant], metric) for blocks in run.of(conc).values() if variant in blocks]
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def median_field(run: Run, conc: int, name: str, variant: str) -> float:
+    values = [float(b[name]) for blocks in run.of(conc).values() if (b := blocks.get(variant))]
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def errors_of(run: Run) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for b in run.blocks:
+        for what, n in b["errors"].items():
+            key = f"{b['variant']}: {what}"
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def number(x: float, digits: int = 0) -> str:
+    return DASH if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def machine_line() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)"
+
+
+def shuffled(items: list[str], seed: int) -> list[str]:
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
