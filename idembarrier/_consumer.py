@@ -1,54 +1,40 @@
-"""The consumer barrier: each message's effect once, whatever the broker redelivers.
+"""The Kafka consumer loop: each message's effect once, whatever the broker redelivers.
 
-`consume` runs one message's handler in a unit of work keyed by its id. `run_consumer` is the loop around
-it, with this retry contract: whatever goes wrong (the handler, the database, the broker, a cancellation,
-a stop), before the loop goes on or returns, every partition of the fetched batch is sought back to its
-first message not yet applied and committed, so a retry of the loop, a restart or a rebalance loses
-nothing, and what was applied is a duplicate when it comes again.
+`consume` runs one message's handler in a unit of work keyed by its id; `run_consumer` is the loop around
+it, on `idembarrier._delivery.ConsumerBarrier` (which tells transient, poison and fatal failures apart), with
+this retry contract: whatever goes wrong (the handler, the database, the broker, a cancellation, a stop),
+before the loop goes on or returns, the offsets of what was applied are committed and every partition of the
+fetched batch is sought back to its first message not yet applied and committed, so a retry of the loop, a
+restart or a rebalance loses nothing, and what was applied is a duplicate when it comes again.
 
-What fails is told apart by type:
-    transient   `StorageError` that a retry can outlive (a lost connection, an aborted transaction, a
-                busy server: by SQLSTATE class), `KeyInProgressError`, any error of the consumer's own
-                client: retried with backoff and jitter, without limit unless ``max_retries`` says so.
-    poison      the handler (or its writes) raising, ``max_attempts`` times for one message id, counted
-                in the ``<records>_failures`` table (a restart does not reset it); a message whose
-                headers cannot be read (`MalformedMessageError`); an id reused for another value
-                (`FingerprintMismatchError`). Sent to the dead letter at once, with no retry for the last
-                two: the message's record becomes FAILED with a `DeadLetter` description, the
-                ``dead_letter`` destination runs in the same transaction, and the offset moves past it.
-    fatal       `SchemaError`, `ConfigurationError`, a `StorageError` no retry fixes (an undefined table, a
-                permission): they propagate (after the seek).
+Offsets are committed once per fetched batch (and before any retry, stop or raise), each after the database
+commits of the messages it covers: a crash in between means the batch's applied messages come again, which
+are duplicates.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import warnings
-from dataclasses import asdict, dataclass
-from enum import StrEnum
-from functools import partial
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import anyio
 
 from ._backoff import Backoff
-from ._errors import transient
-from ._exceptions import (
-    ConfigurationError,
-    FingerprintMismatchError,
-    IdembarrierError,
-    InvalidKeyError,
-    KeyInProgressError,
-    ResponseExpiredError,
-    SchemaError,
-    StorageError,
+from ._delivery import (
+    Applied,
+    Consumed,
+    ConsumerBarrier,
+    DeadLetter,
+    DeadLetterDestination,
+    DeadLettered,
+    Duplicate,
+    MissingMessageId,
+    Retry,
+    consume_once,
+    message_key,
 )
-from ._keys import MAX_KEY_LENGTH, validate_key
-from ._metrics import Outcome
-from ._outbox import CONTRACT_HEADER, CONTRACT_VERSION, MESSAGE_ID_HEADER
-from ._record import Status
+from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -59,31 +45,15 @@ if TYPE_CHECKING:
     from ._codec import JSON
     from ._uow import UnitOfWork
 
-__all__ = [
-    "Consumed",
-    "ConsumerMessage",
-    "DeadLetter",
-    "DeadLetterTopic",
-    "MalformedMessageError",
-    "MissingMessageId",
-    "MissingMessageIdError",
-    "OffsetConsumer",
-    "consume",
-    "run_consumer",
-]
+__all__ = ["ConsumerMessage", "KafkaDelivery", "OffsetConsumer", "consume", "run_consumer"]
 
 R = TypeVar("R")
 M = TypeVar("M", bound="ConsumerMessage")
 P = TypeVar("P")
 M_co = TypeVar("M_co", bound="ConsumerMessage", covariant=True)
-M_contra = TypeVar("M_contra", bound="ConsumerMessage", contravariant=True)
 
 _log = logging.getLogger("idembarrier.consumer")
 
-READABLE_CONTRACTS = frozenset({1, CONTRACT_VERSION})
-"""The header contract versions a consumer reads; 1 is the version without a contract header."""
-_MAX_ERROR = 2000
-"""The longest error text kept in a failure count or a dead letter."""
 _IDLE_REPORT = 10.0
 """Seconds without an assigned partition after which the loop says so in the log."""
 
@@ -105,146 +75,46 @@ class ConsumerMessage(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
-class MissingMessageId(StrEnum):
-    """What `consume` does with a message that lacks the ``idempotency-message-id`` header."""
-
-    REJECT = "reject"
-    """Raise `MissingMessageIdError`; the handler does not run (`run_consumer`: the message goes to its dead letter)."""
-    DERIVE = "derive"
-    """Key it by ``<topic>:<partition>:<offset>`` with a warning: a redelivery is caught, a re-publish is not."""
-
-
-class MalformedMessageError(IdembarrierError):
-    """Raised when a consumed message's idempotency headers cannot be read; the handler does not run.
-
-    The id header is not UTF-8, not a usable key (empty, over 255 characters, control characters), or the
-    contract header names a version this consumer does not read. `run_consumer` sends such a message to
-    its dead letter at once: it would fail the same way on every redelivery.
-    """
-
-    def __init__(self, topic: str, partition: int, offset: int, reason: str) -> None:
-        super().__init__(f"message {topic}:{partition}:{offset} cannot be consumed: {reason}")
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.reason = reason
-
-
-class MissingMessageIdError(MalformedMessageError):
-    """Raised when a consumed message has no ``idempotency-message-id`` header and the policy rejects it."""
-
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        super().__init__(topic, partition, offset, f"it has no {MESSAGE_ID_HEADER!r} header")
-
-
 @dataclass(frozen=True, slots=True)
-class Consumed(Generic[R]):
-    """What `consume` did with a message."""
+class KafkaDelivery(Generic[M]):
+    """A Kafka record as a `idembarrier.messaging.Delivery`: its source the topic, its position ``partition:offset``."""
 
-    message_id: str
-    """The key the consumer's barrier used."""
-    duplicate: bool
-    """Whether the message was seen before: the handler did not run, ``response`` is the recorded one."""
-    response: R | None
-    """The handler's response (recorded, for a duplicate); ``None`` for a dead-lettered message."""
-    dead_lettered: bool = False
-    """Whether the message was seen before and given up on (`run_consumer` sent it to its dead letter)."""
+    record: M
 
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]:
+        """The record's headers."""
+        return self.record.headers
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """Why `run_consumer` gave up on a message: the FAILED record's response, and what a destination gets."""
+    @property
+    def value(self) -> bytes | None:
+        """The record's value."""
+        return self.record.value
 
-    key: str
-    """The key of the message's FAILED record: its id, or ``<topic>:<partition>:<offset>`` when unusable."""
-    reason: str
-    """``handler`` (it failed ``attempts`` times), ``malformed`` or ``fingerprint_mismatch``."""
-    error: str
-    """The last exception, as ``repr``, cut to 2,000 characters."""
-    attempts: int
-    """How many times the handler failed; 0 when it never ran."""
-    topic: str
-    partition: int
-    offset: int
+    @property
+    def key(self) -> bytes | None:
+        """The record's key."""
+        return self.record.key
 
-    def as_json(self) -> dict[str, JSON]:
-        """The fields as a JSON object."""
-        return dict(asdict(self))
+    @property
+    def source(self) -> str:
+        """The record's topic."""
+        return self.record.topic
 
+    @property
+    def position(self) -> str:
+        """``<partition>:<offset>``."""
+        return f"{self.record.partition}:{self.record.offset}"
 
-class DeadLetterDestination(Protocol[M_contra]):
-    """Where `run_consumer` sends a poison message, in the transaction that records it FAILED.
+    @property
+    def partition(self) -> int:
+        """The record's partition."""
+        return self.record.partition
 
-    Called as ``destination(uow, message, letter)``: write to a table through ``uow.session``, publish to a
-    topic with ``uow.publish`` (the outbox relays it), or both. Raising makes the dead-lettering transient:
-    it is retried with the loop's backoff.
-    """
-
-    async def __call__(self, uow: UnitOfWork[JSON], message: M_contra, letter: DeadLetter, /) -> None: ...
-
-
-class DeadLetterTopic:
-    """A dead-letter destination that publishes the message, through the outbox, to ``topic``.
-
-    The copy keeps the message's key, value and own headers, and adds ``idempotency-dead-letter`` (the
-    `DeadLetter` as JSON) and ``idempotency-original-message-id``; it gets an id of its own.
-    """
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-
-    async def __call__(self, uow: UnitOfWork[JSON], message: ConsumerMessage, letter: DeadLetter, /) -> None:
-        """Publish the copy; see the class."""
-        ours = {CONTRACT_HEADER, MESSAGE_ID_HEADER, "idempotency-key", "idempotency-scope"}
-        headers = {name: value for name, value in message.headers if name not in ours and isinstance(value, bytes)}
-        headers["idempotency-dead-letter"] = json.dumps(letter.as_json()).encode()
-        headers["idempotency-original-message-id"] = letter.key.encode()
-        uow.publish(self.topic, message.value or b"", key=message.key, headers=headers)
-
-
-def message_key(message: ConsumerMessage, policy: MissingMessageId) -> str:
-    """The key a message is consumed under: its id header, read by the contract it declares.
-
-    Raises:
-        MissingMessageIdError: No id header, and ``policy`` is REJECT.
-        MalformedMessageError: The headers cannot be read (see the exception).
-    """
-    headers: dict[str, object] = {}
-    for name, value in message.headers:
-        headers.setdefault(name, value)  # the first of a repeated header counts
-    contract = headers.get(CONTRACT_HEADER)
-    where = (message.topic, message.partition, message.offset)
-    if contract is not None:
-        version = contract.decode("ascii", "replace") if isinstance(contract, bytes) else None
-        if version is None or not version.isdecimal() or int(version) not in READABLE_CONTRACTS:
-            known = ", ".join(map(str, sorted(READABLE_CONTRACTS)))
-            raise MalformedMessageError(*where, f"header contract {version!r} is not one this version reads ({known})")
-    if MESSAGE_ID_HEADER not in headers:
-        if MissingMessageId(policy) is MissingMessageId.REJECT:
-            raise MissingMessageIdError(*where)
-        warnings.warn(
-            f"message {position_key(message)} has no {MESSAGE_ID_HEADER!r} header: "
-            "deduplicating it by its offset, which misses duplicates the producer created",
-            stacklevel=3,
-        )
-        return position_key(message)
-    mid = headers[MESSAGE_ID_HEADER]
-    if not isinstance(mid, bytes):
-        raise MalformedMessageError(*where, f"its {MESSAGE_ID_HEADER!r} header has no value")
-    try:
-        return validate_key(mid.decode("utf-8"), what="message id")
-    except UnicodeDecodeError as exc:
-        raise MalformedMessageError(*where, f"its {MESSAGE_ID_HEADER!r} header is not UTF-8") from exc
-    except InvalidKeyError as exc:
-        raise MalformedMessageError(*where, exc.reason) from exc
-
-
-def position_key(message: ConsumerMessage) -> str:
-    """``<topic>:<partition>:<offset>``, hashed when a long topic name would make it too long for a key."""
-    key = f"{message.topic}:{message.partition}:{message.offset}"
-    if len(key) <= MAX_KEY_LENGTH:
-        return key
-    return "pos-" + hashlib.sha256(key.encode()).hexdigest()
+    @property
+    def offset(self) -> int:
+        """The record's offset."""
+        return self.record.offset
 
 
 async def consume(
@@ -267,19 +137,29 @@ async def consume(
         MalformedMessageError: The headers cannot be read.
         FingerprintMismatchError: Another message with the same id but another value was consumed.
     """
-    return await _consume_as(message_key(message, on_missing_id), barrier, message, handler, group=group)
+    delivery = KafkaDelivery(message)
+    return await consume_once(message_key(delivery, on_missing_id), barrier, delivery, _unwrapped(handler), group=group)
 
 
-async def _consume_as(
-    key: str, barrier: Barrier[R], message: M, handler: Callable[[AsyncSession, M], Awaitable[R]], *, group: str
-) -> Consumed[R]:
-    """`consume` under a key already read from the message."""
-    async with barrier.unit_of_work(key, scope=f"consumer:{group}", fingerprint=message.value) as uow:
-        if not uow.replayed:
-            uow.complete(await handler(uow.session, message))
-    if uow.record is not None and uow.record.status is Status.FAILED:
-        return Consumed(message_id=key, duplicate=True, response=None, dead_lettered=True)
-    return Consumed(message_id=key, duplicate=uow.replayed, response=uow.response)
+def _unwrapped(
+    handler: Callable[[AsyncSession, M], Awaitable[R]],
+) -> Callable[[AsyncSession, KafkaDelivery[M]], Awaitable[R]]:
+    """``handler`` called with the Kafka record a `KafkaDelivery` wraps, as the user wrote it."""
+
+    async def call(session: AsyncSession, delivery: KafkaDelivery[M]) -> R:
+        return await handler(session, delivery.record)
+
+    return call
+
+
+class _UnwrappedDestination(Generic[M]):
+    """A dead-letter destination written for Kafka records, called with the record a `KafkaDelivery` wraps."""
+
+    def __init__(self, destination: DeadLetterDestination[M]) -> None:
+        self.destination = destination
+
+    async def __call__(self, uow: UnitOfWork[JSON], message: KafkaDelivery[M], letter: DeadLetter, /) -> None:
+        await self.destination(uow, message.record, letter)
 
 
 class OffsetConsumer(Protocol[P, M_co]):
@@ -313,13 +193,15 @@ async def run_consumer(
     max_retries: int | None = None,
     backoff: tuple[float, float] = (0.1, 30.0),
 ) -> int:
-    """Consume until ``stop`` is set: each message through `consume`, then its offset committed.
+    """Consume until ``stop`` is set: each message through `consume`, the batch's offsets committed after.
 
-    The offset is committed after the database commit, one message at a time: a crash in between means a
-    redelivery, which `consume` recognises as a duplicate. Failures are handled as the module says:
-    transient ones retried, poison messages dead-lettered, and before any retry or return every partition
-    of the batch is sought back to its first message not yet applied and committed. When ``stop`` is set
-    the loop finishes the message in flight, commits its offset, seeks back the rest and returns.
+    Offsets are committed after the database commits they cover, once per fetched batch (and before any
+    retry, stop or raise): a crash in between means a redelivery of what was applied, which `consume`
+    recognises as duplicates. Failures are handled as `idembarrier.messaging.ConsumerBarrier` tells them
+    apart: transient ones retried, poison messages dead-lettered, and before any retry or return the
+    offsets of what was applied are committed and every partition of the batch is sought back to its first
+    message not yet applied. When ``stop`` is set the loop finishes the message in flight, commits the
+    offsets of what it applied, seeks back the rest and returns.
 
     What a caller may retry: anything that propagates (a fatal error, the handler's exception when
     ``max_attempts`` is ``None``, the last transient error past ``max_retries``, a cancellation) left the
@@ -379,9 +261,6 @@ class _Retry(Exception):
         self.what = what
 
 
-_FATAL = (SchemaError, ConfigurationError)
-
-
 class _Loop(Generic[P, M, R]):
     """The state of one `run_consumer` call."""
 
@@ -401,45 +280,37 @@ class _Loop(Generic[P, M, R]):
         max_retries: int | None,
         backoff: Backoff,
     ) -> None:
-        from ._barrier import Barrier
-
-        self.consumer, self.barrier, self.handler = consumer, barrier, handler
-        self.group, self.scope, self.stop = group, f"consumer:{group}", stop
-        self.on_missing_id = on_missing_id
-        self.timeout_ms, self.max_records = int(poll_timeout * 1000), max_records
-        self.max_attempts, self.destination, self.max_retries = max_attempts, dead_letter, max_retries
-        self.backoff = backoff
-        self.retries = 0
-        self.idle_since: float | None = None
-        self.failed: set[str] = set()  # ids whose handler failed in this run: their count is cleared on success
-        options = barrier.options
-        # Dead letters are recorded as JSON whatever the consumer's codec: a `DeadLetter` is JSON.
-        self.letters: Barrier[JSON] = Barrier(
-            barrier.sessionmaker,
-            table=options.table,
-            schema=options.schema,
-            retention=options.retention,
-            retention_by_scope=options.retention_by_scope,
-            check_schema=False,
+        self.consumer, self.group, self.stop = consumer, group, stop
+        self.gate: ConsumerBarrier[KafkaDelivery[M], R] = ConsumerBarrier(
+            barrier,
+            _unwrapped(handler),
+            group=group,
+            on_missing_id=on_missing_id,
+            max_attempts=max_attempts,
+            dead_letter=None if dead_letter is None else _UnwrappedDestination(dead_letter),
         )
+        self.timeout_ms, self.max_records = int(poll_timeout * 1000), max_records
+        self.max_retries, self.backoff = max_retries, backoff
+        self.retries = 0
+        self.applied = 0  # messages whose handler's writes committed, in this call
+        self.idle_since: float | None = None
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
     async def run(self) -> int:
-        applied = 0
         while not self.stopped():
             batches = await self._fetch()
-            # Per partition, the first message of the batch not yet applied and committed.
+            # Per partition, the first message of the batch not yet applied (or its record not yet committed).
             positions = {partition: messages[0].offset for partition, messages in batches.items() if messages}
+            committed = dict(positions)
             try:
-                for partition, messages in batches.items():
-                    for message in messages:
-                        if self.stopped():
-                            return applied
-                        applied += await self._apply(message)
-                        await self._commit(partition, message.offset + 1)
-                        positions[partition] = message.offset + 1
+                try:
+                    await self._apply_batch(batches, positions)
+                except Exception:
+                    await self._commit(positions, committed, quietly=True)  # what was applied, where it can
+                    raise
+                await self._commit(positions, committed)
             except _Retry as retry:
                 await self._wait_after(retry)
                 continue
@@ -447,7 +318,16 @@ class _Loop(Generic[P, M, R]):
                 self._seek_back(batches, positions)
             self.retries = 0
             self.backoff.reset()
-        return applied
+        return self.applied
+
+    async def _apply_batch(self, batches: Mapping[P, Sequence[M]], positions: dict[P, int]) -> None:
+        """Apply the batch in order, noting in ``positions`` each partition's next message; stop when asked."""
+        for partition, messages in batches.items():
+            for message in messages:
+                if self.stopped():
+                    return
+                self.applied += await self._apply(message)
+                positions[partition] = message.offset + 1
 
     async def _fetch(self) -> Mapping[P, Sequence[M]]:
         """One fetch, given up (nothing fetched) as soon as ``stop`` is set; a client error is retried."""
@@ -487,11 +367,25 @@ class _Loop(Generic[P, M, R]):
             )
             self.idle_since = now
 
-    async def _commit(self, partition: P, offset: int) -> None:
+    async def _commit(self, positions: dict[P, int], committed: dict[P, int], *, quietly: bool = False) -> None:
+        """Commit in one request the partitions whose position moved past ``committed``, and note them there.
+
+        Every message below those positions has its database commit done. A failed commit is a retry (or,
+        ``quietly``, while another failure propagates, only logged), with ``positions`` put back where the
+        commit had left them: those messages are fetched again, as duplicates, and committed then.
+        """
+        moved = {partition: offset for partition, offset in positions.items() if offset > committed[partition]}
+        if not moved:
+            return
         try:
-            await self.consumer.commit({partition: offset})
-        except Exception as exc:  # a rebalance, the broker away: the message is applied, its redelivery a duplicate
-            raise _Retry(exc, "committing the offset") from exc
+            await self.consumer.commit(moved)
+        except Exception as exc:  # a rebalance, the broker away: the messages are applied, their redelivery duplicates
+            positions.update((partition, committed[partition]) for partition in moved)
+            if quietly:
+                _log.info("idembarrier: committing offsets %s failed (%r); they come again as duplicates", moved, exc)
+                return
+            raise _Retry(exc, "committing the offsets") from exc
+        committed.update(moved)
 
     def _seek_back(self, batches: Mapping[P, Sequence[M]], positions: Mapping[P, int]) -> None:
         for partition, messages in batches.items():
@@ -516,86 +410,13 @@ class _Loop(Generic[P, M, R]):
 
     async def _apply(self, message: M) -> int:
         """Consume one message; return 1 if its handler's writes committed, 0 for a duplicate or a dead letter."""
-        try:
-            key = message_key(message, self.on_missing_id)
-        except MalformedMessageError as exc:
-            await self._dead_letter(message, position_key(message), exc, "malformed", 0)
-            return 0
-        try:
-            done = await _consume_as(key, self.barrier, message, partial(self._handle, key), group=self.group)
-        except KeyInProgressError as exc:
-            raise _Retry(exc, f"consuming {key}") from exc
-        except StorageError as exc:
-            if not transient(exc):
-                raise
-            raise _Retry(exc, f"consuming {key}") from exc
-        except FingerprintMismatchError as exc:
-            await self._dead_letter(message, position_key(message), exc, "fingerprint_mismatch", 0)
-            return 0
-        except ResponseExpiredError:
-            return 0  # consumed long ago: only its compact record remains
-        except _FATAL:
-            raise
-        except Exception as exc:  # the handler's own, or its writes'
-            if self.max_attempts is None:
-                raise
-            attempts = await self._count_failure(key, exc)
-            if attempts < self.max_attempts:
-                raise _Retry(exc, f"the handler of {key} (failure {attempts} of {self.max_attempts})") from exc
-            await self._dead_letter(message, key, exc, "handler", attempts)
-            return 0
-        return int(not done.duplicate)
-
-    async def _handle(self, key: str, session: AsyncSession, message: M) -> R:
-        response = await self.handler(session, message)
-        if key in self.failed:  # it failed before in this run: its count goes with its success
-            self.failed.discard(key)
-            await self._forget(session, key)
-        return response
-
-    async def _forget(self, session: AsyncSession, key: str) -> None:
-        """In ``session``'s transaction: drop the failure count of ``key`` (it succeeded, or is dead-lettered)."""
-        storage = await self.barrier.runtime.storage_on(await session.connection(), check=False)
-        await storage.forget_failure(self.scope, key)
-
-    async def _count_failure(self, key: str, exc: BaseException) -> int:
-        """Count a handler failure of ``key`` in a transaction of its own; return the count so far."""
-        error = repr(exc)[:_MAX_ERROR]
-        self.failed.add(key)
-        runtime = self.barrier.runtime
-        try:
-            async with runtime.transaction("counting a handler failure", wait=runtime.options.wait_timeout) as storage:
-                attempts = await storage.count_failure(self.scope, key, error)
-        except StorageError as err:
-            raise _Retry(err, f"counting a failure of {key}") from err
-        return attempts
-
-    async def _dead_letter(self, message: M, key: str, exc: BaseException, reason: str, attempts: int) -> None:
-        """Record ``key`` FAILED with its `DeadLetter`, call the destination, all in one transaction."""
-        letter = DeadLetter(
-            key=key,
-            reason=reason,
-            error=repr(exc)[:_MAX_ERROR],
-            attempts=attempts,
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-        )
-        try:
-            async with self.letters.unit_of_work(key, scope=self.scope, fingerprint=message.value) as uow:
-                if uow.replayed:
-                    return  # dead-lettered already, by a run that died before committing the offset
-                if self.destination is not None:
-                    await self.destination(uow, message, letter)
-                await self._forget(uow.session, key)
-                uow.fail(letter.as_json())
-        except _FATAL:
-            raise
-        except Exception as err:
-            raise _Retry(err, f"dead-lettering {key}") from err
-        self.failed.discard(key)
-        self.barrier.runtime.count(Outcome.DEAD_LETTERED, self.scope)
-        _log.error("idembarrier: gave up on message %s (%s, %r); its record is FAILED", key, reason, exc)
+        match await self.gate.process(KafkaDelivery(message)):
+            case Applied():
+                return 1
+            case Duplicate() | DeadLettered():
+                return 0
+            case Retry(cause=cause, what=what):
+                raise _Retry(cause, what)
 
 
 async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:

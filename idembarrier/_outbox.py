@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ._exceptions import UnitOfWorkError
 from ._schema import outbox_name
+from ._tracecontext import current_headers
 
 if TYPE_CHECKING:
     import uuid
@@ -110,7 +111,8 @@ def decode_headers(text: str) -> tuple[tuple[str, bytes], ...]:
 def contract_headers(
     scope: str, key: str, position: int, execution: uuid.UUID, headers: Mapping[str, bytes] | None
 ) -> tuple[str, list[tuple[str, bytes]]]:
-    """The message id, and the message's headers: ours first, then the caller's."""
+    """The message id, and the message's headers: ours first, the current trace's (``traceparent``, where
+    OpenTelemetry is in use and the caller sets none), then the caller's."""
     extra = dict(headers or {})
     if reserved := sorted(_RESERVED & extra.keys()):
         raise UnitOfWorkError(f"headers {reserved} are set by idembarrier; leave them out")
@@ -124,7 +126,8 @@ def contract_headers(
         (KEY_HEADER, key.encode()),
         (SCOPE_HEADER, scope.encode()),
     ]
-    return mid, ours + list(extra.items())
+    carried = [(name, value) for name, value in current_headers().items() if name not in extra]  # the trace
+    return mid, ours + carried + list(extra.items())
 
 
 def notify_channel(table: TableName) -> str:

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._consumer import (
+from ._consumer import ConsumerMessage, KafkaDelivery, OffsetConsumer, consume, run_consumer
+from ._delivery import (
     Consumed,
-    ConsumerMessage,
     DeadLetter,
     DeadLetterDestination,
     DeadLetterTopic,
     MalformedMessageError,
     MissingMessageId,
     MissingMessageIdError,
-    OffsetConsumer,
-    consume,
-    run_consumer,
 )
 from ._outbox import CONTRACT_HEADER, CONTRACT_VERSION, KEY_HEADER, MESSAGE_ID_HEADER, SCOPE_HEADER, Message, message_id
 from ._relay import MessageRefusedError, OutboxRelay, Parked, Publisher
@@ -46,6 +43,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterDestination",
     "DeadLetterTopic",
+    "KafkaDelivery",
     "MalformedMessageError",
     "Message",
     "MessageRefusedError",

@@ -15,6 +15,7 @@ import idembarrier
 import idembarrier.asgi
 import idembarrier.httpx
 import idembarrier.kafka
+import idembarrier.messaging
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -22,7 +23,9 @@ if TYPE_CHECKING:
 NOT_API = frozenset({"annotations", "TYPE_CHECKING"})
 """Names a module binds for the compiler (``from __future__ import annotations``) and for the type checker."""
 NAMESPACES = pytest.mark.parametrize(
-    "module", [idembarrier, idembarrier.asgi, idembarrier.httpx, idembarrier.kafka], ids=lambda m: m.__name__
+    "module",
+    [idembarrier, idembarrier.asgi, idembarrier.httpx, idembarrier.kafka, idembarrier.messaging],
+    ids=lambda m: m.__name__,
 )
 """The public namespaces: the package and its documented subpackages."""
 PACKAGE = Path(idembarrier.__file__).parent

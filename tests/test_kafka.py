@@ -93,7 +93,7 @@ async def test_missing_id_is_rejected_by_default(db: Database) -> None:
     barrier = idembarrier.Barrier(db.sessionmaker)
     with pytest.raises(MissingMessageIdError, match="orders:0:3") as caught:
         await consume(barrier, Delivered(b"o-1", offset=3), record_payment, group="g")
-    assert (caught.value.topic, caught.value.partition, caught.value.offset) == ("orders", 0, 3)
+    assert (caught.value.source, caught.value.position) == ("orders", "0:3")
     assert await db.payments() == 0
 
 
@@ -102,7 +102,7 @@ async def test_missing_id_can_be_derived_from_the_offset_with_a_warning(db: Data
     barrier = idembarrier.Barrier(db.sessionmaker)
     message = Delivered(b"o-1", offset=3)
     for _ in range(2):
-        with pytest.warns(UserWarning, match="by its offset"):
+        with pytest.warns(UserWarning, match="by its position"):
             done = await consume(barrier, message, record_payment, group="g", on_missing_id=MissingMessageId.DERIVE)
     assert done.message_id == "orders:0:3"
     assert done.duplicate
@@ -285,8 +285,9 @@ def delivered(value: bytes, mid: bytes, offset: int, partition: int = 0) -> Deli
     return Delivered(value, [(MESSAGE_ID_HEADER, mid)], offset=offset, partition=partition)
 
 
-async def test_run_consumer_commits_each_offset_after_its_database_commit(db: Database) -> None:
-    """Each message, duplicates included, is consumed then committed; a stop while fetching returns at once."""
+async def test_run_consumer_commits_the_batch_offsets_after_their_database_commits(db: Database) -> None:
+    """The batch's messages, duplicates included, are consumed, then their offsets committed in one request;
+    a stop while fetching returns at once."""
     barrier = idembarrier.Barrier(db.sessionmaker)
     consumer = Batches(
         {"p0": [delivered(b"o-1", b"m-1", 0), delivered(b"o-1", b"m-1", 1)], "p1": [delivered(b"o-2", b"m-2", 0, 1)]}
@@ -301,11 +302,11 @@ async def test_run_consumer_commits_each_offset_after_its_database_commit(db: Da
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
-            while len(consumer.committed) < 3:
+            while not consumer.committed:
                 await anyio.wait_all_tasks_blocked()
             stop.set()
     assert applied == 2
-    assert consumer.committed == [{"p0": 1}, {"p0": 2}, {"p1": 1}]
+    assert consumer.committed == [{"p0": 2, "p1": 1}]
     assert await db.payments() == 2
 
 
@@ -524,13 +525,15 @@ async def test_client_errors_are_transient_and_nothing_is_applied_twice(db: Data
     log = Flaky([delivered(b"o-1", b"m-1", 0), delivered(b"o-2", b"m-2", 1)])
     stop = anyio.Event()
 
-    async def handler(session: AsyncSession, message: ConsumerMessage) -> idembarrier.JSON:
-        if message.value == b"o-2":
-            stop.set()
-        return await record_payment(session, message)
+    async def stop_once_committed() -> None:
+        while log.committed < 2:
+            await anyio.wait_all_tasks_blocked()
+        stop.set()
 
     with anyio.fail_after(10):
-        assert await run_consumer(log, barrier, handler, group="g", stop=stop, backoff=(0.01, 0.01)) == 2
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_once_committed)
+            assert await run_consumer(log, barrier, record_payment, group="g", stop=stop, backoff=(0.01, 0.01)) == 2
     assert log.failures == {"getmany": 0, "commit": 0}
     assert log.committed == 2
     assert await db.payments() == 2
@@ -625,10 +628,11 @@ async def test_a_failing_dead_letter_destination_is_retried(db: Database) -> Non
 
 def test_an_id_header_without_a_value_and_a_long_topic_have_precise_keys() -> None:
     """A null id header is malformed; a position key over 255 characters is hashed into a usable key."""
-    from idembarrier._consumer import message_key, position_key
+    from idembarrier._delivery import message_key, position_key
+    from idembarrier.kafka import KafkaDelivery
 
     with pytest.raises(MalformedMessageError, match="no value"):
-        message_key(Delivered(b"v", [(MESSAGE_ID_HEADER, None)]), MissingMessageId.REJECT)  # type: ignore[list-item]
-    long = position_key(Delivered(b"v", topic="t" * 300, offset=5))
+        message_key(KafkaDelivery(Delivered(b"v", [(MESSAGE_ID_HEADER, None)])), MissingMessageId.REJECT)  # type: ignore[list-item]
+    long = position_key(KafkaDelivery(Delivered(b"v", topic="t" * 300, offset=5)))
     assert long.startswith("pos-")
     assert len(long) <= 255
