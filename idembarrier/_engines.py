@@ -17,10 +17,24 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPPORTED", "check_url", "create_async", "create_sqlite_engine"]
 
-SUPPORTED = {"postgresql+asyncpg": "postgres", "postgresql+psycopg": "psycopg", "sqlite+aiosqlite": "sqlite"}
-"""The database+driver pairs the barrier is tested on, each with the extra that installs its driver."""
+SUPPORTED = {
+    "postgresql+asyncpg": "postgres",
+    "postgresql+psycopg": "psycopg",
+    "sqlite+aiosqlite": "sqlite",
+    "mysql+asyncmy": "mysql",
+    "mysql+aiomysql": "mysql",
+    "mariadb+asyncmy": "mysql",
+    "mariadb+aiomysql": "mysql",
+}
+"""The database+driver pairs the barrier is tested on, each with the extra that installs its driver.
 
-_EXAMPLES = "postgresql+asyncpg://user@host/dbname or sqlite+aiosqlite:///path/to/file.db"
+MariaDB (10.6 or later) is reached through ``mysql+`` or ``mariadb+`` URLs; a MySQL server is refused at its
+first connection (see `idembarrier._mysql`)."""
+
+_EXAMPLES = (
+    "postgresql+asyncpg://user@host/dbname, mysql+asyncmy://user@host/dbname (MariaDB) or "
+    "sqlite+aiosqlite:///path/to/file.db"
+)
 
 
 def check_url(url: str | URL) -> URL:
@@ -28,7 +42,8 @@ def check_url(url: str | URL) -> URL:
 
     Raises:
         ConfigurationError: ``url`` does not parse; or names a database or driver other than
-            PostgreSQL through asyncpg or psycopg 3 and SQLite through aiosqlite (a URL without ``+driver`` picks
+            PostgreSQL through asyncpg or psycopg 3, MariaDB through asyncmy or aiomysql and SQLite through
+            aiosqlite (a URL without ``+driver`` picks
             SQLAlchemy's synchronous default); or an in-memory SQLite database.
     """
     try:
@@ -43,8 +58,8 @@ def check_url(url: str | URL) -> URL:
             else f"URL without a driver, {parsed.drivername}:// (it picks the synchronous default, {pair})"
         )
         raise ConfigurationError(
-            f"unsupported {what}: idembarrier supports postgresql+asyncpg, "
-            f"postgresql+psycopg and sqlite+aiosqlite; use a URL such as {_EXAMPLES}"
+            f"unsupported {what}: idembarrier supports postgresql+asyncpg, postgresql+psycopg, "
+            f"mysql+asyncmy, mysql+aiomysql (MariaDB) and sqlite+aiosqlite; use a URL such as {_EXAMPLES}"
         )
     if pair == "sqlite+aiosqlite" and _in_memory(parsed):
         # Each connection gets its own empty in-memory database (or, shared-cache, one without the file locks

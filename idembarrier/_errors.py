@@ -1,4 +1,8 @@
-"""The one place where driver errors become idembarrier's: classified by SQLSTATE, never by message text."""
+"""The one place where driver errors become idembarrier's: classified by SQLSTATE, never by message text.
+
+MariaDB's drivers (asyncmy, aiomysql) report the server's error code, not its SQLSTATE: those errors are
+classified by code, and carry ``"mysql:<code>"`` where a SQLSTATE would be (`sqlstate_of`).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ __all__ = [
     "connect_error",
     "connection_lost",
     "lock_not_available",
+    "mysql_code",
     "sqlstate_of",
     "transient",
     "translate",
@@ -69,6 +74,32 @@ except ImportError:  # pragma: no cover - psycopg is installed in the tests' env
 # ("cannot switch to state 15; another operation (2) is in progress"). The connection is unusable: lost.
 _BROKEN = (_AsyncpgInterfaceError, _AsyncpgClientError)
 
+try:  # MariaDB's drivers, optional: asyncmy's errors, and PyMySQL's, which aiomysql raises.
+    from asyncmy.errors import InterfaceError as _AsyncmyInterfaceError
+    from asyncmy.errors import MySQLError as _AsyncmyError
+except ImportError:  # pragma: no cover - asyncmy is installed in the tests' environment
+    _AsyncmyError = _AsyncmyInterfaceError = ()  # type: ignore[assignment,misc]
+try:
+    from pymysql.err import InterfaceError as _PymysqlInterfaceError  # type: ignore[import-untyped]
+    from pymysql.err import MySQLError as _PymysqlError
+except ImportError:  # pragma: no cover - aiomysql (and PyMySQL) are installed in the tests' environment
+    _PymysqlError = _PymysqlInterfaceError = ()
+_MYSQL = (_AsyncmyError, _PymysqlError)
+# An InterfaceError is the driver's own: its connection is closed or its protocol out of step. Lost.
+_MYSQL_BROKEN = (_AsyncmyInterfaceError, _PymysqlInterfaceError)
+# MariaDB error codes. A lock wait ran out: innodb_lock_wait_timeout (1205), max_statement_time (1969), or
+# MySQL's NOWAIT (3572).
+_MYSQL_LOCK_WAIT = frozenset({1205, 1969, 3572})
+# Deadlock found (1213, SQLSTATE 40001; also Galera's certification failure at COMMIT); MySQL's
+# ER_LOCK_ABORTED (1689) and Galera's "WSREP has not yet prepared node for application use" (1047) are not it.
+_MYSQL_SERIALIZATION = frozenset({1213})
+# The connection died: server gone away (2006), lost during a query (2013), lost, server side (2055),
+# killed (1927, KILL CONNECTION), server shutting down (1053), idle past wait_timeout (4031).
+_MYSQL_CONNECTION_LOST = frozenset({2006, 2013, 2055, 1927, 1053, 4031})
+# What a retry can outlive besides those: too many connections (1040), can't connect (2003), out of memory
+# in the server (1037, 1041), a lock table full (1206).
+_MYSQL_TRANSIENT = _MYSQL_LOCK_WAIT | _MYSQL_SERIALIZATION | _MYSQL_CONNECTION_LOST | {1040, 2003, 1037, 1041, 1206}
+
 
 def _broken(driver: BaseException | None) -> bool:
     """Whether the driver's error says its connection is unusable, whatever the server said (or did not).
@@ -77,7 +108,7 @@ def _broken(driver: BaseException | None) -> bool:
     socket closed under a statement, or the connection already closed; the server's own errors of that
     class (a lock timeout, a cancel) carry their SQLSTATE and are classified by it.
     """
-    if isinstance(driver, _BROKEN):
+    if isinstance(driver, (*_BROKEN, *_MYSQL_BROKEN)):
         return True
     return isinstance(driver, _PsycopgOperationalError) and getattr(driver, "sqlstate", None) is None
 
@@ -91,13 +122,21 @@ def _driver_error(exc: BaseException) -> BaseException | None:
     """
     orig = getattr(exc, "orig", None)
     for candidate in (exc, orig, exc.__cause__, getattr(orig, "__cause__", None)):
-        if isinstance(candidate, (*_BROKEN, _AsyncpgPostgresError, _PsycopgError, sqlite3.Error)):
+        if isinstance(candidate, (*_BROKEN, _AsyncpgPostgresError, _PsycopgError, sqlite3.Error, *_MYSQL)):
             return candidate
     return exc if isinstance(exc, DBAPIError) else None
 
 
+def mysql_code(exc: BaseException) -> int | None:
+    """The MariaDB/MySQL error code of a driver error (``exc`` itself, or what it wraps), if it is one."""
+    driver = _driver_error(exc)
+    if isinstance(driver, _MYSQL) and driver.args and isinstance(driver.args[0], int):
+        return driver.args[0]
+    return None
+
+
 def sqlstate_of(exc: BaseException) -> str | None:
-    """Return the SQLSTATE (PostgreSQL) or ``"sqlite:<code>"`` carried by a driver error, if any."""
+    """Return the SQLSTATE (PostgreSQL), ``"sqlite:<code>"`` or ``"mysql:<code>"`` of a driver error, if any."""
     if isinstance(exc, StorageError):
         return exc.sqlstate
     driver = _driver_error(exc)
@@ -107,14 +146,22 @@ def sqlstate_of(exc: BaseException) -> str | None:
     code = getattr(driver, "sqlite_errorcode", None)
     if isinstance(code, int):
         return f"sqlite:{code}"
+    if (mysql := mysql_code(exc)) is not None and mysql != 0:  # 0: a driver error the server did not send
+        return f"mysql:{mysql}"
     return None
+
+
+def _mysql_state(state: str | None) -> int | None:
+    """The MariaDB error code in a ``"mysql:<code>"`` state, else ``None``."""
+    return int(state[6:]) if state is not None and state.startswith("mysql:") else None
 
 
 def lock_not_available(exc: BaseException) -> bool:
     """Whether ``exc`` says a bounded wait for a lock ran out.
 
-    That is PostgreSQL's 55P03 (lock_timeout), SQLite's BUSY/LOCKED (busy timeout), or the driver's own
-    statement timeout. During a claim it means a concurrent holder kept the key (PostgreSQL) or the
+    That is PostgreSQL's 55P03 (lock_timeout), SQLite's BUSY/LOCKED (busy timeout), MariaDB's 1205
+    (innodb_lock_wait_timeout) or 1969 (max_statement_time), or the driver's own statement timeout. During a
+    claim it means a concurrent holder kept the key (PostgreSQL, MariaDB) or the
     database's write lock (SQLite) for longer than the unit of work may wait.
     """
     if isinstance(exc, TimeoutError):
@@ -124,6 +171,8 @@ def lock_not_available(exc: BaseException) -> bool:
         return False
     if state.startswith("sqlite:"):
         return int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    if (code := _mysql_state(state)) is not None:
+        return code in _MYSQL_LOCK_WAIT
     return state == _LOCK_NOT_AVAILABLE
 
 
@@ -140,13 +189,15 @@ def translate(exc: BaseException, doing: str, *, ours: bool = True) -> StorageEr
         return None
     state = sqlstate_of(exc)
     invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
-    if state is not None and state in _SERIALIZATION:
+    code = _mysql_state(state)
+    if (state is not None and state in _SERIALIZATION) or code in _MYSQL_SERIALIZATION:
         return SerializationError(f"{doing}: the database aborted the transaction ({state})", sqlstate=state)
     if (
         invalidated
         or driver is None  # an OS-level connection error under our own statement
         or _broken(driver)
         or (state is not None and (state.startswith(_CONNECTION_LOST_PREFIX) or state in _CONNECTION_LOST))
+        or code in _MYSQL_CONNECTION_LOST
     ):
         return ConnectionLostError(f"{doing}: the database connection was lost ({state or 'closed'})", sqlstate=state)
     if state is not None and state.startswith("sqlite:") and int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
@@ -216,7 +267,9 @@ def closed_while_idle(conn: AsyncConnection) -> bool:
     if callable(is_closed):
         return bool(is_closed())
     broken = getattr(driver, "broken", None)  # psycopg: what it knows without reading the socket
-    return broken is True or getattr(driver, "closed", None) is True
+    if broken is True or getattr(driver, "closed", None) is True:  # aiomysql's `closed` too
+        return True
+    return getattr(driver, "connected", True) is False  # asyncmy
 
 
 _DEAD_IN_POOL = 64
@@ -270,4 +323,6 @@ def transient(exc: StorageError) -> bool:
         return True
     if state.startswith("sqlite:"):
         return int(state[7:]) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    if (code := _mysql_state(state)) is not None:
+        return code in _MYSQL_TRANSIENT
     return state[:2] in _TRANSIENT_CLASSES

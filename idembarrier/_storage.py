@@ -326,6 +326,10 @@ DIALECTS: Mapping[str, str] = {
     "postgresql+asyncpg": "._postgres",
     "postgresql+psycopg": "._psycopg",
     "sqlite+aiosqlite": "._sqlite",
+    "mysql+asyncmy": "._mysql",
+    "mysql+aiomysql": "._mysql",
+    "mariadb+asyncmy": "._mysql",
+    "mariadb+aiomysql": "._mysql",
 }
 """SQLAlchemy's dialect+driver → the module that defines its `Dialect` as ``DIALECT``, imported on first use."""
 

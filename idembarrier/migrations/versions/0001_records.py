@@ -12,6 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from idembarrier import _mysql_ddl as ddl
+
 revision = "0001"
 down_revision: str | None = None
 branch_labels: str | None = None
@@ -30,23 +32,24 @@ LEASED = sa.text("status = 'IN_PROGRESS'")
 
 def upgrade() -> None:
     TABLE, SCHEMA = _placement()
+    bind = op.get_bind()  # MariaDB/MySQL get the types of `_mysql_ddl`; elsewhere they are as released
     op.create_table(
         TABLE,
-        sa.Column("scope", sa.String(255), nullable=False),
-        sa.Column("key", sa.String(255), nullable=False),
-        sa.Column("fingerprint", sa.LargeBinary, nullable=True),
+        sa.Column("scope", ddl.key(bind), nullable=False),
+        sa.Column("key", ddl.key(bind), nullable=False),
+        sa.Column("fingerprint", ddl.blob(bind), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("response", sa.LargeBinary, nullable=True),
+        sa.Column("response", ddl.blob(bind), nullable=True),
         sa.Column("token", sa.Uuid, nullable=False),
         sa.Column("attempt", sa.Integer, nullable=False, server_default=sa.text("1")),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", ddl.timestamp(bind), nullable=False, server_default=ddl.now(bind)),
+        sa.Column("updated_at", ddl.timestamp(bind), nullable=False, server_default=ddl.now(bind)),
+        sa.Column("completed_at", ddl.timestamp(bind), nullable=True),
+        sa.Column("expires_at", ddl.timestamp(bind), nullable=True),
+        sa.Column("locked_until", ddl.timestamp(bind), nullable=True),
         sa.PrimaryKeyConstraint("scope", "key", name=f"pk_{TABLE}"),
         sa.CheckConstraint("status IN ('IN_PROGRESS', 'COMPLETED', 'FAILED', 'UNKNOWN')", name=f"ck_{TABLE}_status"),
-        sa.CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{TABLE}_key_length"),
+        sa.CheckConstraint(ddl.key_length(bind), name=f"ck_{TABLE}_key_length"),
         schema=SCHEMA,
     )
     op.create_index(

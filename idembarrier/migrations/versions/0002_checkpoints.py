@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from idembarrier import _mysql_ddl as ddl
+
 revision = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | None = None
@@ -24,9 +26,10 @@ def _placement() -> tuple[str, str | None]:
 
 def upgrade() -> None:
     table, schema = _placement()
+    bind = op.get_bind()
     with op.batch_alter_table(table, schema=schema) as batch:
         batch.add_column(sa.Column("checkpoint_name", sa.String(255), nullable=True))
-        batch.add_column(sa.Column("checkpoint_data", sa.LargeBinary, nullable=True))
+        batch.add_column(sa.Column("checkpoint_data", ddl.blob(bind), nullable=True))
 
 
 def downgrade() -> None:

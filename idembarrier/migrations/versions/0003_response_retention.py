@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from idembarrier import _mysql_ddl as ddl
+
 revision = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | None = None
@@ -30,14 +32,19 @@ def _placement() -> tuple[str, str | None]:
 
 def upgrade() -> None:
     table, schema = _placement()
+    bind = op.get_bind()
     with op.batch_alter_table(table, schema=schema) as batch:
-        batch.add_column(sa.Column("response_expires_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("response_expires_at", ddl.timestamp(bind), nullable=True))
     qualified = f'"{schema}"."{table}"' if schema else f'"{table}"'
     thirty_days = (
         "completed_at + interval '30 days'"
-        if op.get_bind().dialect.name == "postgresql"
+        if bind.dialect.name == "postgresql"
         else "datetime(completed_at, '+30 days')"
     )
+    if ddl.is_mysql(bind):  # backquotes, and its own date arithmetic
+        quote = bind.dialect.identifier_preparer.quote
+        qualified = f"{quote(schema)}.{quote(table)}" if schema else quote(table)
+        thirty_days = "completed_at + INTERVAL 30 DAY"
     op.execute(
         f"""UPDATE {qualified}
             SET response_expires_at = expires_at,

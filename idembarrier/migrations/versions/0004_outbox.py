@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from idembarrier import _mysql_ddl as ddl
+
 revision = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | None = None
@@ -26,20 +28,21 @@ def _placement() -> tuple[str, str | None]:
 
 def upgrade() -> None:
     records, schema = _placement()
+    bind = op.get_bind()
     table = f"{records}_outbox"
     op.create_table(
         table,
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
         sa.Column("message_id", sa.String(64), nullable=False),
         sa.Column("topic", sa.String(255), nullable=False),
-        sa.Column("key", sa.LargeBinary, nullable=True),
-        sa.Column("value", sa.LargeBinary, nullable=False),
-        sa.Column("headers", sa.Text, nullable=False),
-        sa.Column("scope", sa.String(255), nullable=False),
-        sa.Column("record_key", sa.String(255), nullable=False),
+        sa.Column("key", ddl.blob(bind), nullable=True),
+        sa.Column("value", ddl.blob(bind), nullable=False),
+        sa.Column("headers", ddl.long_text(bind), nullable=False),
+        sa.Column("scope", ddl.key(bind), nullable=False),
+        sa.Column("record_key", ddl.key(bind), nullable=False),
         sa.Column("position", sa.Integer, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", ddl.timestamp(bind), nullable=False, server_default=ddl.now(bind)),
+        sa.Column("sent_at", ddl.timestamp(bind), nullable=True),
         sa.UniqueConstraint("message_id", name=f"uq_{table}_message_id"),
         schema=schema,
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from idembarrier import _mysql_ddl as ddl
+
 revision = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | None = None
@@ -29,11 +31,12 @@ def _placement() -> tuple[str, str | None]:
 
 def upgrade() -> None:
     records, schema = _placement()
+    bind = op.get_bind()
     outbox = f"{records}_outbox"
     with op.batch_alter_table(outbox, schema=schema) as batch:
         batch.add_column(sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")))
-        batch.add_column(sa.Column("last_error", sa.Text, nullable=True))
-        batch.add_column(sa.Column("parked_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("last_error", ddl.long_text(bind), nullable=True))
+        batch.add_column(sa.Column("parked_at", ddl.timestamp(bind), nullable=True))
     op.create_index(
         f"ix_{outbox}_parked",
         outbox,
@@ -45,12 +48,12 @@ def upgrade() -> None:
     failures = f"{records}_failures"
     op.create_table(
         failures,
-        sa.Column("scope", sa.String(255), nullable=False),
-        sa.Column("key", sa.String(255), nullable=False),
+        sa.Column("scope", ddl.key(bind), nullable=False),
+        sa.Column("key", ddl.key(bind), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
-        sa.Column("last_error", sa.Text, nullable=False),
-        sa.Column("first_failed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("last_failed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column("last_error", ddl.long_text(bind), nullable=False),
+        sa.Column("first_failed_at", ddl.timestamp(bind), nullable=False, server_default=ddl.now(bind)),
+        sa.Column("last_failed_at", ddl.timestamp(bind), nullable=False, server_default=ddl.now(bind)),
         sa.PrimaryKeyConstraint("scope", "key", name=f"pk_{failures}"),
         schema=schema,
     )

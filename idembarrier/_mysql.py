@@ -1,0 +1,661 @@
+"""MariaDB through asyncmy or aiomysql: every statement on idembarrier's tables, named, with its concurrency condition.
+
+MariaDB (10.6 or later, InnoDB) offers what the barrier needs, in its own words: a claim is a plain
+``INSERT``, which waits on a concurrent uncommitted insert of the same key and then succeeds (it rolled back)
+or fails with 1062 (it committed); the wait is bounded per statement with ``SET STATEMENT
+max_statement_time=…, innodb_lock_wait_timeout=… FOR`` (1969 or 1205; the transaction stays usable), and
+``innodb_lock_wait_timeout=0`` fails at once. There is no ``UPDATE … RETURNING`` and no data-modifying CTE, so
+where PostgreSQL reads what it changed in the same statement, MariaDB locks the row first (``FOR UPDATE``, or
+``FOR UPDATE SKIP LOCKED`` where a holder must be passed by) and reads it after, in the same transaction. A
+read after a 1062 is a locking read (``LOCK IN SHARE MODE``): it sees the latest committed row whatever
+snapshot REPEATABLE READ (MariaDB's default) took earlier. Timestamps are the database's clock in UTC
+(``UTC_TIMESTAMP(6)``, the statement's start, so each statement of a transaction sees a fresh time). There is
+no LISTEN: relays poll.
+
+The statements go straight to the driver's connection under SQLAlchemy's, inside SQLAlchemy's transaction,
+as on PostgreSQL; the column types they rely on (keys compared byte for byte, microsecond UTC timestamps)
+are the migrations' (see `idembarrier._mysql_ddl`). MySQL itself has neither ``SET STATEMENT`` nor ``INSERT …
+RETURNING``: a MySQL server is refused at the first connection.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
+
+from ._errors import mysql_code
+from ._exceptions import ConfigurationError, UnitOfWorkError
+from ._outbox import Message, Parked, decode_headers
+from ._record import Record, Status
+from ._storage import Claim, Claimed, Dialect, Existing, Raced, pool_connection
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from ._config import Retention
+    from ._storage import Names
+
+__all__ = ["DIALECT", "MysqlStorage", "check_server"]
+
+_DUPLICATE = 1062  # ER_DUP_ENTRY: the key is taken by a committed record
+_MINIMUM = (10, 6)  # SKIP LOCKED and NOWAIT arrived in MariaDB 10.6
+
+_COLUMNS = (
+    "scope, `key`, status, fingerprint, fingerprint_version, response, token, attempt, created_at, completed_at, "
+    "expires_at"
+)
+_LEASE_COLUMNS = f"{_COLUMNS}, locked_until, checkpoint_name, checkpoint_data"
+_HORIZON_COLUMNS = f"{_LEASE_COLUMNS}, response_expires_at"
+_NOW = "UTC_TIMESTAMP(6)"
+# As on PostgreSQL: stale once its end has passed on the database's clock; an IN_PROGRESS record without an end
+# is stale too.
+_STALE = f"(locked_until IS NULL OR locked_until <= {_NOW})"
+_LATER = f"{_NOW} + INTERVAL %s MICROSECOND"
+_HELD = "scope = %s AND `key` = %s AND token = %s AND status = 'IN_PROGRESS'"
+_OUTBOX_COLUMNS = ("message_id", "topic", "key", "value", "headers", "scope", "record_key", "position")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A ``DATETIME(6)`` as read back (naive, holding UTC), made aware."""
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _micros(delta: timedelta) -> int:
+    return delta // timedelta(microseconds=1)
+
+
+def _record(row: Mapping[str, Any], *, stale: bool = False) -> Record:
+    """The record in ``row``'s columns, read by name (the lease's columns where the statement reads them)."""
+    return Record(
+        scope=row["scope"],
+        key=row["key"],
+        status=(status := Status(row["status"])),
+        fingerprint=row["fingerprint"],
+        fingerprint_version=row.get("fingerprint_version"),
+        response=row["response"],
+        token=uuid.UUID(str(row["token"])),
+        attempt=row["attempt"],
+        created_at=_utc(row["created_at"]),
+        completed_at=_utc(row["completed_at"]),
+        expires_at=_utc(row["expires_at"]),
+        locked_until=_utc(row.get("locked_until")),
+        response_expires_at=_utc(row.get("response_expires_at")),
+        checkpoint=row.get("checkpoint_name"),
+        checkpoint_data=row.get("checkpoint_data"),
+        stale=stale and status is Status.IN_PROGRESS,
+    )
+
+
+def _bounded(sql: str, wait: float | None) -> str:
+    """``sql`` with its lock waits bounded by ``wait`` seconds (``None``: not at all), for it alone.
+
+    ``max_statement_time`` has microsecond precision and ends a statement blocked on a row lock (1969);
+    ``innodb_lock_wait_timeout`` (whole seconds, 1205) is the backstop, and at 0 fails at once. Either error
+    ends the statement only: the transaction stays usable, as after PostgreSQL's lock_timeout inside a
+    savepoint.
+    """
+    if wait is None or wait <= 0:
+        return f"SET STATEMENT innodb_lock_wait_timeout=0 FOR {sql}"
+    return f"SET STATEMENT max_statement_time={wait:.6f}, innodb_lock_wait_timeout={math.ceil(wait) + 1} FOR {sql}"
+
+
+def _pairs(count: int) -> str:
+    """``count`` (scope, key) placeholders for ``(scope, `key`) IN (…)``."""
+    return ", ".join(["(%s, %s)"] * count)
+
+
+class _Statements(NamedTuple):
+    """Every statement on one records table, its outbox and its failures, by name (as on PostgreSQL)."""
+
+    lookup: str
+    claim: str
+    existing: str
+    finish: str
+    retake: str
+    lease_claim: str
+    lease_existing: str
+    inspect: str
+    reclaim_lock: str
+    reclaim: str
+    reclaimed: str
+    renew: str
+    checkpoint: str
+    fence: str
+    release: str
+    unresolved: str
+    resolve: str
+    records: str
+    distribution: str
+    purge_lock: str
+    purge: str
+    compact_lock: str
+    compact: str
+    purgeable: str
+    write_outbox: str
+    claim_outbox: str
+    outbox_pending: str
+    mark_sent: str
+    refuse: str
+    refused: str
+    parked: str
+    release_parked: str
+    drop_parked: str
+    outbox_counts: str
+    purge_sent_lock: str
+    purge_sent: str
+    count_failure: str
+    forget_failure: str
+
+
+@cache
+def _statements(names: Names) -> _Statements:
+    """The statements on ``names``' tables, built once per records table."""
+    table, outbox, failures = names.records, names.outbox, names.failures
+    parked_one = "message_id = %s AND parked_at IS NOT NULL AND sent_at IS NULL"
+    return _Statements(
+        # A consistent read: it waits for nobody, and sees what committed before its snapshot.
+        lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = %s AND `key` = %s",
+        # The atomic claim: the primary key takes the key or refuses it, with no window between check and
+        # insert. On a concurrent uncommitted insert of the same key, InnoDB makes this one wait (bounded by
+        # `_bounded`), then inserts (the holder rolled back) or raises 1062 (it committed).
+        claim=f"""INSERT INTO {table} (scope, `key`, fingerprint, status, token, fingerprint_version,
+                                        created_at, updated_at)
+                  VALUES (%s, %s, %s, 'IN_PROGRESS', %s, %s, {_NOW}, {_NOW})""",
+        # After a 1062: a locking read sees the latest committed record whatever this transaction's snapshot
+        # (REPEATABLE READ), and holds it shared until this transaction ends.
+        existing=f"SELECT {_COLUMNS} FROM {table} WHERE scope = %s AND `key` = %s LOCK IN SHARE MODE",
+        # Fenced completion, as on PostgreSQL: only the holder of `token` matches. UTC_TIMESTAMP(6) is one
+        # instant for the whole statement.
+        finish=f"""
+            UPDATE {table}
+            SET status = %s, response = %s, completed_at = {_NOW}, updated_at = {_NOW},
+                response_expires_at = {_LATER}, expires_at = {_LATER}, locked_until = NULL
+            WHERE scope = %s AND `key` = %s AND token = %s""",
+        # Takes a compact record over for a late request, in the unit of work's transaction (the row lock
+        # makes a concurrent late duplicate wait, then find it IN_PROGRESS no more).
+        retake=f"""
+            UPDATE {table}
+            SET status = 'IN_PROGRESS', token = %s, attempt = attempt + 1, updated_at = {_NOW},
+                completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
+                checkpoint_name = NULL, checkpoint_data = NULL
+            WHERE scope = %s AND `key` = %s AND status IN ('COMPLETED', 'FAILED') AND response IS NULL""",
+        # -- leased work: each in a transaction of its own, committed by the caller.
+        lease_claim=f"""INSERT INTO {table} (scope, `key`, fingerprint, status, token, locked_until,
+                                              fingerprint_version, created_at, updated_at)
+                        VALUES (%s, %s, %s, 'IN_PROGRESS', %s, {_LATER}, %s, {_NOW}, {_NOW})""",
+        lease_existing=f"""
+            SELECT {_LEASE_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = %s AND `key` = %s
+            LOCK IN SHARE MODE""",
+        inspect=f"SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table} WHERE scope = %s AND `key` = %s",
+        # Takes over a stale lease in three statements of one transaction: the row is locked first, SKIP
+        # LOCKED (a row another transaction holds, its holder renewing or another reclaimer, is passed by: the
+        # caller treats it as still held), conditioned on the token the reclaimer saw and on staleness by the
+        # database's clock; the update then runs on the locked row, and the read returns it.
+        reclaim_lock=f"SELECT 1 FROM {table} WHERE {_HELD} AND {_STALE} FOR UPDATE SKIP LOCKED",
+        # MariaDB assigns left to right, each seeing the columns already assigned: `attempt` goes last so that
+        # the CASEs before it read the attempt the reclaimer found.
+        reclaim=f"""
+            UPDATE {table}
+            SET token = %s, updated_at = {_NOW},
+                status = CASE WHEN attempt > %s THEN 'UNKNOWN' ELSE 'IN_PROGRESS' END,
+                locked_until = CASE WHEN attempt > %s THEN NULL ELSE {_LATER} END,
+                attempt = CASE WHEN attempt > %s THEN attempt ELSE attempt + 1 END
+            WHERE scope = %s AND `key` = %s AND token = %s""",
+        reclaimed=f"SELECT {_LEASE_COLUMNS} FROM {table} WHERE scope = %s AND `key` = %s",
+        # Renewal, checkpoint and release are fenced by the token (affected rows count matched rows: the
+        # dialect connects with CLIENT_FOUND_ROWS).
+        renew=f"UPDATE {table} SET locked_until = {_LATER}, updated_at = {_NOW} WHERE {_HELD}",
+        checkpoint=f"""
+            UPDATE {table} SET checkpoint_name = %s, checkpoint_data = %s, updated_at = {_NOW} WHERE {_HELD}""",
+        # Inside the completing transaction: the row lock keeps a reclaimer out (its SKIP LOCKED passes the row
+        # by) until the outcome commits.
+        fence=f"SELECT 1 FROM {table} WHERE {_HELD} FOR UPDATE",
+        release=f"DELETE FROM {table} WHERE {_HELD}",
+        unresolved=f"""
+            SELECT {_LEASE_COLUMNS}, TIMESTAMPDIFF(MICROSECOND, created_at, {_NOW}) AS age FROM {table}
+            WHERE status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE})
+            ORDER BY created_at LIMIT %s""",
+        # An operator's resolution: only of an UNKNOWN record or a stale lease.
+        resolve=f"""
+            UPDATE {table}
+            SET status = %s, response = %s, completed_at = {_NOW}, updated_at = {_NOW},
+                response_expires_at = {_LATER}, expires_at = {_LATER}, locked_until = NULL
+            WHERE scope = %s AND `key` = %s
+              AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))""",
+        # A plain read. A NULL filter is no filter (the statuses come comma-separated); ages on the database's
+        # clock. Newest first; ties in key order.
+        records=f"""
+            SELECT {_HORIZON_COLUMNS}, {_STALE} AS stale FROM {table}
+            WHERE (%s IS NULL OR FIND_IN_SET(status, %s))
+              AND (%s IS NULL OR scope = %s)
+              AND (%s IS NULL OR created_at <= {_NOW} - INTERVAL %s MICROSECOND)
+              AND (%s IS NULL OR created_at > {_NOW} - INTERVAL %s MICROSECOND)
+            ORDER BY created_at DESC, scope, `key` LIMIT %s""",
+        # -- operations
+        distribution=f"""
+            SELECT status, count(*) AS records,
+                   TIMESTAMPDIFF(MICROSECOND, min(created_at), {_NOW}) AS oldest
+            FROM {table} GROUP BY status""",
+        # Purge and compact lock their rows first, SKIP LOCKED: they never wait for, nor change under, a row
+        # another transaction holds; then change exactly the rows they hold. IN_PROGRESS and UNKNOWN records
+        # are never selected. (MariaDB has no partial index: plain indexes on the horizons serve the scans.)
+        purge_lock=f"""
+            SELECT scope, `key` FROM {table}
+            WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= {_NOW}
+            ORDER BY expires_at LIMIT %s
+            FOR UPDATE SKIP LOCKED""",
+        purge=f"DELETE FROM {table} WHERE (scope, `key`) IN ({{pairs}})",
+        compact_lock=f"""
+            SELECT scope, `key` FROM {table}
+            WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL AND response_expires_at <= {_NOW}
+            ORDER BY response_expires_at LIMIT %s
+            FOR UPDATE SKIP LOCKED""",
+        compact=f"UPDATE {table} SET response = NULL, updated_at = {_NOW} WHERE (scope, `key`) IN ({{pairs}})",
+        # What compact and purge would take, with their own conditions, locked rows included.
+        purgeable=f"""
+            SELECT (
+                SELECT count(*) FROM {table}
+                WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL AND response_expires_at <= {_NOW}
+            ) AS compacted, (
+                SELECT count(*) FROM {table} WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= {_NOW}
+            ) AS deleted""",
+        # -- the outbox
+        # In the unit of work's transaction: the messages exist if and only if it commits.
+        write_outbox=f"""
+            INSERT INTO {outbox} ({", ".join(f"`{c}`" for c in _OUTBOX_COLUMNS)}, created_at)
+            VALUES ({", ".join("%s" for _ in _OUTBOX_COLUMNS)}, {_NOW})""",
+        # The relay's claim: SKIP LOCKED keeps relays off each other's rows. A parked message holds back the
+        # later messages of its (topic, key), as on PostgreSQL. MariaDB has no transaction-scoped advisory lock
+        # (GET_LOCK survives a rollback), so order per key is kept by `outbox_pending` instead.
+        claim_outbox=f"""
+            SELECT id, message_id, topic, `key`, value, headers FROM {outbox} AS o
+            WHERE sent_at IS NULL AND parked_at IS NULL
+              AND NOT EXISTS (
+                  SELECT 1 FROM {outbox} AS parked
+                  WHERE parked.parked_at IS NOT NULL AND parked.sent_at IS NULL
+                    AND parked.topic = o.topic AND parked.`key` = o.`key` AND parked.id < o.id
+              )
+            ORDER BY id LIMIT %s
+            FOR UPDATE SKIP LOCKED""",
+        # Read after the claim locked its rows (a consistent read whose snapshot is taken now, unless the
+        # transaction read before): the pending messages of the claimed topics up to the last one held. A held
+        # message goes out only if every older pending message of its (topic, key) goes out before it in this
+        # batch; one behind a message another relay holds (or that the claim passed by, locked) waits for a
+        # later claim. So a key's messages are published in order, whichever relays run.
+        outbox_pending=f"""
+            SELECT topic, `key`, id FROM {outbox}
+            WHERE sent_at IS NULL AND parked_at IS NULL AND topic IN ({{topics}}) AND id <= %s
+            ORDER BY id""",
+        # On rows this batch's claim holds.
+        mark_sent=f"UPDATE {outbox} SET sent_at = {_NOW} WHERE id IN ({{ids}})",
+        # `parked_at` before `attempts`: assignments see the columns already assigned.
+        refuse=f"""
+            UPDATE {outbox}
+            SET last_error = %s, parked_at = CASE WHEN attempts + 1 >= %s THEN {_NOW} END, attempts = attempts + 1
+            WHERE id = %s""",
+        refused=f"SELECT attempts, parked_at FROM {outbox} WHERE id = %s",
+        parked=f"""
+            SELECT message_id, topic, `key`, attempts, last_error, parked_at FROM {outbox}
+            WHERE parked_at IS NOT NULL AND sent_at IS NULL
+            ORDER BY id LIMIT %s""",
+        release_parked=f"UPDATE {outbox} SET parked_at = NULL, attempts = 0 WHERE {parked_one}",
+        drop_parked=f"DELETE FROM {outbox} WHERE {parked_one}",
+        outbox_counts=f"SELECT count(*) AS pending, count(parked_at) AS parked FROM {outbox} WHERE sent_at IS NULL",
+        # SKIP LOCKED: a row a relay holds is pending in its eyes; never wait for it nor delete under it.
+        purge_sent_lock=f"""
+            SELECT id FROM {outbox} WHERE sent_at IS NOT NULL AND sent_at <= {_NOW} - INTERVAL %s MICROSECOND
+            ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
+        purge_sent=f"DELETE FROM {outbox} WHERE id IN ({{ids}})",
+        # -- the consumer's failures
+        # The upsert counts atomically: two consumers of one message each add one (the second waits for the
+        # first's row lock); RETURNING reads the row as this statement left it.
+        count_failure=f"""
+            INSERT INTO {failures} (scope, `key`, attempts, last_error, first_failed_at, last_failed_at)
+            VALUES (%s, %s, 1, %s, {_NOW}, {_NOW})
+            ON DUPLICATE KEY UPDATE
+                attempts = attempts + 1, last_error = VALUES(last_error), last_failed_at = VALUES(last_failed_at)
+            RETURNING attempts""",
+        forget_failure=f"DELETE FROM {failures} WHERE scope = %s AND `key` = %s",
+    )
+
+
+class MysqlStorage:
+    """`Storage` for MariaDB, through asyncmy or aiomysql."""
+
+    lookup_first = False
+    """A claim that meets a finished record reads it in the next statement, under its lock: no lookup first."""
+
+    def __init__(self, conn: AsyncConnection, driver: Any, names: Names) -> None:
+        self.connection = self._conn = conn
+        self._driver = driver  # the asyncmy or aiomysql connection under `conn`
+        self._rows = _dict_cursor(driver)
+        self._sql = _statements(names)
+
+    @classmethod
+    async def open(cls, conn: AsyncConnection, names: Names) -> Self:
+        """Bind to ``conn`` and the driver's connection under it."""
+        return cls(conn, (await pool_connection(conn)).driver_connection, names)
+
+    async def lookup(self, scope: str, key: str) -> Record | None:
+        """Read the record of (scope, key); see `Storage.lookup`."""
+        row = await self._first(self._sql.lookup, scope, key)
+        return None if row is None else _record(row)
+
+    async def begin(self, wait: float | None) -> None:
+        """Make sure the claim runs in a transaction: with autocommit off, the server opens one at the claim."""
+        if self._driver.get_autocommit():
+            raise UnitOfWorkError(
+                "the barrier needs a transaction, but this connection is in AUTOCOMMIT mode: "
+                "use an engine or session without isolation_level='AUTOCOMMIT'"
+            )
+
+    def in_transaction(self) -> bool:
+        """Whether SQLAlchemy's connection is inside a transaction; see `Storage.in_transaction`."""
+        sync = self._conn.sync_connection
+        return sync is not None and not sync.closed and sync.in_transaction()
+
+    async def claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        wait: float | None,
+        *,
+        fingerprint_version: int | None = None,
+    ) -> Claim:
+        """Insert the IN_PROGRESS record; see `Storage.claim` (a wait that runs out raises 1969 or 1205)."""
+        args = (scope, key, fingerprint, str(token), fingerprint_version)
+        if await self._insert(_bounded(self._sql.claim, wait), *args):
+            return Claimed()
+        row = await self._first(_bounded(self._sql.existing, wait), scope, key)
+        return Raced() if row is None else Existing(_record(row))
+
+    async def finish(
+        self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention
+    ) -> bool:
+        """Record the outcome; see `Storage.finish`."""
+        horizons = _micros(retention.response), _micros(retention.record)
+        return await self._count(self._sql.finish, status.value, response, *horizons, scope, key, str(token)) == 1
+
+    async def retake(self, scope: str, key: str, token: uuid.UUID, wait: float | None) -> bool:
+        """Take a compact record over for a late request; see `Storage.retake`."""
+        return await self._count(_bounded(self._sql.retake, wait), str(token), scope, key) == 1
+
+    # -- leased work ------------------------------------------------------------------------------------
+
+    async def lease_claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes | None,
+        token: uuid.UUID,
+        lease: timedelta,
+        wait: float,
+        *,
+        fingerprint_version: int | None = None,
+    ) -> Claim:
+        """Claim the key with a lease; see `Storage.lease_claim`."""
+        args = (scope, key, fingerprint, str(token), _micros(lease), fingerprint_version)
+        if await self._insert(_bounded(self._sql.lease_claim, wait), *args):
+            return Claimed()
+        row = await self._first(_bounded(self._sql.lease_existing, wait), scope, key)
+        return Raced() if row is None else Existing(_record(row, stale=bool(row["stale"])))
+
+    async def inspect(self, scope: str, key: str) -> Record | None:
+        """Read the record with its lease; see `Storage.inspect`."""
+        row = await self._first(self._sql.inspect, scope, key)
+        return None if row is None else _record(row, stale=bool(row["stale"]))
+
+    async def reclaim(
+        self, scope: str, key: str, stale: uuid.UUID, token: uuid.UUID, lease: timedelta, max_reclaims: int
+    ) -> Record | None:
+        """Take over a stale lease (lock, update, read, in one transaction); see `Storage.reclaim`."""
+        if await self._first(self._sql.reclaim_lock, scope, key, str(stale)) is None:
+            return None
+        cases = (max_reclaims, max_reclaims, _micros(lease), max_reclaims)
+        await self._count(self._sql.reclaim, str(token), *cases, scope, key, str(stale))
+        row = await self._first(self._sql.reclaimed, scope, key)
+        return None if row is None else _record(row)
+
+    async def renew(self, scope: str, key: str, token: uuid.UUID, lease: timedelta) -> bool:
+        """Extend a held lease; see `Storage.renew`."""
+        return await self._count(self._sql.renew, _micros(lease), scope, key, str(token)) == 1
+
+    async def checkpoint(self, scope: str, key: str, token: uuid.UUID, name: str, data: bytes) -> bool:
+        """Record a held lease's progress; see `Storage.checkpoint`."""
+        return await self._count(self._sql.checkpoint, name, data, scope, key, str(token)) == 1
+
+    async def fence(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Lock the record if ``token`` still holds it; see `Storage.fence`."""
+        return await self._first(self._sql.fence, scope, key, str(token)) is not None
+
+    async def release(self, scope: str, key: str, token: uuid.UUID) -> bool:
+        """Delete a held lease; see `Storage.release`."""
+        return await self._count(self._sql.release, scope, key, str(token)) == 1
+
+    async def unresolved(self, limit: int) -> list[tuple[Record, timedelta]]:
+        """List records that need a person; see `Storage.unresolved`."""
+        rows = await self._all(self._sql.unresolved, limit)
+        return [(_record(row), timedelta(microseconds=int(row["age"]))) for row in rows]
+
+    async def resolve(self, scope: str, key: str, status: Status, response: bytes, retention: Retention) -> bool:
+        """Record an operator's outcome; see `Storage.resolve`."""
+        horizons = _micros(retention.response), _micros(retention.record)
+        return await self._count(self._sql.resolve, status.value, response, *horizons, scope, key) == 1
+
+    async def records(
+        self,
+        statuses: Sequence[Status] | None,
+        scope: str | None,
+        older_than: timedelta | None,
+        newer_than: timedelta | None,
+        limit: int,
+    ) -> list[Record]:
+        """List records, newest first; see `Storage.records`."""
+        values = None if statuses is None else ",".join(status.value for status in statuses)
+        older = None if older_than is None else _micros(older_than)
+        newer = None if newer_than is None else _micros(newer_than)
+        rows = await self._all(self._sql.records, values, values, scope, scope, older, older, newer, newer, limit)
+        return [_record(row, stale=bool(row["stale"])) for row in rows]
+
+    # -- operations -------------------------------------------------------------------------------------
+
+    async def distribution(self) -> tuple[dict[Status, int], timedelta | None]:
+        """Records per status and the oldest IN_PROGRESS age; see `Storage.distribution`."""
+        rows = await self._all(self._sql.distribution)
+        statuses = {Status(row["status"]): int(row["records"]) for row in rows}
+        oldest = [int(row["oldest"]) for row in rows if row["status"] == Status.IN_PROGRESS]
+        return statuses, (timedelta(microseconds=oldest[0]) if oldest else None)
+
+    async def compact(self, limit: int) -> int:
+        """Drop responses past retention, skipping locked rows; see `Storage.compact`."""
+        held = await self._all(self._sql.compact_lock, limit)
+        if not held:
+            return 0
+        flat = [value for row in held for value in (row["scope"], row["key"])]
+        return await self._count(self._sql.compact.format(pairs=_pairs(len(held))), *flat)
+
+    async def purge(self, limit: int) -> int:
+        """Delete expired finished records, skipping locked ones; see `Storage.purge`."""
+        held = await self._all(self._sql.purge_lock, limit)
+        if not held:
+            return 0
+        flat = [value for row in held for value in (row["scope"], row["key"])]
+        return await self._count(self._sql.purge.format(pairs=_pairs(len(held))), *flat)
+
+    async def purgeable(self) -> tuple[int, int]:
+        """Count what compact and purge would take; see `Storage.purgeable`."""
+        row = await self._first(self._sql.purgeable)
+        assert row is not None  # aggregates: always one row
+        return int(row["compacted"]), int(row["deleted"])
+
+    # -- the outbox -------------------------------------------------------------------------------------
+
+    async def write_outbox(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """Insert messages; see `Storage.write_outbox` (nothing listens on MariaDB: relays poll)."""
+        cursor = await self._cursor()
+        try:
+            await cursor.executemany(self._sql.write_outbox, [tuple(row[c] for c in _OUTBOX_COLUMNS) for row in rows])
+        finally:
+            await _maybe(cursor.close())
+
+    async def claim_outbox(self, limit: int) -> list[Message]:
+        """Hold the next pending messages; of each (topic, key), only a run from its oldest pending one."""
+        rows = await self._all(self._sql.claim_outbox, limit)
+        if not rows:
+            return []
+        topics = list(dict.fromkeys(r["topic"] for r in rows))
+        sql = self._sql.outbox_pending.format(topics=", ".join(["%s"] * len(topics)))
+        pending: dict[tuple[str, bytes | None], list[int]] = {}
+        for p in await self._all(sql, *topics, rows[-1]["id"]):
+            pending.setdefault((p["topic"], p["key"]), []).append(int(p["id"]))
+        sent: dict[tuple[str, bytes | None], int] = {}
+        batch = []
+        for r in rows:  # in id order: the n-th held row of a key goes only if it is the key's n-th pending one
+            pair = (r["topic"], r["key"])
+            position = sent.get(pair, 0)
+            ids = pending.get(pair, [])
+            if position < 0 or position >= len(ids) or ids[position] != r["id"]:
+                sent[pair] = -1  # a gap: this key's later rows wait for the next claim
+                continue
+            sent[pair] = position + 1
+            batch.append(
+                Message(r["id"], r["message_id"], r["topic"], r["key"], r["value"], decode_headers(r["headers"]))
+            )
+        return batch
+
+    async def mark_sent(self, ids: Sequence[int]) -> None:
+        """Mark held messages sent; see `Storage.mark_sent`."""
+        if ids:
+            await self._count(self._sql.mark_sent.format(ids=", ".join(["%s"] * len(ids))), *ids)
+
+    async def refuse(self, id: int, error: str, max_attempts: int) -> tuple[int, bool]:
+        """Count a refusal (the row is held by this batch, so the read after sees the update)."""
+        await self._count(self._sql.refuse, error, max_attempts, id)
+        row = await self._first(self._sql.refused, id)
+        assert row is not None  # the row is held by this batch
+        return int(row["attempts"]), row["parked_at"] is not None
+
+    async def parked(self, limit: int) -> list[Parked]:
+        """The parked messages; see `Storage.parked`."""
+        return [
+            Parked(
+                r["message_id"],
+                r["topic"],
+                r["key"],
+                r["attempts"],
+                r["last_error"],
+                r["parked_at"].replace(tzinfo=UTC),
+            )
+            for r in await self._all(self._sql.parked, limit)
+        ]
+
+    async def release_parked(self, message_id: str) -> bool:
+        """Unpark a message; see `Storage.release_parked`."""
+        return await self._count(self._sql.release_parked, message_id) == 1
+
+    async def drop_parked(self, message_id: str) -> bool:
+        """Delete a parked message; see `Storage.drop_parked`."""
+        return await self._count(self._sql.drop_parked, message_id) == 1
+
+    async def outbox_counts(self) -> tuple[int, int]:
+        """Pending and parked messages; see `Storage.outbox_counts`."""
+        row = await self._first(self._sql.outbox_counts)
+        assert row is not None  # an aggregate: always one row
+        return int(row["pending"]), int(row["parked"])
+
+    async def purge_sent(self, older_than: timedelta, limit: int) -> int:
+        """Delete old sent messages, skipping held ones; see `Storage.purge_sent`."""
+        held = [row["id"] for row in await self._all(self._sql.purge_sent_lock, _micros(older_than), limit)]
+        if not held:
+            return 0
+        return await self._count(self._sql.purge_sent.format(ids=", ".join(["%s"] * len(held))), *held)
+
+    # -- the consumer's failures ------------------------------------------------------------------------
+
+    async def count_failure(self, scope: str, key: str, error: str) -> int:
+        """Count a handler failure; see `Storage.count_failure`."""
+        row = await self._first(self._sql.count_failure, scope, key, error)
+        assert row is not None  # an upsert: always one row
+        return int(row["attempts"])
+
+    async def forget_failure(self, scope: str, key: str) -> None:
+        """Drop a failure count; see `Storage.forget_failure`."""
+        await self._count(self._sql.forget_failure, scope, key)
+
+    # -- running statements -----------------------------------------------------------------------------
+
+    async def _cursor(self) -> Any:
+        return await _maybe(self._driver.cursor(self._rows))
+
+    async def _run(self, sql: str, args: Sequence[object]) -> tuple[list[dict[str, Any]], int]:
+        cursor = await self._cursor()
+        try:
+            await cursor.execute(sql, tuple(args))
+            rows = await _maybe(cursor.fetchall()) if cursor.description else []
+            return list(rows), int(cursor.rowcount)
+        finally:
+            await _maybe(cursor.close())
+
+    async def _first(self, sql: str, *args: object) -> dict[str, Any] | None:
+        rows, _ = await self._run(sql, args)
+        return rows[0] if rows else None
+
+    async def _all(self, sql: str, *args: object) -> list[dict[str, Any]]:
+        rows, _ = await self._run(sql, args)
+        return rows
+
+    async def _count(self, sql: str, *args: object) -> int:
+        """Run a statement; return how many rows it matched."""
+        _, count = await self._run(sql, args)
+        return count
+
+    async def _insert(self, sql: str, *args: object) -> bool:
+        """Run an INSERT of a key; return False where the key was taken (1062), which ends this statement only."""
+        try:
+            await self._run(sql, args)
+        except Exception as exc:
+            if mysql_code(exc) == _DUPLICATE:
+                return False
+            raise
+        return True
+
+
+def _dict_cursor(driver: Any) -> Any:
+    """The driver's cursor class that returns rows as dicts (asyncmy's or aiomysql's)."""
+    if type(driver).__module__.startswith("aiomysql"):
+        from aiomysql.cursors import DictCursor
+    else:
+        from asyncmy.cursors import DictCursor
+    return DictCursor
+
+
+async def _maybe(value: Any) -> Any:
+    """``value``, awaited where the driver returned an awaitable (aiomysql's cursors, fetches and closes)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def check_server(conn: AsyncConnection) -> None:
+    """Refuse a server the statements do not run on: MySQL (no SET STATEMENT, no INSERT … RETURNING), MariaDB < 10.6."""
+    dialect = conn.dialect
+    version = tuple(getattr(dialect, "server_version_info", None) or ())
+    if not getattr(dialect, "is_mariadb", False):
+        raise ConfigurationError(
+            f"this server is MySQL {'.'.join(map(str, version))}, not MariaDB: idembarrier's statements for "
+            "mysql+ URLs need MariaDB 10.6 or later (SET STATEMENT, INSERT ... RETURNING, SKIP LOCKED)"
+        )
+    if version < _MINIMUM:
+        raise ConfigurationError(
+            f"MariaDB {'.'.join(map(str, version))} is too old: idembarrier needs 10.6 or later (SKIP LOCKED)"
+        )
+
+
+DIALECT = Dialect(open=MysqlStorage.open, check=check_server)
+"""MariaDB's entry in `idembarrier._storage.DIALECTS` (it cannot notify: relays poll)."""
