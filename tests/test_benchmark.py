@@ -52,3 +52,12 @@ async def test_peers_core_smoke_prints_its_tables(pg_db: Database) -> None:
     for variant in ("bare", "ib_own", "ib_session", "ib_replay", "ib_lookup", "naive", "idemkit", "dbos"):
         assert f"| {variant} (" in out
     assert "CORRECTNESS: OK" in out
+
+
+async def test_peers_http_smoke_prints_its_tables(pg_db: Database) -> None:
+    """benchmarks/peers_http.py --smoke runs bare FastAPI, idembarrier's middleware and the Redis peers in process."""
+    out = await _smoke("peers_http.py", "--database-url", pg_db.url)
+    assert "### Ratios to bare FastAPI" in out
+    for variant in ("h_bare", "h_ib", "h_ib_replay", "h_ib_replay_cold", "h_snok", "h_idemkit"):
+        assert f"| {variant} (" in out
+    assert "CORRECTNESS: OK" in out
