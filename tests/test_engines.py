@@ -77,7 +77,7 @@ async def test_upgrade_refuses_an_unsupported_driver_before_any_ddl(tmp_path: Pa
     """upgrade() on a driver it does not support raises ConfigurationError naming the supported ones."""
     engine = create_async_engine(f"sqlite+forked_aiosqlite:///{tmp_path / 'app.db'}")
     try:
-        with pytest.raises(ConfigurationError, match=r"postgresql\+asyncpg, postgresql\+psycopg and sqlite\+aiosqlite"):
+        with pytest.raises(ConfigurationError, match=r"mysql\+aiomysql \(MariaDB\) and sqlite"):
             await idembarrier.upgrade(engine)
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == []
@@ -99,8 +99,8 @@ async def test_a_unit_of_work_refuses_an_unsupported_driver(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("url", "named"),
     [
-        ("mysql+aiomysql://root@127.0.0.1/app", "mysql+aiomysql"),
-        ("mariadb+asyncmy://root@127.0.0.1/app", "mariadb+asyncmy"),
+        ("mysql+pymysql://root@127.0.0.1/app", "mysql+pymysql"),
+        ("mysql://root@127.0.0.1/app", "mysql+mysqldb"),
         ("postgresql+psycopg2://postgres@127.0.0.1/test", "postgresql+psycopg2"),
         ("postgresql://postgres@127.0.0.1/test", "postgresql+psycopg"),
         ("sqlite:///app.db", "sqlite+pysqlite"),
@@ -109,7 +109,7 @@ async def test_a_unit_of_work_refuses_an_unsupported_driver(tmp_path: Path) -> N
 def test_check_url_names_what_is_supported(url: str, named: str) -> None:
     """A URL for another database or driver, or a synchronous one, raises ConfigurationError naming both."""
     with pytest.raises(
-        ConfigurationError, match="supports postgresql\\+asyncpg, postgresql\\+psycopg and sqlite\\+aiosqlite"
+        ConfigurationError, match="supports postgresql\\+asyncpg, postgresql\\+psycopg, mysql\\+asyncmy"
     ) as caught:
         check_url(url)
     assert named in str(caught.value)
