@@ -31,13 +31,13 @@ CHAOS_SECONDS = 20.0
 class Crew:
     """The worker processes of one role, each replaced by a fresh one when killed."""
 
-    def __init__(self, role: str, args: list[str], size: int) -> None:
-        self.role, self.args = role, args
+    def __init__(self, role: str, args: list[str], size: int, *, module: str = "tests.chaos_worker") -> None:
+        self.role, self.args, self.module = role, args, module
         self.processes = [self._spawn() for _ in range(size)]
         self.kills = 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "tests.chaos_worker", self.role, *self.args]
+        command = [sys.executable, "-m", self.module, self.role, *self.args]
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
 
     def kill_one(self, rng: random.Random) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 import idembarrier
 import idembarrier.asgi
+import idembarrier.confluent
 import idembarrier.httpx
 import idembarrier.kafka
 import idembarrier.messaging
@@ -24,7 +25,7 @@ NOT_API = frozenset({"annotations", "TYPE_CHECKING"})
 """Names a module binds for the compiler (``from __future__ import annotations``) and for the type checker."""
 NAMESPACES = pytest.mark.parametrize(
     "module",
-    [idembarrier, idembarrier.asgi, idembarrier.httpx, idembarrier.kafka, idembarrier.messaging],
+    [idembarrier, idembarrier.asgi, idembarrier.confluent, idembarrier.httpx, idembarrier.kafka, idembarrier.messaging],
     ids=lambda m: m.__name__,
 )
 """The public namespaces: the package and its documented subpackages."""
