@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HEAD", "check_schema", "migrations_path", "upgrade"]
 
-HEAD = "0006"
+HEAD = "0007"
 """The newest migration revision; a test checks it is the scripts' single head."""
 
 FIX = (

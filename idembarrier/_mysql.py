@@ -369,6 +369,7 @@ class MysqlStorage:
         wait: float | None,
         *,
         fingerprint_version: int | None = None,
+        retention: Retention | None = None,  # the completion sets every horizon here
     ) -> Claim:
         """Insert the IN_PROGRESS record; see `Storage.claim` (a wait that runs out raises 1969 or 1205)."""
         args = (scope, key, fingerprint, str(token), fingerprint_version)

@@ -155,7 +155,7 @@ def _statements(names: Names) -> _Statements:
     retake = f"""
         UPDATE {table}
         SET status = 'IN_PROGRESS', token = $3, attempt = attempt + 1, updated_at = clock_timestamp(),
-            completed_at = NULL, response_expires_at = NULL, expires_at = NULL,
+            completed_at = NULL, response_expires_at = NULL, expires_at = NULL, cleanup_at = NULL,
             checkpoint_name = NULL, checkpoint_data = NULL
         WHERE scope = $1 AND key = $2 AND status IN ('COMPLETED', 'FAILED') AND response IS NULL"""
     parked_one = "message_id = $1 AND parked_at IS NOT NULL AND sent_at IS NULL"
@@ -169,9 +169,11 @@ def _statements(names: Names) -> _Statements:
         # by the driver's statement timeout, which cancels the statement. When nothing was inserted, the
         # same statement returns the existing record, if its snapshot, taken before any wait, can see it:
         # a replay costs one statement; a record committed during the wait needs a lookup.
+        # cleanup_at: claim time + the response retention ($6; NULL when not given), a lower bound of the
+        # response horizon the completion sets, which then leaves it alone (see `finish`).
         claim=_claim_or_read(
-            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version)
-                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, $5)
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version, cleanup_at)
+                VALUES ($1, $2, $3, 'IN_PROGRESS', $4, $5, clock_timestamp() + $6::interval)
                 ON CONFLICT (scope, key) DO NOTHING
                 RETURNING 1""",
             table,
@@ -179,18 +181,21 @@ def _statements(names: Names) -> _Statements:
         ),
         # The same claim, failing fast (see `_failing_fast`).
         claim_nowait=_failing_fast(
-            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version)
-                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid, $5::integer FROM applied
+            f"""INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version, cleanup_at)
+                SELECT $1, $2, $3::bytea, 'IN_PROGRESS', $4::uuid, $5::integer, clock_timestamp() + $6::interval
+                FROM applied
                 ON CONFLICT (scope, key) DO NOTHING
                 RETURNING token AS result"""
         ),
         # Fenced completion: only the holder of `token` may record the outcome. In a unit of work the row
         # was inserted by this same transaction, so no one else can hold it; for leases the token decides.
+        # A HOT update: no column it changes is indexed. cleanup_at keeps the claim's value, already the
+        # least (claim time + the same retention); only a claim that set none (a lease) gets it here.
         finish=f"""
             UPDATE {table}
             SET status = $4, response = $5, completed_at = at.now, updated_at = at.now,
                 response_expires_at = at.now + $6::interval, expires_at = at.now + $7::interval,
-                locked_until = NULL
+                locked_until = NULL, cleanup_at = least(cleanup_at, at.now + $6::interval)
             FROM (SELECT clock_timestamp() AS now) AS at
             WHERE scope = $1 AND key = $2 AND token = $3
             RETURNING 1""",
@@ -248,7 +253,7 @@ def _statements(names: Names) -> _Statements:
             UPDATE {table}
             SET status = $3, response = $4, completed_at = at.now, updated_at = at.now,
                 response_expires_at = at.now + $5::interval, expires_at = at.now + $6::interval,
-                locked_until = NULL
+                locked_until = NULL, cleanup_at = least(cleanup_at, at.now + $5::interval)
             FROM (SELECT clock_timestamp() AS now) AS at
             WHERE scope = $1 AND key = $2
               AND (status = 'UNKNOWN' OR (status = 'IN_PROGRESS' AND {_STALE}))
@@ -268,13 +273,16 @@ def _statements(names: Names) -> _Statements:
             SELECT status, count(*) AS records,
                    clock_timestamp() - min(created_at) FILTER (WHERE status = 'IN_PROGRESS') AS oldest
             FROM {table} GROUP BY status""",
-        # SKIP LOCKED: a purger never waits for, nor deletes under, a row another transaction holds; the
-        # partial index on expires_at serves the scan. IN_PROGRESS and UNKNOWN records are never selected.
+        # SKIP LOCKED: a purger never waits for, nor deletes under, a row another transaction holds. The
+        # index on cleanup_at serves the scan: cleanup_at <= expires_at always (a lower bound at the claim,
+        # expires_at itself once compacted), and statement_timestamp() is stable where clock_timestamp() is
+        # not, so it bounds the range; expires_at decides. IN_PROGRESS and UNKNOWN records are never selected.
         purge=f"""
             WITH doomed AS (
                 SELECT scope, key FROM {table}
-                WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= clock_timestamp()
-                ORDER BY expires_at LIMIT $1
+                WHERE cleanup_at <= statement_timestamp()
+                  AND status IN ('COMPLETED', 'FAILED') AND expires_at <= clock_timestamp()
+                ORDER BY cleanup_at LIMIT $1
                 FOR UPDATE SKIP LOCKED
             ), deleted AS (
                 DELETE FROM {table} AS t USING doomed
@@ -282,31 +290,36 @@ def _statements(names: Names) -> _Statements:
                 RETURNING 1
             )
             SELECT count(*) FROM deleted""",
-        # Drops responses past their horizon, keeping the compact record; the same SKIP LOCKED discipline.
+        # Drops responses past their horizon, keeping the compact record; the same SKIP LOCKED discipline
+        # and the same index: cleanup_at <= response_expires_at while the response is there. Each compact
+        # record's cleanup_at moves on to its record horizon, out of the range compaction scans.
         compact=f"""
             WITH due AS (
                 SELECT scope, key FROM {table}
-                WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+                WHERE cleanup_at <= statement_timestamp()
+                  AND status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
                   AND response_expires_at <= clock_timestamp()
-                ORDER BY response_expires_at LIMIT $1
+                ORDER BY cleanup_at LIMIT $1
                 FOR UPDATE SKIP LOCKED
             ), compacted AS (
-                UPDATE {table} AS t SET response = NULL, updated_at = clock_timestamp() FROM due
+                UPDATE {table} AS t SET response = NULL, cleanup_at = t.expires_at, updated_at = clock_timestamp()
+                FROM due
                 WHERE t.scope = due.scope AND t.key = due.key
                 RETURNING 1
             )
             SELECT count(*) FROM compacted""",
-        # What compact and purge would take, counted with their own conditions (each count can use its
-        # partial index: statement_timestamp() is stable, clock_timestamp() would not be). A plain read:
-        # it counts rows a purger or a claim holds too, which the real batches would skip.
+        # What compact and purge would take, counted with their own conditions over the same index range.
+        # A plain read: it counts rows a purger or a claim holds too, which the real batches would skip.
         purgeable=f"""
             SELECT (
                 SELECT count(*) FROM {table}
-                WHERE status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
+                WHERE cleanup_at <= statement_timestamp()
+                  AND status IN ('COMPLETED', 'FAILED') AND response IS NOT NULL
                   AND response_expires_at <= statement_timestamp()
             ) AS compacted, (
                 SELECT count(*) FROM {table}
-                WHERE status IN ('COMPLETED', 'FAILED') AND expires_at <= statement_timestamp()
+                WHERE cleanup_at <= statement_timestamp()
+                  AND status IN ('COMPLETED', 'FAILED') AND expires_at <= statement_timestamp()
             ) AS deleted""",
         # -- the outbox
         # In the unit of work's transaction: the messages exist if and only if it commits.
@@ -427,19 +440,23 @@ class PostgresStorage:
         wait: float | None,
         *,
         fingerprint_version: int | None = None,
+        retention: Retention | None = None,
     ) -> Claim:
         """Insert the IN_PROGRESS record; see `Storage.claim`.
 
         A wait that runs out raises TimeoutError (asyncpg cancels the statement); failing fast raises
-        SQLSTATE 55P03.
+        SQLSTATE 55P03. With the ``retention`` the completion will record, the completion is a HOT update.
         """
+        version, horizon = fingerprint_version, None if retention is None else retention.response
         if wait is None:
             claimed = await self._driver.fetchval(
-                self._sql.claim_nowait, scope, key, fingerprint, token, fingerprint_version
+                self._sql.claim_nowait, scope, key, fingerprint, token, version, horizon
             )
             return Raced() if claimed is None else Claimed()
-        sql, version = self._sql.claim, fingerprint_version
-        return _claimed(await self._driver.fetchrow(sql, scope, key, fingerprint, token, version, timeout=wait))
+        row = await self._driver.fetchrow(
+            self._sql.claim, scope, key, fingerprint, token, version, horizon, timeout=wait
+        )
+        return _claimed(row)
 
     async def finish(
         self, scope: str, key: str, token: uuid.UUID, status: Status, response: bytes, retention: Retention

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -32,8 +34,14 @@ VERSION_TABLE = "idembarrier_alembic_version"
 _STATUSES = ", ".join(f"'{status.value}'" for status in Status)
 
 
-def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | None = None) -> Table:
+def records_table(
+    metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | None = None, *, dialect: str | None = None
+) -> Table:
     """Declare the records table, and its outbox (see `outbox_table`), on ``metadata``.
+
+    ``dialect`` is the SQLAlchemy dialect's name the table is declared for: on ``"postgresql"`` the table
+    has ``cleanup_at`` and one index on it instead of the three partial indexes, so that a completion is a
+    HOT update (revision 0007); anything else (``None`` included) gets the layout SQLite and MariaDB keep.
 
     Columns:
         scope: namespace of the key (tenant, operation, consumer group); part of the primary key.
@@ -49,8 +57,18 @@ def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | N
         response_expires_at: from when cleanup may drop the response, keeping the compact record.
         locked_until: end of a lease (leased work only); a reclaim may take the key after it.
         checkpoint_name / checkpoint_data: the last progress a lease holder recorded, for a reclaimer.
+        cleanup_at (PostgreSQL): from when cleanup may next act on the record; set at the claim to a lower
+            bound of its response horizon, left alone by the completion, moved to expires_at by compaction.
     """
     outbox_table(metadata, name, schema)
+    if dialect == "postgresql":
+        # Nothing the completion writes is indexed, nor read by an index's predicate: a HOT update.
+        layout: tuple[Column[Any] | Index, ...] = (
+            Column("cleanup_at", DateTime(timezone=True), nullable=True),
+            Index(f"ix_{name}_cleanup_at", "cleanup_at"),
+        )
+    else:
+        layout = _partial_indexes(name)
     failures_table(metadata, name, schema)
     return Table(
         name,
@@ -74,6 +92,14 @@ def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | N
         PrimaryKeyConstraint("scope", "key", name=f"pk_{name}"),
         CheckConstraint(f"status IN ({_STATUSES})", name=f"ck_{name}_status"),
         CheckConstraint("length(key) BETWEEN 1 AND 255", name=f"ck_{name}_key_length"),
+        *layout,
+        schema=schema,
+    )
+
+
+def _partial_indexes(name: str) -> tuple[Index, ...]:
+    """The indexes of the records table outside PostgreSQL."""
+    return (
         # Cleanup scans finished records by expiry; reclaim scans live leases by their end.
         Index(
             f"ix_{name}_expires_at",
@@ -93,7 +119,6 @@ def records_table(metadata: MetaData, name: str = DEFAULT_TABLE, schema: str | N
             postgresql_where=text("status = 'IN_PROGRESS'"),
             sqlite_where=text("status = 'IN_PROGRESS'"),
         ),
-        schema=schema,
     )
 
 

@@ -327,8 +327,10 @@ class SqliteStorage:
         wait: float | None,
         *,
         fingerprint_version: int | None = None,
+        retention: Retention | None = None,
     ) -> Claim:
-        """Insert the IN_PROGRESS record; see `Storage.claim` (the write lock makes the wait moot)."""
+        """Insert the IN_PROGRESS record; see `Storage.claim` (the write lock makes the wait moot; the
+        horizons are all set by the completion, so ``retention`` is not needed)."""
         claimed = await self._first(self._sql.claim, scope, key, fingerprint, token.hex, fingerprint_version)
         return Raced() if claimed is None else Claimed()
 

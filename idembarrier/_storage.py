@@ -130,8 +130,12 @@ class Storage(Protocol):
         wait: float | None,
         *,
         fingerprint_version: int | None = None,
+        retention: Retention | None = None,
     ) -> Claim:
         """Insert an IN_PROGRESS record unless one exists, with the fingerprint and the version that made it.
+
+        ``retention`` is what the completion will record, when known: PostgreSQL sets the record's cleanup
+        horizon from it at the claim, so that the completion changes no indexed column (a HOT update).
 
         Returns `Claimed` when this call inserted it, else `Existing` where the statement could read the
         record at no extra cost, else `Raced` (look it up).

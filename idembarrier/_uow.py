@@ -407,7 +407,13 @@ class UnitOfWork(Generic[R]):
         for _ in range(_CLAIM_ATTEMPTS):
             fingerprint = self._fingerprint
             claimed = await storage.claim(
-                self._scope, self._key, fingerprint.digest, self._token, wait, fingerprint_version=fingerprint.version
+                self._scope,
+                self._key,
+                fingerprint.digest,
+                self._token,
+                wait,
+                fingerprint_version=fingerprint.version,
+                retention=self._retention,
             )
             if isinstance(claimed, Claimed):
                 self._storage = storage

@@ -51,7 +51,10 @@ async def test_purge_reports_each_batch_on_stderr(db: Database, capfd: pytest.Ca
         uow.complete({"paid": True})
     past = "now() - interval '1 day'" if db.dialect == "postgresql" else "datetime('now', '-1 day')"
     async with db.engine.begin() as conn:
-        await conn.exec_driver_sql(f"UPDATE idempotency_keys SET expires_at = {past}, response_expires_at = {past}")
+        cleanup = f", cleanup_at = {past}" if db.dialect == "postgresql" else ""  # PostgreSQL's cleanup horizon
+        await conn.exec_driver_sql(
+            f"UPDATE idempotency_keys SET expires_at = {past}, response_expires_at = {past}{cleanup}"
+        )
     done = await run_async(capfd, "purge", "--database-url", db.url, "--batch-size", "10")
     assert done.status == 0, done.err
     assert done.out.endswith("deleted 1 records\n"), done.out

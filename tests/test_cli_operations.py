@@ -305,7 +305,8 @@ async def test_inspect_says_a_compact_records_response_is_gone(db: Database, cap
         uow.complete({"paid": True})
     past = "now() - interval '1 day'" if db.dialect == "postgresql" else "datetime('now', '-1 day')"
     async with db.engine.begin() as conn:
-        await conn.exec_driver_sql(f"UPDATE idempotency_keys SET response_expires_at = {past}")
+        cleanup = f", cleanup_at = {past}" if db.dialect == "postgresql" else ""  # PostgreSQL's cleanup horizon
+        await conn.exec_driver_sql(f"UPDATE idempotency_keys SET response_expires_at = {past}{cleanup}")
     assert (await barrier.purge()).compacted == 1
     data, shown = await inspected(db, capfd, key)
     assert (data["compact"], data["response"]) == (True, None)
@@ -612,7 +613,8 @@ async def expire(db: Database, *, response: Sequence[str] = (), record: Sequence
     async with db.engine.begin() as conn:
         for column, keys in (("response_expires_at", response), ("expires_at", record)):
             for key in keys:
-                sql = f"UPDATE idempotency_keys SET {column} = {ago(db, 86400)} WHERE key = :key"
+                cleanup = f", cleanup_at = {ago(db, 86400)}" if db.dialect == "postgresql" else ""  # its horizon too
+                sql = f"UPDATE idempotency_keys SET {column} = {ago(db, 86400)}{cleanup} WHERE key = :key"
                 await conn.execute(text(sql), {"key": key})
 
 

@@ -122,7 +122,7 @@ async def versions(engine: AsyncEngine, table: str = VERSION_TABLE, schema: str 
 async def schema_diff(engine: AsyncEngine, table: str = "idempotency_keys", schema: str | None = None) -> list[object]:
     """Return what autogenerate finds between the migrated database and `records_table`."""
     metadata = MetaData()
-    records_table(metadata, table, schema)
+    records_table(metadata, table, schema, dialect=engine.dialect.name)
 
     def compare(connection: Connection) -> list[object]:
         context = MigrationContext.configure(
@@ -228,7 +228,7 @@ async def test_migrated_table_equals_create_all_of_declared_table(empty: Empty, 
     """
     await idembarrier.upgrade(empty.engine)
     metadata = MetaData()
-    records_table(metadata)
+    records_table(metadata, dialect=twin.dialect)
     async with twin.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     assert await reflect(empty.engine) == await reflect(twin.engine)

@@ -88,9 +88,10 @@ async def test_stale_reclaims_are_counted(db: Database) -> None:
 async def expire(db: Database, keys: int) -> None:
     """Insert ``keys`` finished records whose expiry has passed, as a long-running system would have."""
     if db.dialect == "postgresql":
-        sql = """INSERT INTO idempotency_keys (scope, key, status, token, response, completed_at, expires_at)
+        sql = """INSERT INTO idempotency_keys
+                   (scope, key, status, token, response, completed_at, expires_at, cleanup_at)
                  SELECT 'old', 'k' || g, 'COMPLETED', gen_random_uuid(), '\\x6e756c6c', now() - interval '9 days',
-                        now() - interval '2 days'
+                        now() - interval '2 days', now() - interval '2 days'
                  FROM generate_series(1, :n) AS g"""
     else:
         sql = """WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n)
