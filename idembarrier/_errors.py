@@ -139,6 +139,8 @@ def sqlstate_of(exc: BaseException) -> str | None:
     """Return the SQLSTATE (PostgreSQL), ``"sqlite:<code>"`` or ``"mysql:<code>"`` of a driver error, if any."""
     if isinstance(exc, StorageError):
         return exc.sqlstate
+    if (mysql := mysql_code(exc)) is not None and mysql != 0:  # 0: a driver error the server did not send
+        return f"mysql:{mysql}"  # asyncmy's errors carry a SQLSTATE too, but HY000 says nothing: the code does
     driver = _driver_error(exc)
     state = getattr(driver, "sqlstate", None)
     if isinstance(state, str):
@@ -146,8 +148,6 @@ def sqlstate_of(exc: BaseException) -> str | None:
     code = getattr(driver, "sqlite_errorcode", None)
     if isinstance(code, int):
         return f"sqlite:{code}"
-    if (mysql := mysql_code(exc)) is not None and mysql != 0:  # 0: a driver error the server did not send
-        return f"mysql:{mysql}"
     return None
 
 

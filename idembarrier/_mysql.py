@@ -630,12 +630,31 @@ class MysqlStorage:
 
 
 def _dict_cursor(driver: Any) -> Any:
-    """The driver's cursor class that returns rows as dicts (asyncmy's or aiomysql's)."""
+    """The driver's cursor class that returns rows as dicts (asyncmy's, or `_aiomysql_rows`)."""
     if type(driver).__module__.startswith("aiomysql"):
-        from aiomysql.cursors import DictCursor
-    else:
-        from asyncmy.cursors import DictCursor
+        return _aiomysql_rows()
+    from asyncmy.cursors import DictCursor
+
     return DictCursor
+
+
+@cache
+def _aiomysql_rows() -> Any:
+    """aiomysql's DictCursor, sending bytes as hexadecimal literals.
+
+    aiomysql 0.3 escapes bytes with PyMySQL's ``escape_bytes_prefixed``, which PyMySQL 2.2 replaced by a string
+    ("DO NOT IMPORT THIS!!!"): every bytes parameter raises TypeError. ``X'…'`` is binary-safe whatever the
+    connection's character set.
+    """
+    from aiomysql.cursors import DictCursor
+
+    class Rows(DictCursor):  # type: ignore[misc]
+        def _escape_args(self, args: object, conn: Any) -> object:
+            if isinstance(args, tuple | list):
+                return tuple(f"X'{arg.hex()}'" if isinstance(arg, bytes) else conn.escape(arg) for arg in args)
+            return super()._escape_args(args, conn)
+
+    return Rows
 
 
 async def _maybe(value: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
@@ -333,6 +333,9 @@ async def test_retention_sets_both_horizons_after_completion(db: Database) -> No
     if db.dialect == "postgresql":
         sql = """SELECT key, extract(epoch FROM response_expires_at - completed_at),
                         extract(epoch FROM expires_at - completed_at) FROM idempotency_keys"""
+    elif db.dialect == "mysql":
+        sql = """SELECT `key`, TIMESTAMPDIFF(SECOND, completed_at, response_expires_at),
+                        TIMESTAMPDIFF(SECOND, completed_at, expires_at) FROM idempotency_keys"""
     else:
         sql = """SELECT key, (julianday(response_expires_at) - julianday(completed_at)) * 86400,
                         (julianday(expires_at) - julianday(completed_at)) * 86400 FROM idempotency_keys"""
@@ -468,7 +471,7 @@ async def test_caller_session_replay_writes_nothing(db: Database) -> None:
     async with db.sessionmaker() as session:
         async with barrier.unit_of_work(key, scope="payments", session=session) as uow:
             assert uow.replayed
-            await uow.session.execute(text("INSERT INTO payments (key, amount) VALUES (:key, 7)"), {"key": key})
+            await uow.session.execute(insert(Payment).values(key=key, amount=7))
         await session.commit()
     assert await db.payments(key) == 1
 
