@@ -13,7 +13,8 @@ How a measurement is taken (the method of ``research/performance_measured.md``):
 * **Client CPU** is the worker's own ``getrusage`` (every thread) over the measured window. **Server
   CPU** is the ``schedstat`` run time of the worker's own PostgreSQL backends over the same window: the
   backends whose client ports are this worker's sockets (whatever the driver, DBOS's system database
-  included). **Redis CPU** is the server's ``INFO cpu``; Redis is shared, so small values are noise.
+  included). **Broker CPU** is that of a broker process of this machine, or Redis's ``INFO cpu``; Redis is
+  shared, so small values are noise.
 
 A worker talks to the controller in JSON lines over a pipe of its own (its stdout is sent to stderr, so
 that libraries printing cannot break the protocol).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -34,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -94,9 +96,10 @@ def local_ports(remote_port: int) -> list[int]:
 
 
 def process_cpu_ns(pid: int) -> int | None:
-    """The run time of process ``pid`` in ns (procfs ``schedstat``), or None when it cannot be read."""
-    try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    """The run time of process ``pid`` in ns (procfs ``schedstat`` of its threads), or None when unreadable."""
+    try:  # every thread's: a broker (Tansu) runs on several
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -139,14 +142,17 @@ def cpu_of(pids: Sequence[int]) -> dict[int, int]:
     return {pid: ns for pid in pids if (ns := process_cpu_ns(pid)) is not None}
 
 
-class RedisProbe:
-    """Redis's own CPU (``INFO cpu``): shared with everything else that uses it."""
+class BrokerProbe:
+    """The CPU of the server beside PostgreSQL: a broker process of this machine, or Redis (``INFO cpu``)."""
 
-    def __init__(self, url: str | None) -> None:
-        self.url = url
+    def __init__(self, url: str | None, pid: int | None = None) -> None:
+        self.url, self.pid = url, pid
         self.client: Any = None
 
     async def cpu_s(self) -> float:
+        if self.pid is not None:
+            ns = process_cpu_ns(self.pid)
+            return math.nan if ns is None else ns / 1e9
         if self.url is None:
             return math.nan
         import redis.asyncio as aioredis
@@ -171,7 +177,7 @@ class Block:
     seconds: float
     client_cpu_s: float
     server_cpu_s: float  # NaN where the backends could not be read
-    redis_cpu_s: float  # NaN without Redis
+    broker_cpu_s: float  # the broker's or Redis's; NaN without one
     p50_ms: float
     p99_ms: float
     errors: dict[str, int] = field(default_factory=dict)
@@ -199,7 +205,7 @@ async def measure(
     warmup: float,
     seconds: float,
     server: ServerProbe,
-    redis: RedisProbe,
+    redis: BrokerProbe,
 ) -> Block:
     """One block: open, warm up, a closed loop of ``conc`` callers for ``seconds``, close."""
     errors: dict[str, int] = {}
@@ -243,7 +249,7 @@ async def measure(
         client = client_cpu_s() - snap["client"]
         server_after = cpu_of(pids)
         elapsed = time.perf_counter() - t_start
-        redis_cpu = await redis.cpu_s() - snap["redis"]
+        broker_cpu = await redis.cpu_s() - snap["redis"]
         await asyncio.gather(*tasks)
     finally:
         await variant.close()
@@ -255,21 +261,93 @@ async def measure(
         seconds=elapsed,
         client_cpu_s=client,
         server_cpu_s=server_cpu,
-        redis_cpu_s=redis_cpu,
+        broker_cpu_s=broker_cpu,
         p50_ms=percentile(latencies, 0.5) * 1e3,
         p99_ms=percentile(latencies, 0.99) * 1e3,
         errors=errors,
     )
 
 
-def serve(make: Callable[[str, dict[str, Any]], Variant], name: str, config: dict[str, Any]) -> int:
+class Stream(Protocol):
+    """A consumer, as a broker benchmark's worker runs it: messages flow until it is told to stop."""
+
+    async def setup(self) -> None:
+        """Prepare what the variant needs (messages already recorded…); once."""
+
+    async def open(self, conc: int) -> None:
+        """Subscribe afresh (a new group or queue, from the first message)."""
+
+    async def stream(self, stop: asyncio.Event, counted: Callable[[], None]) -> None:
+        """Consume until ``stop`` is set, calling ``counted()`` once per message settled (acked/committed)."""
+
+    async def close(self) -> None:
+        """Unsubscribe."""
+
+    def counts(self) -> dict[str, int]:
+        """What the variant did, for the controller's correctness check."""
+
+
+async def measure_stream(
+    variant: Stream, name: str, warmup: float, seconds: float, server: ServerProbe, redis: BrokerProbe
+) -> Block:
+    """One block of a consumer: subscribe, let it run ``warmup`` seconds, count messages for ``seconds``."""
+    await variant.open(1)
+    try:
+        stop, flowing, settled = asyncio.Event(), asyncio.Event(), 0
+        stamps: list[float] = []
+
+        def counted() -> None:
+            nonlocal settled
+            settled += 1
+            stamps.append(time.perf_counter())
+            flowing.set()
+
+        task = asyncio.create_task(variant.stream(stop, counted))
+        waiting = asyncio.create_task(flowing.wait())
+        await asyncio.wait([task, waiting], timeout=60, return_when=asyncio.FIRST_COMPLETED)  # the group joined
+        waiting.cancel()
+        if task.done():
+            await task  # it failed: say why
+            raise RuntimeError(f"{name} stopped before its first message")
+        if not flowing.is_set():
+            raise RuntimeError(f"{name} settled no message in 60 s")
+        await asyncio.sleep(warmup)
+        pids = await server.backends()
+        redis_before = await redis.cpu_s()
+        server_before, client_before, before = cpu_of(pids), client_cpu_s(), settled
+        t_start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        client = client_cpu_s() - client_before
+        server_after, done = cpu_of(pids), settled - before
+        elapsed = time.perf_counter() - t_start
+        broker_cpu = await redis.cpu_s() - redis_before
+        stop.set()
+        await task
+    finally:
+        await variant.close()
+    common = set(server_before) & set(server_after)
+    server_cpu = sum(server_after[p] - server_before[p] for p in common) / 1e9 if common else math.nan
+    gaps = [b - a for a, b in itertools.pairwise(stamps) if t_start <= b <= t_start + elapsed]
+    return Block(
+        variant=name,
+        requests=done,
+        seconds=elapsed,
+        client_cpu_s=client,
+        server_cpu_s=server_cpu,
+        broker_cpu_s=broker_cpu,
+        p50_ms=percentile(gaps, 0.5) * 1e3,
+        p99_ms=percentile(gaps, 0.99) * 1e3,
+    )
+
+
+def serve(make: Callable[[str, dict[str, Any]], Variant | Stream], name: str, config: dict[str, Any]) -> int:
     """A worker's main: answer the controller's commands (JSON lines) until it says ``quit``."""
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever a library prints goes to stderr
     runner = asyncio.Runner()
     variant = make(name, config)
     server = ServerProbe(config.get("probe_dsn"), int(config.get("pg_port", 5432)))
-    redis = RedisProbe(config.get("redis_probe_url"))
+    redis = BrokerProbe(config.get("redis_probe_url"), config.get("broker_pid"))
     channel.write(json.dumps({"ready": True}) + "\n")
     try:
         for line in sys.stdin:
@@ -282,10 +360,16 @@ def serve(make: Callable[[str, dict[str, Any]], Variant], name: str, config: dic
                 if op == "setup":
                     runner.run(variant.setup())
                     answer = {"ok": True}
-                elif op == "block":
+                elif op == "block" and command.get("stream"):
                     block = runner.run(
-                        measure(variant, name, command["conc"], command["warmup"], command["block"], server, redis)
+                        measure_stream(
+                            cast("Stream", variant), name, command["warmup"], command["block"], server, redis
+                        )
                     )
+                    answer = {"ok": True, "block": asdict(block)}
+                elif op == "block":
+                    conc, warmup, seconds = command["conc"], command["warmup"], command["block"]
+                    block = runner.run(measure(cast("Variant", variant), name, conc, warmup, seconds, server, redis))
                     answer = {"ok": True, "block": asdict(block)}
                 elif op == "counts":
                     answer = {"ok": True, "counts": variant.counts()}
@@ -368,14 +452,22 @@ class Run:
 
 
 def run_rounds(
-    workers: dict[str, Worker], run: Run, repeat: int, conc: int, rounds: int, warmup: float, block: float
+    workers: dict[str, Worker],
+    run: Run,
+    repeat: int,
+    conc: int,
+    rounds: int,
+    warmup: float,
+    block: float,
+    *,
+    stream: bool = False,
 ) -> None:
     """``rounds`` rounds of one block per variant at ``conc``, the order rotating every round."""
     names = list(workers)
     for r in range(rounds):
         shift = (r + repeat) % len(names)
         for name in names[shift:] + names[:shift]:
-            answer = workers[name].ask(op="block", conc=conc, warmup=warmup, block=block)
+            answer = workers[name].ask(op="block", conc=conc, warmup=warmup, block=block, stream=stream)
             run.blocks.append({"repeat": repeat, "conc": conc, "round": r, **answer["block"]})
         print(f"  repeat {repeat + 1} c={conc} round {r + 1}/{rounds} done", flush=True)
 

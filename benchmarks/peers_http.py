@@ -455,7 +455,7 @@ def report(run: _blocks.Run, concs: list[int], names: list[str], missing: list[s
         row = [v]
         for c in concs:
             row.append(_blocks.number(_blocks.median_value(run, c, "throughput", v)))
-            cpu = [_blocks.number(_blocks.median_value(run, c, m, v)) for m in ("client", "server", "redis")]
+            cpu = [_blocks.number(_blocks.median_value(run, c, m, v)) for m in ("client", "server", "broker")]
             row.append(" / ".join(cpu))
         rows.append(row)
     print("\n### CPU per request, µs (medians over rounds; Redis is shared, so small values are noise)\n")

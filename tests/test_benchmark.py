@@ -61,3 +61,12 @@ async def test_peers_http_smoke_prints_its_tables(pg_db: Database) -> None:
     for variant in ("h_bare", "h_ib", "h_ib_replay", "h_ib_replay_cold", "h_snok", "h_idemkit"):
         assert f"| {variant} (" in out
     assert "CORRECTNESS: OK" in out
+
+
+async def test_brokers_smoke_prints_its_table(pg_db: Database) -> None:
+    """benchmarks/brokers.py --smoke runs Kafka's bare loop, run_consumer and a redelivery on Tansu; lists the rest."""
+    out = await _smoke("brokers.py", "--database-url", pg_db.url)
+    assert "### The consumer barrier per broker" in out
+    for broker in ("kafka", "confluent", "rabbitmq", "nats", "redis"):
+        assert f"| {broker} |" in out
+    assert "CORRECTNESS: OK" in out

