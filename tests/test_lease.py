@@ -41,10 +41,18 @@ async def finish(lease: Lease[JSON], key: str, response: JSON) -> None:
         uow.complete(response)
 
 
+_NOW = {"postgresql": "now()", "mysql": "UTC_TIMESTAMP(6)"}  # the database's clock (MariaDB: UTC, as written)
+
+
+def _where_key(db: Database) -> str:
+    """The condition on the key column, quoted where the dialect reserves the word (MariaDB)."""
+    return f"{db.engine.dialect.identifier_preparer.quote('key')} = :key"
+
+
 async def until_stale(db: Database, key: str) -> None:
     """Return once the key's lease has run out by the database's clock (lease lengths are a few 100 ms)."""
-    now = "now()" if db.dialect == "postgresql" else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-    sql = f"SELECT count(*) FROM idempotency_keys WHERE key = :key AND locked_until <= {now}"
+    now = _NOW.get(db.dialect, "strftime('%Y-%m-%d %H:%M:%f', 'now')")
+    sql = f"SELECT count(*) FROM idempotency_keys WHERE {_where_key(db)} AND locked_until <= {now}"
     with anyio.fail_after(10):
         while True:
             async with db.engine.connect() as conn:
@@ -55,12 +63,12 @@ async def until_stale(db: Database, key: str) -> None:
 
 async def until_past_first_lease(db: Database, key: str) -> None:
     """Return once the database's clock has passed the key's first lease (as it stood on entry)."""
-    now = "now()" if db.dialect == "postgresql" else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    now = _NOW.get(db.dialect, "strftime('%Y-%m-%d %H:%M:%f', 'now')")
     async with db.engine.connect() as conn:
         first = (
-            await conn.execute(text("SELECT locked_until FROM idempotency_keys WHERE key = :key"), {"key": key})
+            await conn.execute(text(f"SELECT locked_until FROM idempotency_keys WHERE {_where_key(db)}"), {"key": key})
         ).scalar_one()
-    sql = text(f"SELECT count(*) FROM idempotency_keys WHERE key = :key AND {now} > :first")
+    sql = text(f"SELECT count(*) FROM idempotency_keys WHERE {_where_key(db)} AND {now} > :first")
     with anyio.fail_after(10):
         while True:
             async with db.engine.connect() as conn:
@@ -206,7 +214,7 @@ async def test_heartbeat_that_finds_the_lease_gone_marks_it_lost(db: Database) -
     with pytest.raises(LeaseLostError):
         async with barrier.leased(key, scope=SCOPE, lease=timedelta(seconds=30), heartbeat=0.05) as lease:
             async with db.engine.begin() as conn:  # an operator deletes the record under the holder
-                await conn.execute(text("DELETE FROM idempotency_keys WHERE key = :key"), {"key": key})
+                await conn.execute(text(f"DELETE FROM idempotency_keys WHERE {_where_key(db)}"), {"key": key})
             with anyio.fail_after(5):
                 while not lease.lost:  # noqa: ASYNC110 - a flag set by the heartbeat task; bounded above
                     await anyio.sleep(0.02)
