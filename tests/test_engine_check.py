@@ -19,12 +19,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests import _galera
 from tests._cli import run_async
 from tests._pgbouncer import pgbouncer
 from tests.helpers import require
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
 
     from tests.conftest import Database
@@ -72,6 +73,24 @@ async def mariadb() -> AsyncIterator[str]:
         await admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def galera_cluster() -> _galera.Cluster:
+    """The session's two-node Galera cluster (`tests._galera`); fails under CI, skipped elsewhere, without it."""
+    return _galera.shared()
+
+
+@pytest.fixture
+def galera(galera_cluster: _galera.Cluster) -> Iterator[str]:
+    """A database of its own on the Galera cluster, named by node 1's URL."""
+    cluster = galera_cluster
+    name = f"idembarrier_check_{uuid.uuid4().hex[:12]}"
+    cluster.nodes[0].sql(f"CREATE DATABASE {name}")  # replicated to every node before it returns (TOI)
+    try:
+        yield cluster.nodes[0].url(name)
+    finally:
+        cluster.nodes[0].sql(f"DROP DATABASE IF EXISTS {name}")
+
+
 @pytest.mark.parametrize("pg_db", ["asyncpg", "psycopg"], indirect=True)
 async def test_postgresql_keeps_every_guarantee(pg_db: Database, capfd: pytest.CaptureFixture[str]) -> None:
     """Directly, every check holds on both drivers; exit 0; the check's table is gone afterwards."""
@@ -89,6 +108,7 @@ async def test_postgresql_keeps_every_guarantee(pg_db: Database, capfd: pytest.C
         "read_committed": (True, True),
         "clock_advances": (True, True),
         "single_primary": (None, False),
+        "commit_certifies": (None, False),
     }
     assert await tables(pg_db.url) == before
 
@@ -120,16 +140,42 @@ async def test_sqlite_serializes_writers(tmp_path: Path, capfd: pytest.CaptureFi
 async def test_mariadb_is_reported_with_the_hazards_measured_on_it(
     mariadb: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """MariaDB's defaults: keys folded by collation, REPEATABLE READ, session-scoped GET_LOCK; unsupported: exit 1."""
+    """MariaDB's defaults: keys folded by collation, REPEATABLE READ, session-scoped GET_LOCK: exit 1."""
     status, checks = await engine_check(capfd, mariadb)
     assert status == 1
-    assert checks["supported"] is False
+    assert checks["supported"] is True  # the dialect is; these defaults are what its migrations work around
     assert checks["exact_keys"] == (False, True)
     assert checks["read_committed"] == (False, True)
     assert checks["advisory_locks"] == (False, True)
     assert checks["duplicate_waits"] == checks["savepoint_releases"] == checks["clock_advances"] == (True, True)
-    assert checks["single_primary"] == (True, True)  # not a Galera node
+    assert checks["single_primary"] == (True, False)  # not a Galera node
+    assert checks["commit_certifies"] == (None, False)
     assert await tables(mariadb) == set()
+
+
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
+async def test_a_galera_cluster_is_reported_as_multi_primary_with_certified_commits(
+    galera: str, driver: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """On a Galera node, measured against the other node: locks do not reach it, its duplicate loses at COMMIT.
+
+    single_primary does not hold (informative: GET_LOCK and SKIP LOCKED seen from the other node); commit_certifies
+    holds and is required; the rest is what MariaDB's defaults give on one node. Nothing is left behind.
+    """
+    url = galera.replace("mysql+aiomysql", f"mysql+{driver}")
+    status, checks = await engine_check(capfd, url)
+    assert checks["single_primary"] == (False, False)
+    assert checks["commit_certifies"] == (True, True)
+    assert checks["duplicate_waits"] == checks["savepoint_releases"] == checks["clock_advances"] == (True, True)
+    assert checks["listen_notify"][0] is checks["session_state"][0] is None
+    report = json.loads((await run_async(capfd, "engine-check", url, "--json")).out)
+    details = {c["name"]: c["detail"] for c in report["checks"]}
+    assert "GET_LOCK granted on both nodes" in details["single_primary"]
+    assert "SKIP LOCKED on the other node returned the row this one locks" in details["single_primary"]
+    assert "1213 (40001)" in details["commit_certifies"]
+    assert status == 1  # MariaDB's defaults on each node: keys folded by collation, REPEATABLE READ, GET_LOCK
+    assert checks["exact_keys"] == checks["read_committed"] == checks["advisory_locks"] == (False, True)
+    assert await tables(url) == set()
 
 
 async def test_the_text_report_names_each_check(pg_db: Database, capfd: pytest.CaptureFixture[str]) -> None:
@@ -138,7 +184,7 @@ async def test_the_text_report_names_each_check(pg_db: Database, capfd: pytest.C
     assert done.status == 0
     lines = done.out.splitlines()
     assert lines[0].endswith(": supported")
-    assert len(lines) == 11
+    assert len(lines) == 12
     assert lines[-1] == "every guarantee the barrier needs holds"
     assert "postgres@" in lines[0]
 

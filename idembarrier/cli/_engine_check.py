@@ -17,8 +17,10 @@ session_state                the connection is its server session (no transactio
                              statements survive across transactions)
 read_committed               transactions run at READ COMMITTED (a waiting claim then sees the winner)
 clock_advances               the database clock moves within a transaction (leases and their deadlines)
-single_primary               writes are not certified on several primaries (Galera: row locks do not
-                             coordinate across nodes)
+single_primary               one node takes the writes (on a Galera cluster, measured on two nodes: row
+                             locks, GET_LOCK and SKIP LOCKED do not coordinate across nodes)
+commit_certifies             on a multi-primary cluster, a duplicate of an uncommitted key on another node
+                             (which runs its body) is refused at COMMIT with 1213/40001, a lost race
 ============================ =========================================================================
 
 A check is *required* when the barrier needs it on that database; others only change how it works (the
@@ -43,6 +45,7 @@ from .._engines import SUPPORTED
 from .._errors import lock_not_available
 from .._exceptions import ConfigurationError
 from .._poolers import SAFE_CONNECT_ARGS, behind_pooler
+from ._engine_galera import certified_commits, cluster_of, cross_node_locks
 
 if TYPE_CHECKING:
     import argparse
@@ -332,13 +335,27 @@ async def _clock_advances(engine: AsyncEngine, dialect: _Dialect, table: str) ->
 async def _single_primary(engine: AsyncEngine, dialect: _Dialect, table: str) -> Finding:
     if _name(engine) != "mysql":
         return Finding("single_primary", None, False, "one primary")
-    async with engine.connect() as conn:
-        row = (await conn.execute(text("SHOW VARIABLES LIKE 'wsrep_on'"))).first()
-    if row is not None and str(row[1]).upper() == "ON":
-        return Finding(
-            "single_primary", False, True, "Galera: a duplicate on another node runs its body; COMMIT refuses one"
-        )
-    return Finding("single_primary", True, True, "one primary")
+    galera = await cluster_of(engine)
+    if galera is None:
+        return Finding("single_primary", True, False, "one primary")
+    if galera.size <= 1:
+        return Finding("single_primary", True, False, f"a Galera node alone in its cluster (size {galera.size})")
+    seen = await cross_node_locks(engine, galera, table)
+    return Finding(
+        "single_primary",
+        False,
+        False,
+        f"Galera, {galera.size} nodes: row locks, GET_LOCK and SKIP LOCKED hold on one node only ({seen}); "
+        "a duplicate on another node runs its body and loses at COMMIT; leases and the relay need one writer node",
+    )
+
+
+async def _commit_certifies(engine: AsyncEngine, dialect: _Dialect, table: str) -> Finding:
+    galera = await cluster_of(engine) if _name(engine) == "mysql" else None
+    if galera is None or galera.size <= 1:
+        return Finding("commit_certifies", None, False, "one primary: a duplicate waits on the holder's row lock")
+    holds, detail = await certified_commits(engine, galera, table)
+    return Finding("commit_certifies", holds, True, detail)
 
 
 _PROBES = (
@@ -351,4 +368,5 @@ _PROBES = (
     _read_committed,
     _clock_advances,
     _single_primary,
+    _commit_certifies,
 )
