@@ -75,6 +75,13 @@ LOCK_WAITERS = text(
     "WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() ORDER BY pid"
 )
 
+MARIADB_LOCK_WAITERS = text(
+    "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX AS t "
+    "JOIN information_schema.PROCESSLIST AS p ON p.ID = t.trx_mysql_thread_id "
+    "WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE() AND p.ID <> CONNECTION_ID() ORDER BY p.ID"
+)
+"""The same on MariaDB: the connections of this database whose transaction waits on a row lock."""
+
 
 async def lock_waiters(db: Database, n: int = 1) -> list[int]:
     """Return the pids of ``db``'s PostgreSQL backends waiting on a lock, once there are ``n`` or more.
@@ -84,7 +91,8 @@ async def lock_waiters(db: Database, n: int = 1) -> list[int]:
     with anyio.fail_after(20):
         while True:
             async with db.engine.connect() as conn:
-                pids = [int(pid) for pid in (await conn.execute(LOCK_WAITERS)).scalars()]
+                query = MARIADB_LOCK_WAITERS if db.dialect == "mysql" else LOCK_WAITERS
+                pids = [int(pid) for pid in (await conn.execute(query)).scalars()]
             if len(pids) >= n:
                 return pids
             await anyio.sleep(0.005)  # the wait happens inside the server, which no event reaches: poll it

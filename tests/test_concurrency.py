@@ -87,7 +87,7 @@ class Waiters:
     async def until(self, waiting: int) -> None:
         """Return once ``waiting`` duplicates wait on the claim while the holder is inside its body."""
         with anyio.fail_after(20):
-            if self._db.dialect == "postgresql":
+            if self._db.dialect in ("postgresql", "mysql"):  # MariaDB: InnoDB's waiting transactions
                 await lock_waiters(self._db, waiting)
             else:
                 while self._begun < waiting + 1:  # the holder's BEGIN IMMEDIATE, then one per duplicate
