@@ -170,6 +170,12 @@ def outbox_message(
     return Message(1, mid, subject, key, value, ((MESSAGE_ID_HEADER, mid.encode()), *headers))
 
 
+def test_importing_idembarrier_does_not_import_nats() -> None:
+    """`import idembarrier` (and `idembarrier.messaging`) leave nats-py unimported: it is the ``nats`` extra."""
+    code = "import sys, idembarrier, idembarrier.messaging; assert 'nats' not in sys.modules, 'nats imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # -- publish → relay → stream → consumer ----------------------------------------------------------------
 
 
