@@ -34,13 +34,14 @@ from ._metrics import Outcome, outcome_of
 from ._observe import Phases, Work
 from ._outbox import contract_headers, encode_headers
 from ._record import Record, Status
+from ._savepoint import Savepoint, open_savepoint
 from ._storage import Claimed, Existing
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from ._config import Retention
@@ -132,7 +133,7 @@ class UnitOfWork(Generic[R]):
         self._sent = False
         self._driver: object = None  # the driver's connection, to be closed at once when it stops answering
         self._storage: Storage | None = None
-        self._savepoint: AsyncSessionTransaction | None = None
+        self._savepoint: Savepoint | None = None
         self._record: Record | None = None
         self._outcome: tuple[Status, bytes] | None = None
         self._response: R | None = None
@@ -366,7 +367,7 @@ class UnitOfWork(Generic[R]):
             # compaction holds the row). A plain read, which waits for nobody, tells which.
             record = await self._look_again(session, storage)
             if record is not None and record.status.finished and self._adopt(record):
-                await self._open_savepoint(session)  # a replay keeps a savepoint until the block ends
+                await self._open_savepoint(session, storage.connection)  # a replay keeps it until the block ends
                 return
             raise KeyInProgressError(scope=self._scope, key=self._key, waited=wait or 0.0) from exc
 
@@ -382,19 +383,19 @@ class UnitOfWork(Generic[R]):
     async def _fence(self, session: AsyncSession, storage: Storage) -> None:
         """Hold the record for a lease's completion, if the lease's token still holds the key."""
         await storage.begin(self._wait_timeout)
-        await self._open_savepoint(session)
+        await self._open_savepoint(session, storage.connection)
         self._sent = True
         if not await storage.fence(self._scope, self._key, self._token):
             raise LeaseLostError(scope=self._scope, key=self._key)
         self._storage = storage
 
-    async def _open_savepoint(self, session: AsyncSession) -> None:
+    async def _open_savepoint(self, session: AsyncSession, conn: AsyncConnection) -> None:
         if not self._owned:
             # A savepoint lets a conflict or a failing body undo our part and leave the caller's transaction
-            # usable; an IN_PROGRESS row must never reach the caller's COMMIT.
-            self._savepoint = await session.begin_nested()
-            # SQLAlchemy emits the SAVEPOINT lazily, on the next use: now.
-            await self._runtime.check_schema(await session.connection())
+            # usable; an IN_PROGRESS row must never reach the caller's COMMIT. The session's own nested
+            # transaction, its SAVEPOINT sent on the driver (see `idembarrier._savepoint`).
+            self._savepoint = await open_savepoint(session, conn)
+            await self._runtime.check_schema(conn)
 
     async def _claim(self, session: AsyncSession, storage: Storage, wait: float | None) -> None:
         """Claim the key, waiting at most ``wait`` seconds (None: not at all) for a concurrent holder.
@@ -402,7 +403,7 @@ class UnitOfWork(Generic[R]):
         Settles for the record instead when the holder committed.
         """
         await storage.begin(wait)
-        await self._open_savepoint(session)
+        await self._open_savepoint(session, storage.connection)
         self._sent = True
         for _ in range(_CLAIM_ATTEMPTS):
             fingerprint = self._fingerprint
@@ -549,6 +550,8 @@ class UnitOfWork(Generic[R]):
                 await session.flush()
             else:
                 await self._release_savepoint(commit=True)
+        except IdembarrierError:
+            raise  # the savepoint's RELEASE failed: already classified (`idembarrier._savepoint`)
         except Exception as exc:
             if (lost := _body_error(exc)) is not None:
                 raise lost from exc
