@@ -253,6 +253,7 @@ async def measure(
         await asyncio.gather(*tasks)
     finally:
         await variant.close()
+        await server.close()  # between blocks, hold no connection the active variant could need
     common = set(snap["server"]) & set(server_after)
     server_cpu = sum(server_after[p] - snap["server"][p] for p in common) / 1e9 if common else math.nan
     return Block(
@@ -325,6 +326,7 @@ async def measure_stream(
         await task
     finally:
         await variant.close()
+        await server.close()
     common = set(server_before) & set(server_after)
     server_cpu = sum(server_after[p] - server_before[p] for p in common) / 1e9 if common else math.nan
     gaps = [b - a for a, b in itertools.pairwise(stamps) if t_start <= b <= t_start + elapsed]

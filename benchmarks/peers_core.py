@@ -15,7 +15,8 @@ Variants, each in its own worker process (see ``benchmarks/_blocks.py`` for the 
   with ``SetWorkflowID(key)``: its defaults (SERIALIZABLE, psycopg), its system database in a database of its own.
 
 A peer that is not importable is listed as "not installed" (the ``bench`` extra installs them all).
-Pools: ``pool_size = min(c, 16)``, no overflow, so c = 32 is 32 callers on 16 connections.
+Pools: ``pool_size = min(c, 16)``, no overflow, so c = 32 is 32 callers on 16 connections (DBOS: 8 to each of
+its two databases, at every c, so that its idle pools and the active variant's fit in ``max_connections``).
 
 Usage::
 
@@ -356,7 +357,7 @@ class Dbos(Core):
         url = make_url(self.url)
         self.datasource = await dbos.AsyncSQLAlchemyDatasource.create(
             url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
-            engine_kwargs={"pool_size": 16, "max_overflow": 0},
+            engine_kwargs={"pool_size": 8, "max_overflow": 0},
         )
         datasource = self.datasource
 
@@ -376,7 +377,7 @@ class Dbos(Core):
         config = {
             "name": f"peers-{self.name}",
             "system_database_url": self.config["dbos_system_urls"][self.name],
-            "sys_db_pool_size": 16,
+            "sys_db_pool_size": 8,
             "executor_id": self.name,
             "log_level": "WARNING",
         }
@@ -390,10 +391,12 @@ class Dbos(Core):
             await self.prefill_with(self.call)
 
     async def open(self, conc: int) -> None:
-        return None  # DBOS's pools live as long as DBOS (16 connections to each database)
+        return None  # DBOS's pools live as long as DBOS: 8 connections to each database
 
     async def close(self) -> None:
-        return None
+        # Idle between blocks: give the application database's connections back (the server's
+        # max_connections is shared by every variant); the system database's pool stays DBOS's.
+        await self.datasource.engine.dispose()
 
     async def call(self, key: str) -> None:
         with self.dbos.SetWorkflowID(key):
