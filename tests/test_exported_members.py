@@ -14,9 +14,12 @@ import pytest
 import idembarrier
 import idembarrier.asgi
 import idembarrier.confluent
+import idembarrier.faststream
 import idembarrier.httpx
 import idembarrier.kafka
 import idembarrier.messaging
+import idembarrier.nats
+import idembarrier.rabbitmq
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -25,7 +28,17 @@ NOT_API = frozenset({"annotations", "TYPE_CHECKING"})
 """Names a module binds for the compiler (``from __future__ import annotations``) and for the type checker."""
 NAMESPACES = pytest.mark.parametrize(
     "module",
-    [idembarrier, idembarrier.asgi, idembarrier.confluent, idembarrier.httpx, idembarrier.kafka, idembarrier.messaging],
+    [
+        idembarrier,
+        idembarrier.asgi,
+        idembarrier.confluent,
+        idembarrier.faststream,
+        idembarrier.httpx,
+        idembarrier.kafka,
+        idembarrier.messaging,
+        idembarrier.nats,
+        idembarrier.rabbitmq,
+    ],
     ids=lambda m: m.__name__,
 )
 """The public namespaces: the package and its documented subpackages."""
