@@ -341,11 +341,9 @@ class _Loop(Generic[R]):
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """One fetch; an empty list when none came within ``poll_timeout``, a client error backed off."""
-        from nats.errors import TimeoutError as FetchTimeout
-
         try:
             return await sub.fetch(self.batch, timeout=self.poll_timeout)
-        except FetchTimeout:
+        except TimeoutError:  # nats-py's own and asyncio's (both TimeoutError): nothing came in time
             return []
         except Exception as exc:
             await self._wait(self._count(exc, "fetching from JetStream", self.backoff.next()))
