@@ -30,6 +30,7 @@ from ._exceptions import (
     StorageError,
     UnitOfWorkError,
 )
+from ._lost_race import lost_race
 from ._metrics import Outcome, outcome_of
 from ._observe import Phases, Work
 from ._outbox import contract_headers, encode_headers
@@ -467,7 +468,10 @@ class UnitOfWork(Generic[R]):
             await self._finish()
         except BaseException as err:
             await self._abandon(err)
-            self._report_end(err)
+            race = await self._lost_race(err)
+            self._report_end(err if race is None else race)
+            if race is not None:
+                raise race from err
             raise  # already ours where it is the database's doing; see _commit
         if self._owned:  # committed (or replayed): a retry of this key in this process looks it up first
             self._runtime.finished(self._scope, self._key)
@@ -482,10 +486,17 @@ class UnitOfWork(Generic[R]):
         if self._phases is not None:
             self._phases.end_body()
         await self._abandon(cause)
-        lost = _body_error(cause)
+        lost: StorageError | KeyInProgressError | None = _body_error(cause)
+        lost = await self._lost_race(lost) or lost
         self._report_end(cause if lost is None else lost)
         if lost is not None:
             raise lost from cause
+
+    async def _lost_race(self, error: BaseException | None) -> StorageError | KeyInProgressError | None:
+        """A serialization failure of our own execution, after its body ran, that a duplicate's COMMIT caused."""
+        if error is None or not self._owned or self._fenced or self._record is not None:
+            return None
+        return await lost_race(self._runtime, error, scope=self._scope, key=self._key, token=self._token)
 
     def _report_end(self, error: BaseException | None) -> None:
         """Report how the claimed call ended (once; a lease's finish is reported by its lease)."""
