@@ -20,6 +20,7 @@ import idembarrier.kafka
 import idembarrier.messaging
 import idembarrier.nats
 import idembarrier.rabbitmq
+import idembarrier.redis
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -38,6 +39,7 @@ NAMESPACES = pytest.mark.parametrize(
         idembarrier.messaging,
         idembarrier.nats,
         idembarrier.rabbitmq,
+        idembarrier.redis,
     ],
     ids=lambda m: m.__name__,
 )
