@@ -248,7 +248,10 @@ async def test_two_racing_relays_publish_each_message_once_in_key_order(pg_db: D
 
 async def backdate_sent(db: Database, hours: int, *, below_id: int) -> None:
     """Mark the outbox rows with an id below ``below_id`` as sent ``hours`` ago (database clock)."""
-    past = f"now() - interval '{hours} hours'" if db.dialect == "postgresql" else f"datetime('now', '-{hours} hours')"
+    past = {
+        "postgresql": f"now() - interval '{hours} hours'",
+        "mysql": f"UTC_TIMESTAMP(6) - INTERVAL {hours} HOUR",  # MariaDB: timestamps hold UTC
+    }.get(db.dialect, f"datetime('now', '-{hours} hours')")
     async with db.engine.begin() as conn:
         await conn.exec_driver_sql(f"UPDATE idempotency_keys_outbox SET sent_at = {past} WHERE id < {below_id}")
 
