@@ -148,10 +148,10 @@ def test_a_sync_driver_url_exits_2_naming_what_is_supported(command: str, capfd:
 def test_an_unsupported_driver_exits_2_naming_what_is_supported(
     command: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """A MariaDB URL is refused before any connection, exit 2, naming the supported databases."""
-    done = run(capfd, *_database_url_args(command, "mariadb+asyncmy://root@127.0.0.1/app"))
+    """An Oracle URL is refused before any connection, exit 2, naming the supported databases."""
+    done = run(capfd, *_database_url_args(command, "oracle+oracledb://app@127.0.0.1/app"))
     assert done.status == 2
-    assert "mariadb+asyncmy" in done.line
+    assert "oracle+oracledb" in done.line
     assert "sqlite+aiosqlite" in done.line
 
 
