@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
 import idembarrier
-from idembarrier._relay import OutboxRelay
+from idembarrier.messaging import OutboxRelay
 from idembarrier.rabbitmq import AioPikaDelivery, AioPikaPublisher, run_rabbitmq_consumer
 from tests.models import Payment
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from idembarrier._outbox import Message
+    from idembarrier.messaging import Message
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 """The broker of the tests (`tests.test_rabbitmq` reads the same URL)."""
