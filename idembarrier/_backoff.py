@@ -8,8 +8,14 @@ loops keep one backoff across fetching, committing and waiting on stop events; s
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-__all__ = ["Backoff"]
+import anyio
+
+if TYPE_CHECKING:
+    import logging
+
+__all__ = ["Backoff", "Retries", "cancel_on"]
 
 
 class Backoff:
@@ -33,3 +39,48 @@ class Backoff:
     def reset(self) -> None:
         """Start again from ``initial``: the failure is over."""
         self._ceiling = self._initial
+
+
+class Retries:
+    """A consumer loop's consecutive transient failures: counted, given up past ``limit``, waited out.
+
+    Every broker's loop retries the same way: a failure is logged with its delay, the loop waits that long
+    (or until ``stop`` is set), and past ``limit`` consecutive failures the last one's cause propagates.
+    ``reset`` once something goes through.
+    """
+
+    def __init__(self, backoff: Backoff, limit: int | None, stop: anyio.Event | None, log: logging.Logger) -> None:
+        self.backoff, self.limit, self.stop, self.log = backoff, limit, stop, log
+        self.count = 0
+
+    def failed(self, cause: BaseException, what: str, delay: float | None = None) -> float:
+        """Count a failure of ``what``; re-raise ``cause`` past the limit; return the delay to wait (logged)."""
+        self.count += 1
+        if self.limit is not None and self.count > self.limit:
+            raise cause
+        delay = self.backoff.next() if delay is None else delay
+        self.log.warning("idembarrier: %s failed (%r); retrying in %.2fs", what, cause, delay)
+        return delay
+
+    async def wait(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or until ``stop`` is set."""
+        with anyio.move_on_after(delay):
+            if self.stop is not None:
+                await self.stop.wait()
+            else:
+                await anyio.sleep_forever()
+
+    async def after(self, cause: BaseException, what: str) -> None:
+        """`failed`, then `wait` its delay."""
+        await self.wait(self.failed(cause, what))
+
+    def reset(self) -> None:
+        """Something went through: count from 0 and back off from the first delay again."""
+        self.count = 0
+        self.backoff.reset()
+
+
+async def cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` once ``event`` is set (a loop's fetch, given up on a stop)."""
+    await event.wait()
+    scope.cancel()

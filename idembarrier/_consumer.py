@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import anyio
 
-from ._backoff import Backoff
+from ._backoff import Backoff, Retries, cancel_on
 from ._delivery import (
     Applied,
     Consumed,
@@ -290,8 +290,7 @@ class _Loop(Generic[P, M, R]):
             dead_letter=None if dead_letter is None else _UnwrappedDestination(dead_letter),
         )
         self.timeout_ms, self.max_records = int(poll_timeout * 1000), max_records
-        self.max_retries, self.backoff = max_retries, backoff
-        self.retries = 0
+        self.retries = Retries(backoff, max_retries, stop, _log)
         self.applied = 0  # messages whose handler's writes committed, in this call
         self.idle_since: float | None = None
 
@@ -312,12 +311,11 @@ class _Loop(Generic[P, M, R]):
                     raise
                 await self._commit(positions, committed)
             except _Retry as retry:
-                await self._wait_after(retry)
+                await self.retries.after(retry.cause, retry.what)
                 continue
             finally:
                 self._seek_back(batches, positions)
-            self.retries = 0
-            self.backoff.reset()
+            self.retries.reset()
         return self.applied
 
     async def _apply_batch(self, batches: Mapping[P, Sequence[M]], positions: dict[P, int]) -> None:
@@ -336,14 +334,14 @@ class _Loop(Generic[P, M, R]):
             failed: Exception | None = None
             async with anyio.create_task_group() as tg:
                 if self.stop is not None:
-                    tg.start_soon(_cancel_on, self.stop, tg.cancel_scope)
+                    tg.start_soon(cancel_on, self.stop, tg.cancel_scope)
                 try:  # caught here, inside: the task group would wrap it in an exception group
                     fetched = await self.consumer.getmany(timeout_ms=self.timeout_ms, max_records=self.max_records)
                 except Exception as exc:
                     failed = exc
                 tg.cancel_scope.cancel()
             if failed is not None:
-                await self._wait_after(_Retry(failed, "fetching from the broker"))
+                await self.retries.after(failed, "fetching from the broker")
                 continue
             self._say_what_we_wait_for(fetched)
             return fetched
@@ -395,19 +393,6 @@ class _Loop(Generic[P, M, R]):
                 except Exception as exc:  # revoked meanwhile: its next owner starts at the committed offset
                     _log.info("idembarrier: not seeking %s back (%r): no longer assigned", partition, exc)
 
-    async def _wait_after(self, retry: _Retry) -> None:
-        """Back off after a retryable failure, or re-raise its cause past ``max_retries``."""
-        self.retries += 1
-        if self.max_retries is not None and self.retries > self.max_retries:
-            raise retry.cause
-        delay = self.backoff.next()
-        _log.warning("idembarrier: %s failed (%r); retrying in %.2fs", retry.what, retry.cause, delay)
-        with anyio.move_on_after(delay):
-            if self.stop is not None:
-                await self.stop.wait()
-            else:
-                await anyio.sleep_forever()
-
     async def _apply(self, message: M) -> int:
         """Consume one message; return 1 if its handler's writes committed, 0 for a duplicate or a dead letter."""
         match await self.gate.process(KafkaDelivery(message)):
@@ -417,8 +402,3 @@ class _Loop(Generic[P, M, R]):
                 return 0
             case Retry(cause=cause, what=what):
                 raise _Retry(cause, what)
-
-
-async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

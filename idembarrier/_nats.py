@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 
-from ._backoff import Backoff
+from ._backoff import Backoff, Retries
 from ._delivery import Applied, ConsumerBarrier, MissingMessageId, Retry
 from ._exceptions import ConfigurationError
 from ._relay import MessageRefusedError
@@ -277,8 +277,7 @@ class _Loop(Generic[R]):
         backoff: Backoff,
     ) -> None:
         self.consumer, self.stop, self.batch, self.poll_timeout = consumer, stop, batch, poll_timeout
-        self.max_retries, self.backoff = max_retries, backoff
-        self.retries = 0
+        self.retries = Retries(backoff, max_retries, stop, _log)
         self.progress_every = 0.0
 
     def stopped(self) -> bool:
@@ -300,10 +299,10 @@ class _Loop(Generic[R]):
                     await _release(messages[at + 1 :])  # the failing one stays unacked: ack_wait redelivers it
                     raise
                 if isinstance(outcome, Retry):
-                    delay = self.backoff.next()
+                    delay = self.retries.backoff.next()
                     await _nak(msg, delay)
                     try:
-                        self._count(outcome.cause, outcome.what, delay)
+                        self.retries.failed(outcome.cause, outcome.what, delay)
                     except BaseException:
                         await _release(messages[at + 1 :])
                         raise
@@ -311,14 +310,13 @@ class _Loop(Generic[R]):
                 try:
                     await msg.ack_sync(timeout=_ACK_TIMEOUT)
                 except Exception as exc:  # applied all the same: its redelivery is a duplicate
-                    delay = self.backoff.next()
-                    self._count(exc, f"acking {msg.subject} {_where(msg)}", delay)
+                    delay = self.retries.failed(exc, f"acking {msg.subject} {_where(msg)}")
                     continue
                 applied += isinstance(outcome, Applied)
-                self.retries, delay = 0, None
-                self.backoff.reset()
+                delay = None
+                self.retries.reset()
             if delay is not None:  # nothing of the batch got through: do not fetch again at once
-                await self._wait(delay)
+                await self.retries.wait(delay)
         return applied
 
     async def _settings(self, sub: JetStreamContext.PullSubscription) -> float:
@@ -334,7 +332,7 @@ class _Loop(Generic[R]):
                     "js.add_consumer(stream, ConsumerConfig(durable_name=..., ack_policy=AckPolicy.EXPLICIT))"
                 ) from exc
             except Exception as exc:
-                await self._wait(self._count(exc, "reading the consumer's settings", self.backoff.next()))
+                await self.retries.after(exc, "reading the consumer's settings")
                 continue
             _check(info.config, self.consumer.max_attempts)
             return info.config.ack_wait or 30.0
@@ -346,7 +344,7 @@ class _Loop(Generic[R]):
         except TimeoutError:  # nats-py's own and asyncio's (both TimeoutError): nothing came in time
             return []
         except Exception as exc:
-            await self._wait(self._count(exc, "fetching from JetStream", self.backoff.next()))
+            await self.retries.after(exc, "fetching from JetStream")
             return []
 
     async def _process(self, msg: Msg) -> Processed[R]:
@@ -374,21 +372,6 @@ class _Loop(Generic[R]):
                 await msg.in_progress()
             except Exception as exc:  # the connection is away: ack_wait may redeliver it, the barrier holds
                 _log.info("idembarrier: could not tell JetStream %s is in progress (%r)", _where(msg), exc)
-
-    def _count(self, cause: BaseException, what: str, delay: float) -> float:
-        """Count a transient failure; re-raise its cause past ``max_retries``; return ``delay``."""
-        self.retries += 1
-        if self.max_retries is not None and self.retries > self.max_retries:
-            raise cause
-        _log.warning("idembarrier: %s failed (%r); retrying in %.2fs", what, cause, delay)
-        return delay
-
-    async def _wait(self, delay: float) -> None:
-        with anyio.move_on_after(delay):
-            if self.stop is not None:
-                await self.stop.wait()
-            else:
-                await anyio.sleep_forever()
 
 
 def _check(config: ConsumerConfig, max_attempts: int | None) -> None:

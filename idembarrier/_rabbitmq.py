@@ -15,7 +15,7 @@ import aiormq
 import anyio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 
-from ._backoff import Backoff
+from ._backoff import Backoff, Retries, cancel_on
 from ._delivery import (
     Applied,
     ConsumerBarrier,
@@ -349,7 +349,7 @@ class _Loop(Generic[R]):
         backoff: Backoff,
     ) -> None:
         self.queue, self.consumer, self.stop = queue, consumer, stop
-        self.max_retries, self.backoff, self.retries = max_retries, backoff, 0
+        self.retries = Retries(backoff, max_retries, stop, _log)
         self.holding: AbstractIncomingMessage | None = None
         """The message being processed or retried, not settled: on the way out, it is given back."""
 
@@ -367,8 +367,7 @@ class _Loop(Generic[R]):
             if isinstance(outcome, Retry):
                 await self._retry(message, outcome)
                 continue
-            self.retries = 0
-            self.backoff.reset()
+            self.retries.reset()
             await self._settle(message, rejected=isinstance(outcome, DeadLettered))
             self.holding = None
             applied += isinstance(outcome, Applied)
@@ -384,7 +383,7 @@ class _Loop(Generic[R]):
         message: AbstractIncomingMessage | None = None
         async with anyio.create_task_group() as tg:
             if self.stop is not None:
-                tg.start_soon(_cancel_on, self.stop, tg.cancel_scope)
+                tg.start_soon(cancel_on, self.stop, tg.cancel_scope)
             while message is None:
                 with anyio.move_on_after(_WATCH):
                     message = await receive.receive()  # a memory stream: cancelled, it keeps the message
@@ -406,21 +405,7 @@ class _Loop(Generic[R]):
 
     async def _retry(self, message: AbstractIncomingMessage, retry: Retry) -> None:
         """Back off holding ``message``, then give it back; past ``max_retries`` raise the cause."""
-        self.retries += 1
-        if self.max_retries is not None and self.retries > self.max_retries:
-            raise retry.cause
-        delay = self.backoff.next()
-        _log.warning("idembarrier: %s failed (%r); retrying in %.2fs", retry.what, retry.cause, delay)
-        with anyio.move_on_after(delay):
-            if self.stop is not None:
-                await self.stop.wait()
-            else:
-                await anyio.sleep_forever()
+        await self.retries.after(retry.cause, retry.what)
         if not self.stopped():  # stopped, it is given back after the consumer is cancelled
             await _nack(message)
             self.holding = None
-
-
-async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 
-from ._backoff import Backoff
+from ._backoff import Backoff, Retries, cancel_on
 from ._delivery import Applied, ConsumerBarrier, MissingMessageId, Retry
 from ._exceptions import ConfigurationError
 from ._relay import MessageRefusedError
@@ -307,7 +307,7 @@ class _Loop(Generic[R]):
         self.group, self.consumer_name, self.stop = group, consumer_name, stop
         self.count, self.block_ms = count, max(1, round(block * 1000))  # BLOCK 0 would wait forever
         self.claim_idle_ms, self.claim_every = round(claim_idle * 1000), claim_idle / 2
-        self.max_retries, self.backoff, self.retries = max_retries, backoff, 0
+        self.retries = Retries(backoff, max_retries, stop, _log)
         self.group_ready = False
         self.own = True  # read this consumer's own pending entries (from id 0) before anything new
         self.claim_cursor = "0-0"
@@ -329,10 +329,9 @@ class _Loop(Generic[R]):
                     await self._consume(entry)
             except _Again as again:
                 self.own = True  # what failed is pending under our name: read it again, in order
-                await self._wait_after(again)
+                await self.retries.after(again.cause, again.what)
                 continue
-            self.retries = 0
-            self.backoff.reset()
+            self.retries.reset()
         return self.applied
 
     async def _next_entries(self) -> list[StreamEntry]:
@@ -389,7 +388,7 @@ class _Loop(Generic[R]):
         failed: Exception | None = None
         async with anyio.create_task_group() as tg:
             if self.stop is not None:
-                tg.start_soon(_cancel_on, self.stop, tg.cancel_scope)  # the wait ends at once on stop
+                tg.start_soon(cancel_on, self.stop, tg.cancel_scope)  # the wait ends at once on stop
             try:  # caught here, inside: the task group would wrap it in an exception group
                 reply = await self.redis.xreadgroup(
                     self.group, self.consumer_name, streams, count=self.count, block=self.block_ms
@@ -459,25 +458,7 @@ class _Loop(Generic[R]):
             entries += [StreamEntry.of(self.stream, _text(i), f or {}) for i, f in group if i is not None]
         return entries
 
-    async def _wait_after(self, again: _Again) -> None:
-        """Back off after a retryable failure, or re-raise its cause past ``max_retries``."""
-        self.retries += 1
-        if self.max_retries is not None and self.retries > self.max_retries:
-            raise again.cause
-        delay = self.backoff.next()
-        _log.warning("idembarrier: %s failed (%r); retrying in %.2fs", again.what, again.cause, delay)
-        with anyio.move_on_after(delay):
-            if self.stop is not None:
-                await self.stop.wait()
-            else:
-                await anyio.sleep_forever()
-
 
 def _text(entry_id: object) -> str:
     """An entry id (or cursor) as text: redis-py hands them over as bytes."""
     return entry_id.decode("ascii") if isinstance(entry_id, bytes) else str(entry_id)
-
-
-async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
