@@ -35,6 +35,7 @@ from idembarrier.nats import MESSAGE_KEY_HEADER, JetStreamDelivery, JetStreamPub
 from tests.helpers import Boom, require
 from tests.models import Payment
 from tests.nats_worker import record_payment
+from tests.test_chaos import Crew
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -541,32 +542,6 @@ EVENTS = 500
 CHAOS_SECONDS = 20.0
 
 
-class Crew:
-    """The worker processes of one role, each replaced by a fresh one when killed."""
-
-    def __init__(self, role: str, args: list[str], size: int) -> None:
-        self.role, self.args = role, args
-        self.processes = [self._spawn() for _ in range(size)]
-        self.kills = 0
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "tests.nats_worker", self.role, *self.args]
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def kill_one(self, rng: random.Random) -> None:
-        """SIGKILL one process at random and start its replacement."""
-        at = rng.randrange(len(self.processes))
-        self.processes[at].send_signal(signal.SIGKILL)
-        self.processes[at].wait()
-        self.processes[at] = self._spawn()
-        self.kills += 1
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.timeout(240)
 async def test_chaos_killed_relays_and_consumers_apply_each_event_once(pg_db: Database, client: Client) -> None:
     """500 events, two relays and two consumers on one durable SIGKILLed at random: each event has one effect."""
@@ -577,7 +552,8 @@ async def test_chaos_killed_relays_and_consumers_apply_each_event_once(pg_db: Da
     rng = random.Random(seed)
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
     args = [pg_db.url, NATS_URL, stream.name, durable]
-    relays, consumers = Crew("relay", args, 2), Crew("consumer", args, 2)
+    relays = Crew("relay", args, 2, module="tests.nats_worker")
+    consumers = Crew("consumer", args, 2, module="tests.nats_worker")
     try:
 
         async def produce() -> None:

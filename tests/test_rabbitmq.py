@@ -30,6 +30,7 @@ from idembarrier.rabbitmq import (
 from tests.helpers import require
 from tests.models import Payment
 from tests.rabbitmq_worker import RABBITMQ_URL, record_payment
+from tests.test_chaos import Crew
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -644,25 +645,6 @@ CHAOS_EVENTS = 600
 CHAOS_SECONDS = 25.0
 
 
-class Crew:
-    """The workers of one role, each replaced by a fresh one when killed."""
-
-    def __init__(self, role: str, db: Database, queue: str, size: int) -> None:
-        self.role, self.db, self.queue = role, db, queue
-        self.workers = [Worker(role, db, queue) for _ in range(size)]
-        self.kills = 0
-
-    def kill_one(self, rng: random.Random) -> None:
-        at = rng.randrange(len(self.workers))
-        self.workers[at].kill()
-        self.workers[at] = Worker(self.role, self.db, self.queue)
-        self.kills += 1
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-
-
 async def test_chaos_killed_relays_and_consumers_apply_every_event_exactly_once(
     pg_db: Database, broker: Broker
 ) -> None:
@@ -671,7 +653,9 @@ async def test_chaos_killed_relays_and_consumers_apply_every_event_exactly_once(
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
-    relays, consumers = Crew("relay", pg_db, queue.name, 2), Crew("consumer", pg_db, queue.name, 2)
+    args = [pg_db.url, queue.name, "billing"]
+    relays = Crew("relay", args, 2, module="tests.rabbitmq_worker")
+    consumers = Crew("consumer", args, 2, module="tests.rabbitmq_worker")
     try:
 
         async def produce() -> None:
