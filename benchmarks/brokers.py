@@ -48,25 +48,21 @@ if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blo
 
 import anyio  # noqa: E402 - after the path set-up above
 import sqlalchemy  # noqa: E402
-from sqlalchemy import Integer, MetaData, String, Uuid, text  # noqa: E402
+from sqlalchemy import Integer, MetaData, String, Uuid  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 
 import idembarrier  # noqa: E402
 from benchmarks import _blocks  # noqa: E402
+from benchmarks._database import DEFAULT_URL, create_databases, fresh_tables, payments_by_variant  # noqa: E402
 from idembarrier._outbox import MESSAGE_ID_HEADER  # noqa: E402
-from idembarrier._schema import VERSION_TABLE  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_peers"
-ADMIN_DATABASE = "test"
-RECORDS = "idempotency_keys"
 BROKERS = ("kafka", "confluent", "rabbitmq", "nats", "redis")
 MEASURED = {"kafka"}  # the brokers whose consumers this script has; the others are listed as such
 ADAPTER = {  # the module and the loop each broker's barrier variant needs
@@ -326,39 +322,6 @@ async def produce_kafka(bootstrap: str, topic: str, batch: Sequence[tuple[bytes,
         await producer.stop()
 
 
-async def prepare(url: URL) -> None:
-    """Fresh tables: idembarrier's migrated and the payments."""
-    admin = create_async_engine(url.set(database=ADMIN_DATABASE), isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            query = text("SELECT 1 FROM pg_database WHERE datname = :name")
-            if (await conn.execute(query, {"name": url.database})).scalar() is None:
-                quoted = conn.dialect.identifier_preparer.quote(str(url.database))
-                await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
-    finally:
-        await admin.dispose()
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            tables = f"peers_broker_payments, {RECORDS}_outbox, {RECORDS}_failures, {RECORDS}, {VERSION_TABLE}"
-            await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {tables}")
-        await idembarrier.upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-    finally:
-        await engine.dispose()
-
-
-async def payments_by_variant(url: URL) -> dict[str, int]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(text("SELECT variant, count(*) FROM peers_broker_payments GROUP BY variant"))
-            return {str(v): int(n) for v, n in rows.all()}
-    finally:
-        await engine.dispose()
-
-
 def check(counts: dict[str, dict[str, int]], payments: dict[str, int]) -> list[str]:
     """One row per handler call (bare or barrier); a redelivery's blocks ran no handler past the recording."""
     problems = []
@@ -441,7 +404,8 @@ async def controller(args: argparse.Namespace) -> int:
         f"{platform.python_version()} | {_blocks.machine_line()}"
     )
     started = time.perf_counter()
-    await prepare(url)
+    await create_databases(url)
+    await fresh_tables(url, Base.metadata)
     run_id = uuid.uuid4().hex[:10]
     dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
     config: dict[str, Any] = {
@@ -476,7 +440,7 @@ async def controller(args: argparse.Namespace) -> int:
         finally:
             for w in workers.values():
                 w.stop()
-    problems = check(counts, await payments_by_variant(url))
+    problems = check(counts, await payments_by_variant(url, "peers_broker_payments"))
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, names, absent)
     print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}")

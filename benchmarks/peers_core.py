@@ -47,14 +47,21 @@ if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blo
     sys.path.insert(0, str(ROOT))
 
 import sqlalchemy  # noqa: E402 - after the path set-up above
-from sqlalchemy import Integer, MetaData, String, Text, Uuid, text  # noqa: E402
+from sqlalchemy import Integer, MetaData, String, Text, Uuid  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 
 import idembarrier  # noqa: E402
 from benchmarks import _blocks  # noqa: E402
-from idembarrier._schema import VERSION_TABLE  # noqa: E402
+from benchmarks._database import (  # noqa: E402
+    ADMIN_DATABASE,
+    DEFAULT_URL,
+    create_databases,
+    fresh_tables,
+    installed,
+    payments_by_variant,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -62,9 +69,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_peers"
-ADMIN_DATABASE = "test"
-RECORDS = "idempotency_keys"
 VARIANTS = (
     "bare",
     "ib_own",
@@ -107,11 +111,6 @@ TARGETS = (  # issue 13's, read off this run: (what, variant, minimum ratio to b
     ("replay >= 4x bare at c=8, 32 (lookup first)", "ib_lookup", 4.0, "throughput"),
     ("caller-session path >= 0.70x bare at c=8, 32", "ib_session", 0.70, "throughput"),
 )
-
-
-def installed(variant: str) -> bool:
-    need = NEEDS.get(variant)
-    return need is None or importlib.util.find_spec(need) is not None
 
 
 class Base(DeclarativeBase):
@@ -426,32 +425,10 @@ def make(name: str, config: dict[str, Any]) -> _blocks.Variant:
 
 async def prepare(url: URL, dbos_databases: list[str]) -> None:
     """Fresh tables in ``url``'s database (idembarrier's migrated, idemkit's, the payments) and DBOS's databases."""
-    admin = create_async_engine(url.set(database=ADMIN_DATABASE), isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            names = [str(url.database), *dbos_databases]
-            exists = text("SELECT datname FROM pg_database WHERE datname = ANY(:names)")
-            present = set((await conn.execute(exists, {"names": names})).scalars())
-            quote = conn.dialect.identifier_preparer.quote
-            for name in dbos_databases:
-                if name in present:
-                    await conn.exec_driver_sql(f"DROP DATABASE {quote(name)} WITH (FORCE)")
-                await conn.exec_driver_sql(f"CREATE DATABASE {quote(name)}")
-            if url.database not in present:
-                await conn.exec_driver_sql(f"CREATE DATABASE {quote(str(url.database))}")
-    finally:
-        await admin.dispose()
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            tables = f"peers_payments, peers_naive_keys, {RECORDS}_outbox, {RECORDS}_failures, {RECORDS}"
-            await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {tables}, {VERSION_TABLE}, idemkit_records")
-            await conn.exec_driver_sql("DROP SCHEMA IF EXISTS dbos CASCADE")
-        await idembarrier.upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-    finally:
-        await engine.dispose()
+    await create_databases(url, dbos_databases)
+    await fresh_tables(
+        url, Base.metadata, before=["DROP TABLE IF EXISTS idemkit_records", "DROP SCHEMA IF EXISTS dbos CASCADE"]
+    )
     if importlib.util.find_spec("idemkit") is not None:
         from idemkit.backends.postgres import init_pg
 
@@ -471,16 +448,6 @@ async def drop_databases(url: URL, names: list[str]) -> None:
 
 def dsn_of(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def payments_by_variant(url: URL) -> dict[str, int]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(text("SELECT variant, count(*) FROM peers_payments GROUP BY variant"))
-            return {str(v): int(n) for v, n in rows.all()}
-    finally:
-        await engine.dispose()
 
 
 def check(counts: dict[str, dict[str, int]], payments: dict[str, int]) -> list[str]:
@@ -585,8 +552,8 @@ async def controller(args: argparse.Namespace) -> int:
     wanted = [v for v in args.variants.split(",") if v]
     if "bare" not in wanted:
         wanted.insert(0, "bare")
-    names = [v for v in wanted if installed(v)]
-    missing = [v for v in wanted if not installed(v)]
+    names = [v for v in wanted if installed(NEEDS, v)]
+    missing = [v for v in wanted if not installed(NEEDS, v)]
     print(
         f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
         f"{platform.python_version()} | {_blocks.machine_line()}"
@@ -629,7 +596,7 @@ async def controller(args: argparse.Namespace) -> int:
         finally:
             for w in workers.values():
                 w.stop()
-        problems += check(counts, await payments_by_variant(url))
+        problems += check(counts, await payments_by_variant(url, "peers_payments"))
     await drop_databases(url, dbos_databases)
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, concs, names, missing)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import platform
 import random
@@ -49,29 +48,31 @@ if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blo
 import sqlalchemy  # noqa: E402 - after the path set-up above
 from fastapi import Depends, FastAPI, Request  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
-from sqlalchemy import Integer, MetaData, String, Uuid, text  # noqa: E402
+from sqlalchemy import Integer, MetaData, String, Uuid  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 
 import idembarrier  # noqa: E402
 from benchmarks import _blocks  # noqa: E402
-from idembarrier._schema import VERSION_TABLE  # noqa: E402
+from benchmarks._database import (  # noqa: E402
+    DEFAULT_URL,
+    create_databases,
+    fresh_tables,
+    installed,
+    payments_by_variant,
+)
 from idembarrier.asgi import HTTPResponse, HTTPResponseCodec, IdempotencyMiddleware, unit_of_work_session  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
     from typing import TypeAlias
 
-    from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     ASGIApp: TypeAlias = Callable[[Any, Any, Any], Awaitable[Any]]  # any ASGI application, whoever typed it
 
-DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_peers"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-ADMIN_DATABASE = "test"
-RECORDS = "idempotency_keys"
 VARIANTS = (
     "h_bare",
     "h_ib",
@@ -108,11 +109,6 @@ COMPARISONS = (
     ("h_ib_replay", "h_ib_replay_cold"),
 )
 BODY = b'{"amount": 7}'
-
-
-def installed(variant: str) -> bool:
-    need = NEEDS.get(variant)
-    return need is None or importlib.util.find_spec(need) is not None
 
 
 class Base(DeclarativeBase):
@@ -376,40 +372,6 @@ def make(name: str, config: dict[str, Any]) -> _blocks.Variant:
 # -- the controller -----------------------------------------------------------------------------------------
 
 
-async def prepare(url: URL) -> None:
-    """Fresh tables: idembarrier's migrated and the payments."""
-    admin = create_async_engine(url.set(database=ADMIN_DATABASE), isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            query = text("SELECT 1 FROM pg_database WHERE datname = :name")
-            if (await conn.execute(query, {"name": url.database})).scalar() is None:
-                await conn.exec_driver_sql(
-                    f"CREATE DATABASE {conn.dialect.identifier_preparer.quote(str(url.database))}"
-                )
-    finally:
-        await admin.dispose()
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            tables = f"peers_http_payments, {RECORDS}_outbox, {RECORDS}_failures, {RECORDS}, {VERSION_TABLE}"
-            await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {tables}")
-        await idembarrier.upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-    finally:
-        await engine.dispose()
-
-
-async def payments_by_variant(url: URL) -> dict[str, int]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(text("SELECT variant, count(*) FROM peers_http_payments GROUP BY variant"))
-            return {str(v): int(n) for v, n in rows.all()}
-    finally:
-        await engine.dispose()
-
-
 def check(counts: dict[str, dict[str, int]], payments: dict[str, int]) -> list[str]:
     """Each variant wrote one row per execution of the route; the replays ran it only for their recording."""
     problems = []
@@ -522,8 +484,8 @@ async def controller(args: argparse.Namespace) -> int:
         wanted.insert(0, "h_bare")
     if "h_ib_replay_cold" in wanted and "h_ib_replay" not in wanted:
         wanted.insert(wanted.index("h_ib_replay_cold"), "h_ib_replay")  # it records the cold one's keys
-    names = [v for v in wanted if installed(v)]
-    missing = [v for v in wanted if not installed(v)]
+    names = [v for v in wanted if installed(NEEDS, v)]
+    missing = [v for v in wanted if not installed(NEEDS, v)]
     redis_url = args.redis_url if any(v in NEEDS for v in names) and await redis_answers(args.redis_url) else None
     if redis_url is None and any(v in NEEDS for v in names):
         print(f"Redis does not answer at {args.redis_url}: the Redis-backed peers are left out")
@@ -539,7 +501,8 @@ async def controller(args: argparse.Namespace) -> int:
         flush=True,
     )
     started = time.perf_counter()
-    await prepare(url)
+    await create_databases(url)
+    await fresh_tables(url, Base.metadata)
     dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
     config = {
         "url": url.render_as_string(hide_password=False),
@@ -563,7 +526,7 @@ async def controller(args: argparse.Namespace) -> int:
     finally:
         for w in workers.values():
             w.stop()
-    problems = check(counts, await payments_by_variant(url))
+    problems = check(counts, await payments_by_variant(url, "peers_http_payments"))
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, concs, names, missing)
     errors = _blocks.errors_of(run)
