@@ -29,18 +29,35 @@ def installed(needs: Mapping[str, str], variant: str) -> bool:
     return need is None or importlib.util.find_spec(need) is not None
 
 
+def on_mariadb(url: URL) -> bool:
+    """Whether ``url`` names a MariaDB (or MySQL) server rather than PostgreSQL."""
+    return url.get_backend_name() in {"mysql", "mariadb"}
+
+
 async def create_databases(url: URL, fresh: Sequence[str] = ()) -> None:
-    """Create ``url``'s database unless it exists, and each of ``fresh`` anew (dropped first if it exists)."""
-    admin = create_async_engine(url.set(database=ADMIN_DATABASE), isolation_level="AUTOCOMMIT")
+    """Create ``url``'s database unless it exists, and each of ``fresh`` anew (dropped first if it exists).
+
+    On PostgreSQL through an AUTOCOMMIT connection to the server's ``test`` database; on MariaDB through one
+    to no database at all (MariaDB's DDL commits on its own).
+    """
+    mariadb = on_mariadb(url)
+    admin_url = url.set(database="" if mariadb else ADMIN_DATABASE)
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
             names = [str(url.database), *fresh]
-            exists = text("SELECT datname FROM pg_database WHERE datname = ANY(:names)")
-            present = set((await conn.execute(exists, {"names": names})).scalars())
+            if mariadb:
+                listed = ", ".join(f":n{i}" for i in range(len(names)))
+                exists = text(f"SELECT schema_name FROM information_schema.schemata WHERE schema_name IN ({listed})")
+                present = set((await conn.execute(exists, {f"n{i}": n for i, n in enumerate(names)})).scalars())
+            else:
+                exists = text("SELECT datname FROM pg_database WHERE datname = ANY(:names)")
+                present = set((await conn.execute(exists, {"names": names})).scalars())
             quote = conn.dialect.identifier_preparer.quote
+            force = "" if mariadb else " WITH (FORCE)"
             for name in fresh:
                 if name in present:
-                    await conn.exec_driver_sql(f"DROP DATABASE {quote(name)} WITH (FORCE)")
+                    await conn.exec_driver_sql(f"DROP DATABASE {quote(name)}{force}")
                 await conn.exec_driver_sql(f"CREATE DATABASE {quote(name)}")
             if url.database not in present:
                 await conn.exec_driver_sql(f"CREATE DATABASE {quote(str(url.database))}")
