@@ -7,31 +7,50 @@ race: the loser's writes are rolled back, and it raises `KeyInProgressError` (th
 fresh transaction: retry later, and the retry replays it) or `SerializationError` (the winner not yet visible
 on that node: retry safely). Never a raw driver error, never a second business row.
 
+The same holds between OS processes (`tests.galera_worker`), two per node, and for a process SIGKILLed
+before its COMMIT: nothing of it was replicated, and a retry on the other node executes once. The outbox
+relays from either node by polling (no LISTEN on MariaDB); two relays on two nodes are at-least-once, not
+exactly-once: ``SKIP LOCKED`` holds on one node only, so both can claim and publish a message before
+certification refuses one of the marks (measured below); the consumer's barrier deduplicates it by its id.
+
 The cluster is the session's (`tests._galera`); each test gets a database of its own, migrated on node 1 and
 replicated to node 2 (DDL is applied on every node in total order before it returns).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import subprocess
+import sys
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 import idembarrier
 from idembarrier import Barrier, KeyInProgressError, SerializationError, Status
+from idembarrier.kafka import OutboxRelay
 from tests import _galera
 from tests.models import Base, Payment
+from tests.test_outbox import Collecting
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
+
+    from anyio.abc import Process
 
     from idembarrier import JSON
+    from idembarrier.kafka import Message
 
+ROOT = Path(__file__).resolve().parent.parent
 SCOPE = "payments"
 LOST_RACE = (KeyInProgressError, SerializationError)
 """What a unit of work whose duplicate on the other node committed first may raise, as documented."""
@@ -49,6 +68,24 @@ class Nodes:
         async with self.engines[node].connect() as conn:
             await conn.execute(text("SET SESSION wsrep_sync_wait = 1"))  # a causal read: waits for the applier
             return int((await conn.execute(select(func.count()).where(Payment.key == key))).scalar_one())
+
+    async def records(self, key: str, node: int = 0) -> list[str]:
+        """The statuses of ``key``'s records on ``node``, read causally as `payments` does."""
+        async with self.engines[node].connect() as conn:
+            await conn.execute(text("SET SESSION wsrep_sync_wait = 1"))
+            rows = await conn.execute(text("SELECT status FROM idempotency_keys WHERE `key` = :k"), {"k": key})
+            return [str(status) for status in rows.scalars()]
+
+    async def pending(self, node: int = 0) -> int:
+        """Outbox messages not yet sent, counted causally on ``node``."""
+        async with self.engines[node].connect() as conn:
+            await conn.execute(text("SET SESSION wsrep_sync_wait = 1"))
+            sql = text("SELECT count(*) FROM idempotency_keys_outbox WHERE sent_at IS NULL")
+            return int((await conn.execute(sql)).scalar_one())
+
+    def url(self, node: int) -> str:
+        """The URL of ``node``'s engine, password included, for a worker process."""
+        return self.engines[node].url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +107,12 @@ async def nodes(galera_cluster: _galera.Cluster, request: pytest.FixtureRequest)
         await idembarrier.upgrade(engines[0])
         async with engines[0].begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+        async with engines[1].connect() as conn:
+            # DDL reaches node 2 before it returns (total order), but the migrations' version row is an ordinary
+            # write, applied there a little later: without this causal read a first call on node 2 can find the
+            # schema at an older revision (SchemaError).
+            await conn.execute(text("SET SESSION wsrep_sync_wait = 1"))
+            await conn.execute(text("SELECT version_num FROM idembarrier_alembic_version"))
         yield Nodes(engines)
     finally:
         for engine in engines:
@@ -129,7 +172,9 @@ async def test_a_duplicate_on_the_other_node_runs_and_loses_at_commit(nodes: Nod
                 await winner.in_body.wait()
                 await loser.in_body.wait()
             assert winner.ran, "the winner ran its body"
-            assert loser.ran, "the other node let the duplicate run its body too: no row lock crosses nodes"
+            assert loser.ran, (
+                f"{loser.error!r}: the other node let the duplicate run its body too: no row lock crosses nodes"
+            )
             winner.go.set()
             with anyio.fail_after(30):
                 await winner.done.wait()
@@ -216,4 +261,370 @@ async def test_a_storm_of_duplicates_on_both_nodes_executes_each_key_once(nodes:
         f"galera storm: {requests} requests, {requests - len(keys)} duplicates, {executions} executions, "
         f"{sum(storm.bodies.values())} bodies run, {replays} replays, errors {dict(storm.errors)}, "
         "0 duplicate rows"
+    )
+
+
+# -- OS processes: a storm on both nodes, and a crash before COMMIT -------------------------------------------
+
+
+class Worker:
+    """A `tests.galera_worker` process on one node, spoken to by lines on its stdin and stdout."""
+
+    def __init__(self, process: Process, node: int) -> None:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self.process, self.node = process, node
+        self.stdout = BufferedByteReceiveStream(process.stdout)
+
+    async def line(self) -> str:
+        """The next line the worker printed, without its newline."""
+        return (await self.stdout.receive_until(b"\n", 1 << 24)).decode()
+
+    async def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send(f"{line}\n".encode())
+
+
+async def spawn(*args: str) -> Process:
+    """A `tests.galera_worker` process; its stderr goes to the test's."""
+    command = [sys.executable, "-m", "tests.galera_worker", *args]
+    return await anyio.open_process(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+
+
+class Orchestra:
+    """Releases each key's bodies (``commit KEY`` to every worker) once the key has a body on both nodes."""
+
+    def __init__(self, workers: list[Worker], keys: list[str]) -> None:
+        self.workers, self.keys = workers, keys
+        self.bodies: Counter[str] = Counter()
+        self.nodes_in: dict[str, set[int]] = {key: set() for key in keys}
+        self.released: set[str] = set()
+        self.lock = anyio.Lock()  # one release at a time: stdin is closed only after every key's last send
+        self.results: list[dict[str, list[tuple[str, JSON]]]] = []
+        """Per worker, per key: what each call saw (``executed``, ``replayed`` or an exception's name), and the
+        response."""
+        self.escapes: list[str] = []
+
+    async def follow(self, worker: Worker) -> None:
+        while True:
+            word, _, rest = (await worker.line()).partition(" ")
+            if word == "result":
+                result = json.loads(rest)
+                self.results.append({k: [(str(o), r) for o, r in v] for k, v in result["seen"].items()})
+                self.escapes += result["escapes"]
+                return
+            assert word == "body", word
+            self.bodies[rest] += 1
+            self.nodes_in[rest].add(worker.node)
+            if len(self.nodes_in[rest]) == 2 and rest not in self.released:
+                async with self.lock:
+                    self.released.add(rest)
+                    for each in self.workers:
+                        await each.send(f"commit {rest}")
+                    if len(self.released) == len(self.keys):  # every key released: the workers may finish
+                        for each in self.workers:
+                            assert each.process.stdin is not None
+                            await each.process.stdin.aclose()
+
+
+@pytest.mark.parametrize("nodes", ["asyncmy"], indirect=True)
+async def test_os_processes_on_both_nodes_execute_each_key_once(nodes: Nodes) -> None:
+    """4 OS processes, 2 per node, 2 calls per key each (16 keys, 128 calls, 112 duplicates), all at once; each
+    key's bodies commit only once it has a body on both nodes, so every race crosses nodes.
+
+    0 duplicate business rows; one execution per key; every other call replayed it or raised a documented lost
+    race (KeyInProgressError / SerializationError); nothing else escapes; each key replays on both nodes.
+    """
+    keys = [f"proc-{uuid.uuid4()}" for _ in range(16)]
+    calls = 2
+    placement = (0, 1, 0, 1)
+    workers = [Worker(await spawn("storm", nodes.url(n), str(n), str(calls), *keys), n) for n in placement]
+    orchestra = Orchestra(workers, keys)
+    try:
+        with anyio.fail_after(120):
+            for worker in workers:
+                assert await worker.line() == "ready"
+            for worker in workers:
+                await worker.send("go")
+            async with anyio.create_task_group() as tg:
+                for worker in workers:
+                    tg.start_soon(orchestra.follow, worker)
+            for worker in workers:
+                assert await worker.process.wait() == 0
+    finally:
+        for worker in workers:
+            if worker.process.returncode is None:
+                worker.process.kill()
+                await worker.process.wait()
+    assert orchestra.escapes == []
+    outcomes: Counter[str] = Counter()
+    executed: dict[str, list[JSON]] = {key: [] for key in keys}
+    for seen in orchestra.results:
+        for key, calls_of_key in seen.items():
+            for outcome, response in calls_of_key:
+                outcomes[outcome] += 1
+                if outcome == "executed":
+                    executed[key].append(response)
+    requests = len(workers) * calls * len(keys)
+    assert sum(outcomes.values()) == requests
+    assert set(outcomes) <= {"executed", "replayed", "KeyInProgressError", "SerializationError"}, outcomes
+    assert outcomes["executed"] == len(keys)
+    for seen in orchestra.results:
+        for key, calls_of_key in seen.items():
+            assert all(r == executed[key][0] for o, r in calls_of_key if o == "replayed"), key
+    for key in keys:
+        assert len(executed[key]) == 1, key
+        assert orchestra.nodes_in[key] == {0, 1}  # the race crossed nodes
+        assert await nodes.payments(key, 0) == await nodes.payments(key, 1) == 1
+        for node in (0, 1):
+            async with nodes.barriers[node].unit_of_work(key, scope=SCOPE) as uow:
+                assert uow.replayed
+                assert uow.response == executed[key][0]
+    print(
+        f"galera processes: {len(workers)} processes (2 per node), {requests} requests, {requests - len(keys)} "
+        f"duplicates, {outcomes['executed']} executions, {orchestra.bodies.total()} bodies run, "
+        f"{outcomes['replayed']} replays, errors "
+        f"{ {k: v for k, v in outcomes.items() if k not in ('executed', 'replayed')} }, 0 duplicate rows"
+    )
+
+
+@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
+async def test_a_process_killed_before_its_commit_leaves_nothing_and_a_retry_on_the_other_node_runs_once(
+    nodes: Nodes,
+) -> None:
+    """A process SIGKILLed on node 1 after its body flushed, before COMMIT: nothing of it reaches either node
+    (no payment, no record); a retry on node 2 executes once; node 1 then replays that execution."""
+    key = f"crash-{uuid.uuid4()}"
+    async with await spawn("crash", nodes.url(0), key) as child:
+        worker = Worker(child, 0)
+        with anyio.fail_after(30):
+            assert await worker.line() == "flushed"
+        child.kill()
+        assert await child.wait() == -signal.SIGKILL
+    for node in (0, 1):
+        assert await nodes.payments(key, node) == 0
+        assert await nodes.records(key, node) == []
+    retry = Call(nodes.barriers[1], key, 1)
+    retry.go.set()
+    await retry.run()
+    assert retry.error is None
+    assert retry.ran
+    assert not retry.replayed
+    for node in (0, 1):
+        assert await nodes.payments(key, node) == 1  # causal: node 1 has applied the retry's COMMIT
+        assert await nodes.records(key, node) == ["COMPLETED"]
+    again = Call(nodes.barriers[0], key, 0)
+    await again.run()
+    assert again.replayed
+    assert again.response == retry.response
+
+
+# -- the outbox: a polling relay on either node ----------------------------------------------------------------
+
+
+async def publish(barrier: Barrier, key: str) -> str:
+    """One unit of work that publishes one message; return its id."""
+    async with barrier.unit_of_work(key, scope="orders") as uow:
+        message_id = uow.publish("orders", key.encode(), key=key.encode())
+        uow.complete(None)
+    return message_id
+
+
+class Holding(Collecting):
+    """A publisher that, given a batch, sets ``given`` and acknowledges it only once ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given = anyio.Event()
+        self.go = anyio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        await super().publish(messages)
+        self.given.set()
+        await self.go.wait()
+
+
+@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
+async def test_a_relay_on_the_other_node_publishes_a_message_once(nodes: Nodes) -> None:
+    """A unit of work on node 1 publishes; a polling relay on node 2 relays it once and marks it sent on both."""
+    message_id = await publish(nodes.barriers[0], f"o-{uuid.uuid4()}")
+    publisher = Collecting()
+    relay = OutboxRelay(nodes.barriers[1], publisher, poll_interval=0.01, max_poll_interval=0.05)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
+        with anyio.fail_after(30):
+            # The relay's polls and node 2's applier, which no event reports: polled, not used to order tasks.
+            while await nodes.pending(1):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        assert await relay.relay_once() == 0  # nothing left to claim on node 2
+        stop.set()
+    assert [m.message_id for m in publisher.messages] == [message_id]
+    assert await nodes.pending(0) == 0
+
+
+@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
+async def test_two_relays_on_two_nodes_can_both_publish_a_message_and_one_mark_is_refused(nodes: Nodes) -> None:
+    """Relays on both nodes claim the same message (SKIP LOCKED holds on one node only) and both publish it;
+    the second mark loses certification (a documented SerializationError, nothing marked by it): at-least-once
+    across nodes, the duplicate carrying the same message id for the consumer's barrier. The row is sent once."""
+    message_id = await publish(nodes.barriers[0], f"o-{uuid.uuid4()}")
+    assert await nodes.pending(1) == 1  # node 2 has applied it
+    publishers = [Holding(), Holding()]
+    relays = [OutboxRelay(nodes.barriers[n], publishers[n]) for n in (0, 1)]
+    outcomes: list[int | BaseException | None] = [None, None]
+    finished = [anyio.Event(), anyio.Event()]
+
+    async def relay_once(n: int) -> None:
+        try:
+            outcomes[n] = await relays[n].relay_once()
+        except Exception as exc:
+            outcomes[n] = exc
+        finally:
+            finished[n].set()
+
+    async with anyio.create_task_group() as tg:
+        for n in (0, 1):
+            tg.start_soon(relay_once, n)
+        with anyio.fail_after(30):
+            for publisher in publishers:
+                await publisher.given.wait()  # both hold the row, one lock per node
+            publishers[0].go.set()
+            await finished[0].wait()
+            publishers[1].go.set()
+    assert outcomes[0] == 1
+    assert isinstance(outcomes[1], SerializationError), repr(outcomes[1])
+    assert [m.message_id for p in publishers for m in p.messages] == [message_id, message_id]
+    assert await nodes.pending(0) == await nodes.pending(1) == 0
+    assert await relays[1].relay_once() == 0
+
+
+@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
+async def test_two_polling_relays_on_two_nodes_publish_every_message_at_least_once(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """40 messages published on both nodes, relayed by a polling relay on each: every message is published,
+    each at least once; what a relay's failed batch logged is a SerializationError only; all are marked sent.
+    The double publications are counted (the figure the README gives)."""
+    ids = [await publish(nodes.barriers[i % 2], f"o-{uuid.uuid4()}") for i in range(40)]
+    publishers = [Collecting(), Collecting()]
+    relays = [
+        OutboxRelay(nodes.barriers[n], publishers[n], batch_size=5, poll_interval=0.01, max_poll_interval=0.05)
+        for n in (0, 1)
+    ]
+    stop = anyio.Event()
+    with caplog.at_level(logging.ERROR, logger="idembarrier.relay"):
+        async with anyio.create_task_group() as tg:
+            for relay in relays:
+                await tg.start(lambda task_status, relay=relay: relay.run(stop=stop, task_status=task_status))
+            with anyio.fail_after(60):
+                # Both relays' polls, which no event reports: polled, not used to order tasks.
+                while await nodes.pending(0) or await nodes.pending(1):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            stop.set()
+    published = Counter(m.message_id for p in publishers for m in p.messages)
+    assert set(published) == set(ids)
+    failures = [r.exc_info[1] for r in caplog.records if r.exc_info is not None]
+    assert all(isinstance(exc, SerializationError) for exc in failures), failures
+    doubles = sum(n - 1 for n in published.values())
+    print(
+        f"galera relays: {len(ids)} messages, 2 relays (one per node), {published.total()} publications, "
+        f"{doubles} published twice, {len(failures)} batches refused at certification, by node "
+        f"{[len(p.messages) for p in publishers]}"
+    )
+
+
+# -- engine-check's cross-node measurements, against addresses that are not another node of the cluster -------
+
+MARIADB = "mysql+aiomysql://root@127.0.0.1:3306"
+"""The machine's own MariaDB: a server outside the cluster."""
+
+
+@pytest.fixture
+async def checked(galera_cluster: _galera.Cluster) -> AsyncIterator[tuple[AsyncEngine, str]]:
+    """An engine on node 1 and the name of a table ``(k PRIMARY KEY)`` of the same database on node 1 (hence
+    node 2) and on the machine's MariaDB, as engine-check creates it; all dropped afterwards."""
+    name, table = f"idembarrier_g_{uuid.uuid4().hex[:12]}", "idembarrier_engine_check_t"
+    outside = create_async_engine(MARIADB, isolation_level="AUTOCOMMIT")
+    node = galera_cluster.nodes[0]
+    engine = create_async_engine(node.url(name))
+    try:
+        for statement in (f"CREATE DATABASE {name}", f"CREATE TABLE {name}.{table} (k VARCHAR(64) PRIMARY KEY)"):
+            node.sql(statement)
+            async with outside.connect() as conn:
+                await conn.execute(text(statement))
+        yield engine, table
+    finally:
+        await engine.dispose()
+        node.sql(f"DROP DATABASE IF EXISTS {name}")
+        async with outside.connect() as conn:
+            await conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        await outside.dispose()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_engine_check_measures_nothing_without_another_node_that_answers(
+    checked: tuple[AsyncEngine, str], galera_cluster: _galera.Cluster
+) -> None:
+    """No other address, or only ones that refuse: both measurements say "not measured"; an address that
+    refuses is skipped for the next one, node 2, where certification is measured."""
+    from idembarrier.cli._engine_galera import Galera, certified_commits, cross_node_locks
+
+    engine, table = checked
+    nobody = Galera(2, ())  # the status listed no address but this node's
+    assert await certified_commits(engine, nobody, table) == (
+        None,
+        "not measured: no other node answered at no address",
+    )
+    assert await cross_node_locks(engine, nobody, table) == "not measured (no other node answered)"
+    dead = f"127.0.0.1:{closed_port()}"
+    alone = Galera(2, (dead,))
+    assert await certified_commits(engine, alone, table) == (None, f"not measured: no other node answered at {dead}")
+    assert await cross_node_locks(engine, alone, table) == "not measured (no other node answered)"
+    second = f"127.0.0.1:{galera_cluster.nodes[1].port}"
+    holds, detail = await certified_commits(engine, Galera(2, (dead, second)), table)
+    assert holds is True
+    assert f"a duplicate on {second} did not wait" in detail
+
+
+async def test_engine_check_tells_a_server_outside_the_cluster_from_a_certifying_node(
+    checked: tuple[AsyncEngine, str],
+) -> None:
+    """Measured against a server that is not in the cluster: an empty table there lets both commit the key
+    (certification did not refuse); a key already there fails the duplicate with 1062, not 1213, and the
+    holder's claim is rolled back. Neither holds."""
+    from idembarrier.cli._engine_galera import Galera, certified_commits
+
+    engine, table = checked
+    outside = Galera(2, ("127.0.0.1:3306",))
+    assert await certified_commits(engine, outside, table) == (
+        False,
+        "both nodes committed the key (1 row(s)): certification did not refuse the duplicate",
+    )
+    assert await certified_commits(engine, outside, table) == (
+        False,
+        "the duplicate on 127.0.0.1:3306 failed with error 1062 instead of 1213; 0 row(s) kept",
+    )
+
+
+async def test_engine_check_reads_the_node_itself_as_one_primary(
+    checked: tuple[AsyncEngine, str], galera_cluster: _galera.Cluster
+) -> None:
+    """Measured against node 1's own address: GET_LOCK is exclusive and SKIP LOCKED skips the locked row, which
+    is what one primary does (the other node's view, in the cluster test of test_engine_check, is the opposite)."""
+    from idembarrier.cli._engine_galera import Galera, cross_node_locks
+
+    engine, table = checked
+    itself = f"127.0.0.1:{galera_cluster.nodes[0].port}"
+    assert await cross_node_locks(engine, Galera(2, (itself,)), table) == (
+        f"measured with {itself}: GET_LOCK exclusive across nodes, "
+        "SKIP LOCKED on the other node skipped the row this one locks"
     )
