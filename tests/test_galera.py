@@ -8,10 +8,9 @@ fresh transaction: retry later, and the retry replays it) or `SerializationError
 on that node: retry safely). Never a raw driver error, never a second business row.
 
 The same holds between OS processes (`tests.galera_worker`), two per node, and for a process SIGKILLed
-before its COMMIT: nothing of it was replicated, and a retry on the other node executes once. The outbox
-relays from either node by polling (no LISTEN on MariaDB); two relays on two nodes are at-least-once, not
-exactly-once: ``SKIP LOCKED`` holds on one node only, so both can claim and publish a message before
-certification refuses one of the marks (measured below); the consumer's barrier deduplicates it by its id.
+before its COMMIT: nothing of it was replicated, and a retry on the other node executes once. The outbox is
+in `tests.test_galera_outbox`, engine-check's cross-node measurements in `tests.test_galera_engine_check`;
+both use this module's fixtures.
 
 The cluster is the session's (`tests._galera`); each test gets a database of its own, migrated on node 1 and
 replicated to node 2 (DDL is applied on every node in total order before it returns).
@@ -20,7 +19,6 @@ replicated to node 2 (DDL is applied on every node in total order before it retu
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -37,18 +35,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 import idembarrier
 from idembarrier import Barrier, KeyInProgressError, SerializationError, Status
-from idembarrier.kafka import OutboxRelay
 from tests import _galera
 from tests.models import Base, Payment
-from tests.test_outbox import Collecting
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator
 
     from anyio.abc import Process
 
     from idembarrier import JSON
-    from idembarrier.kafka import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 SCOPE = "payments"
@@ -417,214 +412,3 @@ async def test_a_process_killed_before_its_commit_leaves_nothing_and_a_retry_on_
     await again.run()
     assert again.replayed
     assert again.response == retry.response
-
-
-# -- the outbox: a polling relay on either node ----------------------------------------------------------------
-
-
-async def publish(barrier: Barrier, key: str) -> str:
-    """One unit of work that publishes one message; return its id."""
-    async with barrier.unit_of_work(key, scope="orders") as uow:
-        message_id = uow.publish("orders", key.encode(), key=key.encode())
-        uow.complete(None)
-    return message_id
-
-
-class Holding(Collecting):
-    """A publisher that, given a batch, sets ``given`` and acknowledges it only once ``go`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.given = anyio.Event()
-        self.go = anyio.Event()
-
-    async def publish(self, messages: Sequence[Message]) -> None:
-        await super().publish(messages)
-        self.given.set()
-        await self.go.wait()
-
-
-@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
-async def test_a_relay_on_the_other_node_publishes_a_message_once(nodes: Nodes) -> None:
-    """A unit of work on node 1 publishes; a polling relay on node 2 relays it once and marks it sent on both."""
-    message_id = await publish(nodes.barriers[0], f"o-{uuid.uuid4()}")
-    publisher = Collecting()
-    relay = OutboxRelay(nodes.barriers[1], publisher, poll_interval=0.01, max_poll_interval=0.05)
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: relay.run(stop=stop, task_status=task_status))
-        with anyio.fail_after(30):
-            # The relay's polls and node 2's applier, which no event reports: polled, not used to order tasks.
-            while await nodes.pending(1):  # noqa: ASYNC110
-                await anyio.sleep(0.02)
-        assert await relay.relay_once() == 0  # nothing left to claim on node 2
-        stop.set()
-    assert [m.message_id for m in publisher.messages] == [message_id]
-    assert await nodes.pending(0) == 0
-
-
-@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
-async def test_two_relays_on_two_nodes_can_both_publish_a_message_and_one_mark_is_refused(nodes: Nodes) -> None:
-    """Relays on both nodes claim the same message (SKIP LOCKED holds on one node only) and both publish it;
-    the second mark loses certification (a documented SerializationError, nothing marked by it): at-least-once
-    across nodes, the duplicate carrying the same message id for the consumer's barrier. The row is sent once."""
-    message_id = await publish(nodes.barriers[0], f"o-{uuid.uuid4()}")
-    assert await nodes.pending(1) == 1  # node 2 has applied it
-    publishers = [Holding(), Holding()]
-    relays = [OutboxRelay(nodes.barriers[n], publishers[n]) for n in (0, 1)]
-    outcomes: list[int | BaseException | None] = [None, None]
-    finished = [anyio.Event(), anyio.Event()]
-
-    async def relay_once(n: int) -> None:
-        try:
-            outcomes[n] = await relays[n].relay_once()
-        except Exception as exc:
-            outcomes[n] = exc
-        finally:
-            finished[n].set()
-
-    async with anyio.create_task_group() as tg:
-        for n in (0, 1):
-            tg.start_soon(relay_once, n)
-        with anyio.fail_after(30):
-            for publisher in publishers:
-                await publisher.given.wait()  # both hold the row, one lock per node
-            publishers[0].go.set()
-            await finished[0].wait()
-            publishers[1].go.set()
-    assert outcomes[0] == 1
-    assert isinstance(outcomes[1], SerializationError), repr(outcomes[1])
-    assert [m.message_id for p in publishers for m in p.messages] == [message_id, message_id]
-    assert await nodes.pending(0) == await nodes.pending(1) == 0
-    assert await relays[1].relay_once() == 0
-
-
-@pytest.mark.parametrize("nodes", ["aiomysql"], indirect=True)
-async def test_two_polling_relays_on_two_nodes_publish_every_message_at_least_once(
-    nodes: Nodes, caplog: pytest.LogCaptureFixture
-) -> None:
-    """40 messages published on both nodes, relayed by a polling relay on each: every message is published,
-    each at least once; what a relay's failed batch logged is a SerializationError only; all are marked sent.
-    The double publications are counted (the figure the README gives)."""
-    ids = [await publish(nodes.barriers[i % 2], f"o-{uuid.uuid4()}") for i in range(40)]
-    publishers = [Collecting(), Collecting()]
-    relays = [
-        OutboxRelay(nodes.barriers[n], publishers[n], batch_size=5, poll_interval=0.01, max_poll_interval=0.05)
-        for n in (0, 1)
-    ]
-    stop = anyio.Event()
-    with caplog.at_level(logging.ERROR, logger="idembarrier.relay"):
-        async with anyio.create_task_group() as tg:
-            for relay in relays:
-                await tg.start(lambda task_status, relay=relay: relay.run(stop=stop, task_status=task_status))
-            with anyio.fail_after(60):
-                # Both relays' polls, which no event reports: polled, not used to order tasks.
-                while await nodes.pending(0) or await nodes.pending(1):  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
-            stop.set()
-    published = Counter(m.message_id for p in publishers for m in p.messages)
-    assert set(published) == set(ids)
-    failures = [r.exc_info[1] for r in caplog.records if r.exc_info is not None]
-    assert all(isinstance(exc, SerializationError) for exc in failures), failures
-    doubles = sum(n - 1 for n in published.values())
-    print(
-        f"galera relays: {len(ids)} messages, 2 relays (one per node), {published.total()} publications, "
-        f"{doubles} published twice, {len(failures)} batches refused at certification, by node "
-        f"{[len(p.messages) for p in publishers]}"
-    )
-
-
-# -- engine-check's cross-node measurements, against addresses that are not another node of the cluster -------
-
-MARIADB = "mysql+aiomysql://root@127.0.0.1:3306"
-"""The machine's own MariaDB: a server outside the cluster."""
-
-
-@pytest.fixture
-async def checked(galera_cluster: _galera.Cluster) -> AsyncIterator[tuple[AsyncEngine, str]]:
-    """An engine on node 1 and the name of a table ``(k PRIMARY KEY)`` of the same database on node 1 (hence
-    node 2) and on the machine's MariaDB, as engine-check creates it; all dropped afterwards."""
-    name, table = f"idembarrier_g_{uuid.uuid4().hex[:12]}", "idembarrier_engine_check_t"
-    outside = create_async_engine(MARIADB, isolation_level="AUTOCOMMIT")
-    node = galera_cluster.nodes[0]
-    engine = create_async_engine(node.url(name))
-    try:
-        for statement in (f"CREATE DATABASE {name}", f"CREATE TABLE {name}.{table} (k VARCHAR(64) PRIMARY KEY)"):
-            node.sql(statement)
-            async with outside.connect() as conn:
-                await conn.execute(text(statement))
-        yield engine, table
-    finally:
-        await engine.dispose()
-        node.sql(f"DROP DATABASE IF EXISTS {name}")
-        async with outside.connect() as conn:
-            await conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        await outside.dispose()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def test_engine_check_measures_nothing_without_another_node_that_answers(
-    checked: tuple[AsyncEngine, str], galera_cluster: _galera.Cluster
-) -> None:
-    """No other address, or only ones that refuse: both measurements say "not measured"; an address that
-    refuses is skipped for the next one, node 2, where certification is measured."""
-    from idembarrier.cli._engine_galera import Galera, certified_commits, cross_node_locks
-
-    engine, table = checked
-    nobody = Galera(2, ())  # the status listed no address but this node's
-    assert await certified_commits(engine, nobody, table) == (
-        None,
-        "not measured: no other node answered at no address",
-    )
-    assert await cross_node_locks(engine, nobody, table) == "not measured (no other node answered)"
-    dead = f"127.0.0.1:{closed_port()}"
-    alone = Galera(2, (dead,))
-    assert await certified_commits(engine, alone, table) == (None, f"not measured: no other node answered at {dead}")
-    assert await cross_node_locks(engine, alone, table) == "not measured (no other node answered)"
-    second = f"127.0.0.1:{galera_cluster.nodes[1].port}"
-    holds, detail = await certified_commits(engine, Galera(2, (dead, second)), table)
-    assert holds is True
-    assert f"a duplicate on {second} did not wait" in detail
-
-
-async def test_engine_check_tells_a_server_outside_the_cluster_from_a_certifying_node(
-    checked: tuple[AsyncEngine, str],
-) -> None:
-    """Measured against a server that is not in the cluster: an empty table there lets both commit the key
-    (certification did not refuse); a key already there fails the duplicate with 1062, not 1213, and the
-    holder's claim is rolled back. Neither holds."""
-    from idembarrier.cli._engine_galera import Galera, certified_commits
-
-    engine, table = checked
-    outside = Galera(2, ("127.0.0.1:3306",))
-    assert await certified_commits(engine, outside, table) == (
-        False,
-        "both nodes committed the key (1 row(s)): certification did not refuse the duplicate",
-    )
-    assert await certified_commits(engine, outside, table) == (
-        False,
-        "the duplicate on 127.0.0.1:3306 failed with error 1062 instead of 1213; 0 row(s) kept",
-    )
-
-
-async def test_engine_check_reads_the_node_itself_as_one_primary(
-    checked: tuple[AsyncEngine, str], galera_cluster: _galera.Cluster
-) -> None:
-    """Measured against node 1's own address: GET_LOCK is exclusive and SKIP LOCKED skips the locked row, which
-    is what one primary does (the other node's view, in the cluster test of test_engine_check, is the opposite)."""
-    from idembarrier.cli._engine_galera import Galera, cross_node_locks
-
-    engine, table = checked
-    itself = f"127.0.0.1:{galera_cluster.nodes[0].port}"
-    assert await cross_node_locks(engine, Galera(2, (itself,)), table) == (
-        f"measured with {itself}: GET_LOCK exclusive across nodes, "
-        "SKIP LOCKED on the other node skipped the row this one locks"
-    )
