@@ -330,8 +330,8 @@ class _Loop(Generic[R]):
             except _Again as again:
                 self.own = True  # what failed is pending under our name: read it again, in order
                 await self.retries.after(again.cause, again.what)
-                continue
-            self.retries.reset()
+            else:
+                self.retries.reset()
         return self.applied
 
     async def _next_entries(self) -> list[StreamEntry]:
@@ -341,7 +341,11 @@ class _Loop(Generic[R]):
                 return entries
             self.own = False
         if anyio.current_time() >= self.next_claim:
-            return await self._claim()
+            claimed = await self._claim()
+            if claimed or self.claim_cursor != "0-0":
+                return claimed
+            # An empty scan that went through the whole PEL: read new entries now, even if (claim_idle
+            # shorter than a scan) the next scan is due already, else the scans would starve the reads.
         return await self._read(">")
 
     async def _consume(self, entry: StreamEntry) -> None:

@@ -216,6 +216,26 @@ async def test_a_field_over_the_bulk_limit_is_refused_before_anything_is_sent(re
         await RedisStreamPublisher(redis, max_field_bytes=10).publish([message(stream, b"v", 4, big=b"y" * 11)])
 
 
+async def test_an_xadd_failing_otherwise_is_raised_and_what_followed_it_is_not_appended_again(
+    redis: Redis, streams: Streams
+) -> None:
+    """Another error reply (a stream past its last possible id) is raised as it is, for the relay to retry; the
+    entries the pipeline appended after it are taken as published when the batch comes again."""
+    from redis.exceptions import ResponseError
+
+    full, stream = streams.new("full"), streams.new()
+    await redis.xadd(full, {b"value": b"last"}, id="18446744073709551615-18446744073709551615")
+    publisher = RedisStreamPublisher(redis)
+    batch = [message(full, b"a", 1), message(stream, b"b", 2)]
+    with pytest.raises(ResponseError):
+        await publisher.publish(batch)
+    assert [e.value for e in await entries(redis, stream)] == [b"b"]
+    await redis.delete(full)  # the stream can take entries again
+    await publisher.publish(batch)
+    assert [e.value for e in await entries(redis, stream)] == [b"b"]  # not appended twice
+    assert [e.value for e in await entries(redis, full)] == [b"a"]
+
+
 async def test_an_unreachable_server_is_a_transient_failure() -> None:
     """A connection refused is raised as it is (the relay retries the batch), not as a refusal."""
     from redis.asyncio import Redis
@@ -634,6 +654,176 @@ async def test_a_deleted_stream_and_group_are_created_again(pg_db: Database, red
         done = lambda: b"o-2" in seen  # noqa: E731
         assert await consume_until(redis, stream, barrier, done, group=group, handler=handler, block=0.05) == 2
     assert seen == [b"o-1", b"o-2"]
+
+
+async def test_stop_set_between_the_entries_of_one_read_leaves_the_rest_pending(
+    pg_db: Database, redis: Redis, streams: Streams
+) -> None:
+    """``stop`` set while the first entry of a read is handled: that entry is acknowledged, the others stay
+    pending under the consumer's name, and its restart applies them."""
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    for n in range(3):
+        await xadd(redis, stream, event(f"o-{n}".encode(), f"m-{n}".encode()))
+    seen: list[bytes | None] = []
+
+    async def handler(session: AsyncSession, entry: StreamEntry) -> idembarrier.JSON:
+        seen.append(entry.value)
+        return await record_payment(session, entry)
+
+    assert await consume_until(redis, stream, barrier, lambda: bool(seen), group=group, handler=handler) == 1
+    assert seen == [b"o-0"]
+    assert await redis.xpending(stream, group) == {
+        "pending": 2,
+        "min": (await entries(redis, stream))[1].position.encode(),
+        "max": (await entries(redis, stream))[2].position.encode(),
+        "consumers": [{"name": b"c1", "pending": 2}],
+    }
+    assert await consume_until(redis, stream, barrier, lambda: len(seen) == 3, group=group, handler=handler) == 2
+    assert seen == [b"o-0", b"o-1", b"o-2"]
+    assert await pending(redis, stream, group) == 0
+
+
+async def test_a_group_destroyed_while_an_entry_is_retried_is_created_again(
+    pg_db: Database, redis: Redis, streams: Streams
+) -> None:
+    """The group destroyed (XGROUP DESTROY) while a failed entry waits for its retry: re-reading the pending
+    entries answers NOGROUP, the group is created again from the stream's start, and the entry is applied once."""
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await xadd(redis, stream, event(b"o-1", b"m-1"))
+    tries: list[bytes | None] = []
+
+    async def handler(session: AsyncSession, entry: StreamEntry) -> idembarrier.JSON:
+        tries.append(entry.value)
+        if len(tries) == 1:
+            assert await redis.xgroup_destroy(stream, group) == 1
+            raise RuntimeError("fails once")
+        return await record_payment(session, entry)
+
+    assert await consume_until(redis, stream, barrier, lambda: len(tries) == 2, group=group, handler=handler) == 1
+    assert tries == [b"o-1", b"o-1"]
+    assert await pg_db.payments("o-1") == 1
+    assert await pending(redis, stream, group) == 0
+
+
+async def test_a_claim_idle_shorter_than_a_scan_still_reads_new_entries(
+    pg_db: Database, redis: Redis, streams: Streams
+) -> None:
+    """A claim scan due again before the last one ended (``claim_idle`` 1 µs) does not starve the reads: an
+    empty scan is followed by a read of new entries."""
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await xadd(redis, stream, event(b"o-1", b"m-1"))
+    assert await consume_until(redis, stream, barrier, lambda: True, group=group, claim_idle=1e-6) == 1
+    assert await pg_db.payments("o-1") == 1
+
+
+async def test_a_group_destroyed_before_a_claim_scan_is_created_again_and_replays(
+    pg_db: Database, redis: Redis, streams: Streams
+) -> None:
+    """The group destroyed while an entry is handled: its XACK finds nothing, the claim scan due next answers
+    NOGROUP, the group is created again from the start, and the entry read again is a duplicate."""
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await xadd(redis, stream, event(b"o-1", b"m-1"))
+    replays: list[idembarrier.Outcome] = []
+    barrier.observe(lambda outcome, scope: replays.append(outcome) if outcome is idembarrier.Outcome.REPLAYED else None)
+    ran: list[bytes | None] = []
+
+    async def handler(session: AsyncSession, entry: StreamEntry) -> idembarrier.JSON:
+        ran.append(entry.value)
+        assert await redis.xgroup_destroy(stream, group) == 1
+        return await record_payment(session, entry)
+
+    # claim_idle 1 µs: a claim scan is due after every entry, before any new read
+    applied = await consume_until(
+        redis, stream, barrier, lambda: bool(replays), group=group, handler=handler, claim_idle=1e-6
+    )
+    assert (applied, ran) == (1, [b"o-1"])
+    assert await pg_db.payments("o-1") == 1
+    assert await pending(redis, stream, group) == 0
+
+
+async def test_a_claim_scan_goes_on_past_count_until_every_idle_entry_is_claimed(
+    pg_db: Database, redis: Redis, streams: Streams
+) -> None:
+    """More idle entries than ``count``: XAUTOCLAIM's cursor is followed, step after step, and all are applied."""
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    for n in range(3):
+        await xadd(redis, stream, event(f"o-{n}".encode(), f"m-{n}".encode()))
+    await redis.xreadgroup(group, "dead", {stream: ">"}, count=3)  # "dead" takes all three, then dies
+    seen: list[bytes | None] = []
+
+    async def handler(session: AsyncSession, entry: StreamEntry) -> idembarrier.JSON:
+        seen.append(entry.value)
+        return await record_payment(session, entry)
+
+    applied = await consume_until(
+        redis,
+        stream,
+        barrier,
+        lambda: len(seen) == 3,
+        group=group,
+        handler=handler,
+        consumer_name="rescuer",
+        count=1,
+        claim_idle=1e-6,
+    )
+    assert (applied, seen) == (3, [b"o-0", b"o-1", b"o-2"])
+    assert await pending(redis, stream, group) == 0
+
+
+async def test_a_trimmed_entry_of_a_dead_consumer_is_reported_lost_by_the_claim(
+    pg_db: Database, redis: Redis, streams: Streams, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry pending under a dead consumer and trimmed from the stream: XAUTOCLAIM drops it from the
+    pending list (Redis 7) and the claimant logs it as lost; the entry still in the stream is applied."""
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    lost = await xadd(redis, stream, event(b"o-1", b"m-1"))
+    await xadd(redis, stream, event(b"o-2", b"m-2"))
+    await redis.xreadgroup(group, "dead", {stream: ">"}, count=2)  # "dead" takes both, then dies
+    await redis.xtrim(stream, maxlen=1, approximate=False)
+    seen: list[bytes | None] = []
+
+    async def handler(session: AsyncSession, entry: StreamEntry) -> idembarrier.JSON:
+        seen.append(entry.value)
+        return await record_payment(session, entry)
+
+    with caplog.at_level(logging.ERROR, logger="idembarrier.redis"):
+        applied = await consume_until(
+            redis,
+            stream,
+            barrier,
+            lambda: bool(seen),
+            group=group,
+            handler=handler,
+            consumer_name="rescuer",
+            claim_idle=1e-6,
+        )
+    assert (applied, seen) == (1, [b"o-2"])
+    assert f"entry {lost} of {stream!r} was trimmed from the stream while pending (XAUTOCLAIM" in caplog.text
+    assert await pending(redis, stream, group) == 0
+
+
+async def test_a_resp3_client_consumes_the_same(pg_db: Database, redis: Redis, streams: Streams) -> None:
+    """A client speaking RESP3 (``protocol=3``, whose replies nest the entries once more) reads the same entries."""
+    from redis.asyncio import Redis
+
+    stream, group = streams.new(), f"g-{uuid.uuid4().hex[:8]}"
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await xadd(redis, stream, event(b"o-1", b"m-1"))
+    client = Redis.from_url(REDIS_URL, protocol=3)
+    try:
+        assert await consume_until(client, stream, barrier, lambda: True, group=group) == 1
+    finally:
+        await client.aclose()
+    assert await pg_db.payments("o-1") == 1
+    assert await pending(redis, stream, group) == 0
 
 
 async def test_a_key_of_another_type_is_fatal_for_the_consumer(pg_db: Database, redis: Redis, streams: Streams) -> None:
