@@ -3,7 +3,8 @@
 Run as ``python -m tests.redis_worker ROLE DATABASE_URL STREAM [GROUP CONSUMER_NAME CLAIM_IDLE]``:
 
     relay             relays the outbox to Redis
-    consumer          consumes ``STREAM`` as ``CONSUMER_NAME`` of ``GROUP``
+    consumer          consumes ``STREAM`` as ``CONSUMER_NAME`` of ``GROUP``; the name ``*`` stands for
+                      ``consumer-<pid>``, a fresh name per process (the chaos test's replacements)
     stalls-before-ack consumes, and at its first XACK (its database commit done) prints
                       ``committed <entry id>`` and waits to be killed
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -81,6 +83,8 @@ def main() -> None:
         asyncio.run(relay(url))
         return
     group, name, claim_idle = sys.argv[4:7]
+    if name == "*":
+        name = f"consumer-{os.getpid()}"
     asyncio.run(consumer(url, stream, group, name, float(claim_idle), stall=role == "stalls-before-ack"))
 
 
