@@ -32,6 +32,7 @@ import httpx
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from idembarrier import (
@@ -43,6 +44,7 @@ from idembarrier import (
     StorageError,
     UnitOfWork,
 )
+from idembarrier._poolers import SAFE_CONNECT_ARGS
 from idembarrier.asgi import HTTPResponse, HTTPResponseCodec, IdempotencyMiddleware, unit_of_work, unit_of_work_session
 from tests.models import Payment
 
@@ -235,13 +237,27 @@ async def ready_then_go() -> float:
     return float(t0)
 
 
+def connect_args(url: str) -> dict[str, object]:
+    """The driver's connect timeout, under the name each driver gives it; behind a pooler (``STORM_POOLER=1``)
+    also the settings that keep no prepared statement in a server session (`idembarrier._poolers`)."""
+    driver = make_url(url).drivername
+    timeout: dict[str, dict[str, object]] = {
+        "postgresql+asyncpg": {"timeout": CONNECT_TIMEOUT},
+        "postgresql+psycopg": {"connect_timeout": math.ceil(CONNECT_TIMEOUT)},
+    }
+    args = dict(timeout.get(driver, {"connect_timeout": CONNECT_TIMEOUT}))  # asyncmy, aiomysql: seconds
+    if os.environ.get("STORM_POOLER"):
+        args.update(SAFE_CONNECT_ARGS.get(driver, {}))
+    return args
+
+
 async def run_direct(url: str, plan: Plan) -> Result:
     engine = create_async_engine(
         url,
         pool_size=POOL,
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT,
-        connect_args={"timeout": CONNECT_TIMEOUT},
+        connect_args=connect_args(url),
     )
     barrier: Barrier[JSON] = Barrier(
         async_sessionmaker(engine, expire_on_commit=False), cleanup_timeout=CLEANUP_TIMEOUT, wait_timeout=WAIT_TIMEOUT
@@ -307,7 +323,7 @@ def create_app() -> Recorder:
         pool_size=POOL,
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT,
-        connect_args={"timeout": CONNECT_TIMEOUT},
+        connect_args=connect_args(os.environ["STORM_DATABASE_URL"]),
     )
     barrier = Barrier(
         async_sessionmaker(engine, expire_on_commit=False),
