@@ -1,6 +1,6 @@
 """One process of the Redis Streams tests: a relay or a consumer, running until it is killed.
 
-Run as ``python -m tests.redis_worker ROLE DATABASE_URL STREAM [GROUP CONSUMER_NAME CLAIM_IDLE]``:
+Run as ``python -m tests.redis_worker ROLE DATABASE_URL STREAM [GROUP CONSUMER_NAME CLAIM_IDLE [WORK]]``:
 
     relay             relays the outbox to Redis
     consumer          consumes ``STREAM`` as ``CONSUMER_NAME`` of ``GROUP``; the name ``*`` stands for
@@ -9,7 +9,8 @@ Run as ``python -m tests.redis_worker ROLE DATABASE_URL STREAM [GROUP CONSUMER_N
                       ``committed <entry id>`` and waits to be killed
 
 A consumer applies each entry as one payment row keyed by the entry's value, so the tests count effects per
-event. Redis is the local server (127.0.0.1:6379).
+event; with ``WORK`` (seconds) its handler takes that long first, as real work would, so that a kill finds
+entries read and not yet acknowledged. Redis is the local server (127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -59,15 +60,22 @@ async def relay(url: str) -> None:
     await OutboxRelay(barrier, RedisStreamPublisher(client), batch_size=50).run()
 
 
-async def consumer(url: str, stream: str, group: str, name: str, claim_idle: float, *, stall: bool) -> None:
+async def consumer(
+    url: str, stream: str, group: str, name: str, claim_idle: float, *, stall: bool, work: float = 0.0
+) -> None:
     barrier = idembarrier.Barrier(async_sessionmaker(create_async_engine(url)))
     client = (StallsBeforeAck if stall else Redis).from_url(REDIS_URL)
+
+    async def handler(session: AsyncSession, entry: StreamEntry) -> idembarrier.JSON:
+        await anyio.sleep(work)  # the work a real handler does
+        return await record_payment(session, entry)
+
     print("started", flush=True)
     await run_redis_consumer(
         client,
         stream,
         barrier,
-        record_payment,
+        handler,
         group=group,
         consumer_name=name,
         count=10,
@@ -83,9 +91,10 @@ def main() -> None:
         asyncio.run(relay(url))
         return
     group, name, claim_idle = sys.argv[4:7]
+    work = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
     if name == "*":
         name = f"consumer-{os.getpid()}"
-    asyncio.run(consumer(url, stream, group, name, float(claim_idle), stall=role == "stalls-before-ack"))
+    asyncio.run(consumer(url, stream, group, name, float(claim_idle), stall=role == "stalls-before-ack", work=work))
 
 
 if __name__ == "__main__":

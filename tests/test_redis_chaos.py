@@ -25,6 +25,7 @@ __all__ = ["redis", "streams"]  # fixtures, shared with test_redis_streams
 EVENTS = 600
 CHAOS_SECONDS = 25.0
 CLAIM_IDLE = "1.0"  # seconds: a killed consumer's entries are claimed by a live one this soon
+WORK = "0.02"  # seconds a handler works: a kill finds entries read and not yet acknowledged
 
 
 async def consumers_pending(redis: Redis, stream: str, group: str) -> dict[str, int]:
@@ -47,7 +48,7 @@ async def test_chaos_killed_relays_and_consumers_of_one_group_apply_every_event_
     rng = random.Random(seed)
     barrier = idembarrier.Barrier(pg_db.sessionmaker)
     relays = Crew("relay", [pg_db.url, stream], 2, module="tests.redis_worker")
-    consumers = Crew("consumer", [pg_db.url, stream, group, "*", CLAIM_IDLE], 2, module="tests.redis_worker")
+    consumers = Crew("consumer", [pg_db.url, stream, group, "*", CLAIM_IDLE, WORK], 2, module="tests.redis_worker")
     orphaned: dict[str, int] = {}  # killed consumer → its pending entries when it died, left to be claimed
     started = time.monotonic()
 
@@ -65,7 +66,7 @@ async def test_chaos_killed_relays_and_consumers_of_one_group_apply_every_event_
                 async with barrier.unit_of_work(f"order-{i}", scope="orders") as uow:
                     uow.publish(stream, f"event-{i}".encode(), key=f"account-{i % 16}".encode())
                     uow.complete(None)
-                if i % 25 == 0:
+                if i % 15 == 0:
                     await anyio.sleep(0.4)  # spread the events over the chaos
 
         async with anyio.create_task_group() as tg:
@@ -96,4 +97,5 @@ async def test_chaos_killed_relays_and_consumers_of_one_group_apply_every_event_
     )
     print(report)
     assert seen == {f"event-{i}": 1 for i in range(EVENTS)}, report
+    assert sum(orphaned.values()) > 0, report  # the takeover was exercised
     assert all(n == 0 for n in left.values()), left  # the dead consumers' entries were all claimed and acked
