@@ -46,25 +46,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import anyio  # noqa: E402 - after the path set-up above
-import sqlalchemy  # noqa: E402
-from sqlalchemy import Integer, MetaData, String, Uuid  # noqa: E402
+import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 
 import idembarrier  # noqa: E402
 from benchmarks import _blocks  # noqa: E402
+from benchmarks._broker_consumers import Base, make  # noqa: E402
 from benchmarks._database import DEFAULT_URL, create_databases, fresh_tables, payments_by_variant  # noqa: E402
 from idembarrier._outbox import MESSAGE_ID_HEADER  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Iterator, Sequence
 
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
 BROKERS = ("kafka", "confluent", "rabbitmq", "nats", "redis")
-MEASURED = {"kafka"}  # the brokers whose consumers this script has; the others are listed as such
 ADAPTER = {  # the module and the loop each broker's barrier variant needs
     "kafka": ("idembarrier.kafka", "run_consumer"),
     "confluent": ("idembarrier.confluent", "run_confluent_consumer"),
@@ -78,20 +73,6 @@ NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData()
-
-
-class Payment(Base):
-    """The row every consumer writes per message, tagged with the variant so the check can count them apart."""
-
-    __tablename__ = "peers_broker_payments"
-
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    variant: Mapped[str] = mapped_column(String(32), index=True)
-    amount: Mapped[int] = mapped_column(Integer)
-
-
 def adapter_missing(broker: str) -> str | None:
     """Why ``broker``'s barrier variant cannot run here, or None."""
     if importlib.util.find_spec(CLIENT[broker]) is None:
@@ -103,164 +84,6 @@ def adapter_missing(broker: str) -> str | None:
     except ImportError as exc:
         return f"adapter {module} not importable ({type(exc).__name__}: {exc})"
     return None
-
-
-# -- the consumers (each runs in its own worker process) ---------------------------------------------------
-
-
-class Consumer:
-    """What every consumer variant shares: the database, the row, the counts."""
-
-    def __init__(self, name: str, config: dict[str, Any]) -> None:
-        self.name, self.config = name, config
-        self.broker, _, self.kind = name.partition("_")
-        self.executed = 0
-        self.engine: AsyncEngine = create_async_engine(config["url"], pool_size=2, max_overflow=0)
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.barrier: idembarrier.Barrier[idembarrier.JSON] = idembarrier.Barrier(self.sessionmaker)
-        self.group = ""
-
-    async def setup(self) -> None:
-        return None
-
-    async def open(self, conc: int) -> None:
-        self.group = f"{self.name}-{uuid.uuid4().hex[:10]}"
-
-    async def close(self) -> None:
-        return None
-
-    def counts(self) -> dict[str, int]:
-        return {"executed": self.executed}
-
-    async def stream(self, stop: asyncio.Event, counted: Callable[[], None]) -> None:
-        raise NotImplementedError
-
-    def payment(self) -> Payment:
-        return Payment(id=uuid.uuid4(), variant=self.name, amount=1)
-
-    async def write_bare(self) -> None:
-        """The bare loop's work for one message: a session, the row, COMMIT."""
-        async with self.sessionmaker() as session:
-            session.add(self.payment())
-            await session.commit()
-        self.executed += 1
-
-    async def handler(self, session: AsyncSession, message: object) -> idembarrier.JSON:
-        """The barrier's handler: the same row, in the unit of work's session."""
-        session.add(self.payment())
-        self.executed += 1
-        return None
-
-    @contextlib.asynccontextmanager
-    async def stopping(self, stop: asyncio.Event) -> Any:
-        """An anyio.Event set when ``stop`` is (the adapters' loops take anyio's)."""
-        done = anyio.Event()
-
-        async def bridge() -> None:
-            await stop.wait()
-            done.set()
-
-        task = asyncio.create_task(bridge())
-        try:
-            yield done
-        finally:
-            task.cancel()
-
-
-class Counting:
-    """An aiokafka consumer whose committed offsets are counted: one per message settled, however batched."""
-
-    def __init__(self, consumer: Any, counted: Callable[[], None]) -> None:
-        self.consumer, self.counted = consumer, counted
-        self.position: dict[Any, int] = {}
-
-    async def getmany(self, *, timeout_ms: int = 0, max_records: int | None = None) -> Any:
-        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        for tp, messages in batches.items():
-            if messages:
-                self.position.setdefault(tp, messages[0].offset)
-        return batches
-
-    async def commit(self, offsets: dict[Any, int]) -> None:
-        await self.consumer.commit(offsets)
-        for tp, offset in offsets.items():
-            for _ in range(offset - self.position.get(tp, offset)):
-                self.counted()
-            self.position[tp] = offset
-
-    def seek(self, partition: Any, offset: int) -> None:
-        self.consumer.seek(partition, offset)
-
-
-class Kafka(Consumer):
-    """aiokafka on Tansu: ``kafka_bare``, ``kafka_ib`` and ``kafka_ib_dup``."""
-
-    consumer: Any = None
-
-    async def setup(self) -> None:
-        if self.kind == "ib_dup":  # record every message once, under the group its blocks replay
-            self.recorded = f"{self.name}-recorded"
-            await self.open(1)
-            stop, total = asyncio.Event(), self.config["messages"]
-            seen = 0
-
-            def counted() -> None:
-                nonlocal seen
-                seen += 1
-                if seen >= total:
-                    stop.set()
-
-            try:
-                await self.stream(stop, counted, group=self.recorded)
-            finally:
-                await self.close()
-
-    async def open(self, conc: int) -> None:
-        from aiokafka import AIOKafkaConsumer
-
-        await super().open(conc)
-        self.consumer = AIOKafkaConsumer(
-            self.config["topic"],
-            bootstrap_servers=self.config["bootstrap"],
-            group_id=self.group,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=1000,
-        )
-        await self.consumer.start()
-
-    async def close(self) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop()
-            self.consumer = None
-
-    async def stream(  # setup passes the recording group
-        self, stop: asyncio.Event, counted: Callable[[], None], group: str | None = None
-    ) -> None:
-        consumer = Counting(self.consumer, counted)
-        if self.kind == "bare":
-            while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=200, max_records=100)
-                for tp, messages in batches.items():
-                    for message in messages:
-                        await self.write_bare()
-                        await consumer.commit({tp: message.offset + 1})  # only after the database commit
-            return
-        from idembarrier.kafka import run_consumer
-
-        if self.kind == "ib_dup" and group is None:
-            group = self.recorded
-        async with self.stopping(stop) as done:
-            await run_consumer(consumer, self.barrier, self.handler, group=group or self.group, stop=done)
-
-    def counts(self) -> dict[str, int]:
-        return {"executed": self.executed, "recorded": self.config["messages"] if self.kind == "ib_dup" else 0}
-
-
-def make(name: str, config: dict[str, Any]) -> _blocks.Stream:
-    kinds: dict[str, type[Consumer]] = {"kafka": Kafka}
-    return kinds[name.partition("_")[0]](name, config)
 
 
 # -- the brokers' set-up (the controller) ------------------------------------------------------------------
@@ -305,7 +128,10 @@ def tansu() -> Iterator[tuple[str, int]]:
         process.wait(timeout=10)
 
 
-def messages(n: int, run_id: str) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+Batch = list[tuple[bytes, list[tuple[str, bytes]]]]
+
+
+def messages(n: int, run_id: str) -> Batch:
     """``n`` values with the header contract's message id, unique to this run."""
     return [(json.dumps({"n": i}).encode(), [(MESSAGE_ID_HEADER, f"{run_id}-{i}".encode())]) for i in range(n)]
 
@@ -320,6 +146,66 @@ async def produce_kafka(bootstrap: str, topic: str, batch: Sequence[tuple[bytes,
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
+
+
+async def load_rabbitmq(config: dict[str, Any], run_id: str, batch: Batch) -> None:
+    """Each RabbitMQ block loads a fresh queue itself (a queue drains); here only whether the server answers."""
+    import aio_pika
+
+    connection = await aio_pika.connect(RABBITMQ_URL, timeout=5)
+    await connection.close()
+    config["rabbitmq_url"] = RABBITMQ_URL  # the blocks rebuild ``batch`` from the run id (argv is too short for it)
+
+
+async def load_nats(config: dict[str, Any], run_id: str, batch: Batch) -> None:
+    """A JetStream stream of its own holding every message; each block reads it with a fresh durable."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    client = await nats.connect(NATS_URL, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = client.jetstream()
+        name = f"bench-{run_id}"
+        await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"]))
+        for value, headers in batch:
+            await js.publish(f"{name}.m", value, headers={n: v.decode() for n, v in headers})
+    finally:
+        await client.close()
+    config["nats_url"], config["nats_stream"] = NATS_URL, name
+
+
+async def load_redis(config: dict[str, Any], run_id: str, batch: Batch) -> None:
+    """A stream of its own holding every message, as `RedisStreamPublisher` writes entries."""
+    import redis.asyncio as aioredis
+
+    from idembarrier.redis import HEADER_PREFIX, VALUE_FIELD
+
+    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        stream = f"bench-{run_id}"
+        async with client.pipeline(transaction=False) as pipe:
+            for value, headers in batch:
+                fields = {VALUE_FIELD: value} | {HEADER_PREFIX + n.encode(): v for n, v in headers}
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            await pipe.execute()
+    finally:
+        await client.aclose()
+    config["redis_url"], config["redis_stream"] = REDIS_URL, stream
+
+
+SERVED = {"rabbitmq": load_rabbitmq, "nats": load_nats, "redis": load_redis}
+PROCESS = {"rabbitmq": "beam.smp", "nats": "nats-server", "redis": "redis-server"}
+
+
+def pid_of(command: str) -> int | None:
+    """The pid of the one local process named ``command`` (its CPU is read from /proc), or None."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == command[:15]:
+                    found.append(int(entry.name))
+    return found[0] if len(found) == 1 else None
 
 
 def check(counts: dict[str, dict[str, int]], payments: dict[str, int]) -> list[str]:
@@ -351,7 +237,7 @@ def report(run: _blocks.Run, names: list[str], absent: dict[str, str]) -> None:
             rows.append([broker, *[absent[broker]] * 6])
             continue
         if bare not in names or ib not in names:
-            rows.append([broker, *["adapter present, not yet in this benchmark"] * 6])
+            rows.append([broker, *["not requested"] * 6])
             continue
         cells = [broker]
         cells += [_blocks.number(_blocks.median_value(run, 1, "throughput", v)) for v in (bare, ib)]
@@ -366,12 +252,14 @@ def report(run: _blocks.Run, names: list[str], absent: dict[str, str]) -> None:
         tput = _blocks.median_value(run, 1, "throughput", "kafka_ib_dup")
         print(f"\nKafka full redelivery (every message a duplicate): {tput:.0f} msg/s, {dup.cell()} x the bare loop")
     print("\nTARGETS (issue 13)")
-    if "kafka_ib" in names and "kafka_bare" in names:
-        got = _blocks.ratio(run, 1, "throughput", "kafka_ib", "kafka_bare").median
-        print(f"  consumer barrier (Kafka run_consumer) >= 0.80x the bare loop: {'MET' if got >= 0.8 else 'MISSED'}"
-              f" ({got:.2f}; 0.66 before)")  # fmt: skip
-    else:
-        print("  consumer barrier (Kafka run_consumer) >= 0.80x the bare loop: not measured")
+    for broker in BROKERS:
+        bare, ib = f"{broker}_bare", f"{broker}_ib"
+        if ib in names and bare in names:
+            got = _blocks.ratio(run, 1, "throughput", ib, bare).median
+            verdict = f"{'MET' if got >= 0.8 else 'MISSED'} ({got:.2f})"
+        else:
+            verdict = "not measured"
+        print(f"  consumer barrier ({broker}) >= 0.80x the bare loop: {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +286,6 @@ async def controller(args: argparse.Namespace) -> int:
     url = make_url(args.database_url)
     wanted = [b for b in args.brokers.split(",") if b]
     absent = {b: why for b in wanted if (why := adapter_missing(b)) is not None}
-    absent |= {b: "adapter present, not yet in this benchmark" for b in wanted if b not in MEASURED and b not in absent}
     print(
         f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
         f"{platform.python_version()} | {_blocks.machine_line()}"
@@ -415,20 +302,34 @@ async def controller(args: argparse.Namespace) -> int:
         "messages": args.messages,
         "run_id": run_id,
     }
+    batch = messages(args.messages, run_id)
     with contextlib.ExitStack() as stack:
         names: list[str] = []
+        pids: dict[str, int | None] = {}
         if "kafka" in wanted or "confluent" in wanted:
             bootstrap, pid = stack.enter_context(tansu())
-            config["bootstrap"], config["topic"], config["broker_pid"] = bootstrap, f"bench-{run_id}", pid
-            await produce_kafka(bootstrap, config["topic"], messages(args.messages, run_id))
-            if "kafka" in wanted:
-                names += ["kafka_bare"] + ([] if "kafka" in absent else ["kafka_ib", "kafka_ib_dup"])
+            config["bootstrap"], config["topic"] = bootstrap, f"bench-{run_id}"
+            pids["kafka"] = pids["confluent"] = pid
+            await produce_kafka(bootstrap, config["topic"], batch)
+        for broker in (b for b in wanted if b in SERVED and b not in absent):
+            try:
+                await SERVED[broker](config, run_id, batch)
+            except Exception as exc:  # the service does not answer here: the row says so
+                absent[broker] = f"server not answering ({type(exc).__name__})"
+                continue
+            pids[broker] = pid_of(PROCESS[broker])
+        for broker in BROKERS:
+            if broker in wanted and broker in pids:
+                names += [f"{broker}_bare"] + ([] if broker in absent else [f"{broker}_ib"])
+                names += ["kafka_ib_dup"] if broker == "kafka" and broker not in absent else []
         print(
             f"{args.rounds} rounds x {len(names)} consumers, blocks of {args.warmup}+{args.block} s, "
             f"{args.messages} messages per broker | left out: {absent or 'none'}",
             flush=True,
         )
-        workers = {v: _blocks.Worker(Path(__file__), v, config) for v in names}
+        workers = {
+            v: _blocks.Worker(Path(__file__), v, config | {"broker_pid": pids.get(v.partition("_")[0])}) for v in names
+        }
         run = _blocks.Run()
         try:
             for w in workers.values():
