@@ -162,3 +162,26 @@ def test_broker_without_real_is_a_usage_error(capfd: pytest.CaptureFixture[str])
     done = run(capfd, "lab", "--broker", "127.0.0.1:9092")
     assert done.status == 2
     assert "--broker goes with --real" in done.line
+
+
+async def test_lab_shows_phantom_writes_only_for_naive_designs_on_mariadb(mariadb_db: Database) -> None:
+    """On MariaDB through asyncmy the lab shows the same counts, and a second run on the same database stays apart."""
+    for _ in range(2):
+        report = await run_lab(mariadb_db.url, keys=KEYS, concurrency=CONCURRENCY)
+        assert report.database.startswith("mysql+asyncmy://")
+        assert_naive_fails_and_barrier_holds(report)
+    assert await mariadb_db.payments() == 0  # the lab writes its own tables only
+
+
+@pytest.mark.timeout(180)
+async def test_real_lab_kills_and_races_processes_on_mariadb(mariadb_db: Database) -> None:
+    """--real on MariaDB: SIGKILLed workers leave the server to roll back, racing processes each hold a connection."""
+    progress: list[str] = []
+    report = await run_lab(
+        mariadb_db.url, keys=REAL_KEYS, concurrency=REAL_CONCURRENCY, on_progress=progress.append, real=True
+    )
+    assert_real(report)
+    assert report.broker is None
+    assert progress[1:] == ["[2/4] partial execution (real)", "[3/4] concurrent check race (real)",
+                            "[4/4] layer mismatch"]  # fmt: skip
+    assert f"{REAL_CONCURRENCY} OS processes" in {s.name: s.produced_by for s in report.scenarios}["concurrent-race"]
