@@ -64,9 +64,10 @@ async def test_peers_http_smoke_prints_its_tables(pg_db: Database) -> None:
 
 
 async def test_brokers_smoke_prints_its_table(pg_db: Database) -> None:
-    """benchmarks/brokers.py --smoke runs Kafka's bare loop, run_consumer and a redelivery on Tansu; lists the rest."""
+    """benchmarks/brokers.py --smoke runs each broker's bare loop and barrier loop side by side, with a verdict each."""
     out = await _smoke("brokers.py", "--database-url", pg_db.url)
     assert "### The consumer barrier per broker" in out
     for broker in ("kafka", "confluent", "rabbitmq", "nats", "redis"):
         assert f"| {broker} |" in out
+        assert f"consumer barrier ({broker}) >= 0.80x the bare loop: M" in out  # MET or MISSED: it ran
     assert "CORRECTNESS: OK" in out
