@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Generic, NamedTuple
 
+import anyio
 from typing_extensions import TypeVar
 
 from ._codec import JSON, Codec, JSONCodec, round_trip
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
     from ._storage import Storage
 
 __all__ = ["Barrier"]
+
+PURGE_SHARE = 1.0
+"""`Barrier.purge`'s default ``max_share``: the share of wall-clock time its batches may take."""
 
 R = TypeVar("R", default=JSON)
 
@@ -354,7 +359,13 @@ class Barrier(Generic[R]):
             outbox_parked=parked,
         )
 
-    async def purge(self, *, batch_size: int = 1000, on_batch: Callable[[str, int], object] | None = None) -> Purged:
+    async def purge(
+        self,
+        *,
+        batch_size: int = 1000,
+        max_share: float = PURGE_SHARE,
+        on_batch: Callable[[str, int], object] | None = None,
+    ) -> Purged:
         """Apply retention, in batches: drop responses past their horizon, then delete expired records.
 
         A record whose response is dropped stays as a compact record until ``expires_at``, so a late replay
@@ -362,13 +373,23 @@ class Barrier(Generic[R]):
         IN_PROGRESS or UNKNOWN ones. Each batch is its own short transaction and skips rows another purger
         (or a claim) has locked, so several purgers and live traffic run side by side. ``on_batch`` is
         called with ``"compacted"`` or ``"deleted"`` and each batch's count.
+
+        ``max_share`` paces the purge so that it leaves room for live traffic: after a full batch that took
+        *d* seconds it pauses *d* * (1 - share) / share, so its batches take at most that share of the
+        purge's wall-clock time. The default, 1, pauses never (as fast as the database goes); 0.5 makes a
+        purge take about twice as long.
         """
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be at least 1, not {batch_size!r}")
+        if not 0 < max_share <= 1:
+            raise ConfigurationError(f"max_share must be in (0, 1], not {max_share!r}")
+        pause = (1 - max_share) / max_share
         compacted = await self._in_batches(
-            "compacted", lambda storage: storage.compact(batch_size), batch_size, on_batch
+            "compacted", lambda storage: storage.compact(batch_size), batch_size, pause, on_batch
         )
-        deleted = await self._in_batches("deleted", lambda storage: storage.purge(batch_size), batch_size, on_batch)
+        deleted = await self._in_batches(
+            "deleted", lambda storage: storage.purge(batch_size), batch_size, pause, on_batch
+        )
         return Purged(compacted=compacted, deleted=deleted)
 
     async def purgeable(self) -> Purged:
@@ -385,16 +406,22 @@ class Barrier(Generic[R]):
         kind: str,
         batch: Callable[[Storage], Awaitable[int]],
         size: int,
+        pause: float,
         on_batch: Callable[[str, int], object] | None,
     ) -> int:
+        """Run ``batch`` until one takes fewer than ``size``, pausing its duration times ``pause`` after each."""
         total = 0
         while True:
+            started = time.monotonic()
             done = await self._runtime.atomically(batch)
+            took = time.monotonic() - started
             total += done
             if on_batch is not None:
                 on_batch(kind, done)
             if done < size:
                 return total
+            if pause:
+                await anyio.sleep(took * pause)
 
 
 def _statuses(status: Status | Iterable[Status]) -> tuple[Status, ...]:

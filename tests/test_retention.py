@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -184,3 +185,55 @@ async def test_allow_takes_over_failing_fast_too(db: Database) -> None:
     key = await expired(db, barrier)
     assert await pay(barrier, key)
     assert await db.payments(key) == 2
+
+
+@pytest.mark.parametrize("share", [0, -0.5, 1.5])
+async def test_purge_refuses_a_share_outside_zero_to_one(db: Database, share: float) -> None:
+    """purge(max_share=) outside (0, 1] raises ConfigurationError before touching a record."""
+    barrier = Barrier(db.sessionmaker)
+    key = new_key()
+    assert await pay(barrier, key, retention=GONE)
+    with pytest.raises(ConfigurationError, match="max_share"):
+        await barrier.purge(max_share=share)
+    record = await barrier.inspect(key, scope=SCOPE)
+    assert record is not None
+    assert record.response is not None
+
+
+async def test_paced_purge_pauses_after_each_full_batch(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With max_share=0.25 a purge pauses after each full batch (and only then), and still does all its work."""
+    barrier = Barrier(db.sessionmaker)
+    for _ in range(7):
+        assert await pay(barrier, new_key(), retention=GONE)
+    pauses: list[float] = []
+    real_sleep = anyio.sleep
+
+    async def sleep(delay: float) -> None:
+        pauses.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)
+    begun = time.perf_counter()
+    done = await barrier.purge(batch_size=2, max_share=0.25)
+    took = time.perf_counter() - begun
+    assert done.compacted == 7
+    assert len(pauses) == 3  # compaction's batches of 2, 2, 2 (then 1); deletion has nothing due
+    assert all(p > 0 for p in pauses)
+    assert took >= sum(pauses)
+
+
+async def test_unpaced_purge_never_pauses(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (max_share=1) a purge runs its batches back to back."""
+    barrier = Barrier(db.sessionmaker)
+    for _ in range(3):
+        assert await pay(barrier, new_key(), retention=GONE)
+    pauses: list[float] = []
+    real_sleep = anyio.sleep
+
+    async def sleep(delay: float) -> None:
+        pauses.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)
+    assert (await barrier.purge(batch_size=1)).compacted == 3
+    assert pauses == []
