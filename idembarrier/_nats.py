@@ -13,6 +13,7 @@ import anyio
 from ._backoff import Backoff, Retries
 from ._delivery import Applied, ConsumerBarrier, MissingMessageId, Retry
 from ._exceptions import ConfigurationError
+from ._outbox import MESSAGE_KEY_HEADER  # JetStream has no key: the subject is the topic
 from ._relay import MessageRefusedError
 
 if TYPE_CHECKING:
@@ -34,10 +35,6 @@ R = TypeVar("R")
 
 _log = logging.getLogger("idembarrier.nats")
 
-MESSAGE_KEY_HEADER = "message-key"
-"""The header carrying a message's key (JetStream has none: the subject is the topic); read as `JetStreamDelivery.key`.
-
-The same name as `idembarrier.rabbitmq.MESSAGE_KEY_HEADER`, so a consumer reads a key alike from either broker."""
 _MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's own deduplication header
 
 # JetStream API error codes (the server's ``err_code``) that a retry does not change.

@@ -57,6 +57,9 @@ KEY_HEADER = "idempotency-key"
 """The header carrying the idempotency key of the unit of work that published the message."""
 SCOPE_HEADER = "idempotency-scope"
 """The header carrying the scope of the unit of work that published the message."""
+MESSAGE_KEY_HEADER = "message-key"
+"""The header carrying a message's key on brokers whose messages have none of their own (RabbitMQ, NATS
+JetStream): one name, so a consumer reads a key alike from either broker."""
 _RESERVED = frozenset({CONTRACT_HEADER, MESSAGE_ID_HEADER, KEY_HEADER, SCOPE_HEADER})
 
 

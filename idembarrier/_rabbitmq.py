@@ -25,6 +25,7 @@ from ._delivery import (
     Retry,
 )
 from ._exceptions import ConfigurationError
+from ._outbox import MESSAGE_KEY_HEADER
 from ._relay import MessageRefusedError
 
 if TYPE_CHECKING:
@@ -46,11 +47,6 @@ R = TypeVar("R")
 
 _log = logging.getLogger("idembarrier.rabbitmq")
 
-MESSAGE_KEY_HEADER = "message-key"
-"""The header carrying a message's key (AMQP has no key: the routing key is the topic); read as `AioPikaDelivery.key`.
-
-Point a consistent-hash exchange's ``hash-header`` at it to spread a key's messages over queues by key.
-"""
 
 _WATCH = 1.0
 """Seconds between checks, while no message comes, that a channel that does not reopen is still open."""
