@@ -61,6 +61,27 @@ async def test_purge_reports_each_batch_on_stderr(db: Database, capfd: pytest.Ca
     assert "purge: 1 of 1 records deleted (100%, " in done.err.splitlines()[-1], done.err
 
 
+async def test_purge_paces_its_batches_with_max_share(db: Database, capfd: pytest.CaptureFixture[str]) -> None:
+    """--max-share is passed to the purge, which still deletes everything due; a share outside (0, 1] is a
+    usage error (exit 2) before anything runs."""
+    async with Barrier(db.sessionmaker).unit_of_work("order-10", scope="shop") as uow:
+        uow.complete({"paid": True})
+    past = "now() - interval '1 day'" if db.dialect == "postgresql" else "datetime('now', '-1 day')"
+    async with db.engine.begin() as conn:
+        cleanup = f", cleanup_at = {past}" if db.dialect == "postgresql" else ""
+        await conn.exec_driver_sql(
+            f"UPDATE idempotency_keys SET expires_at = {past}, response_expires_at = {past}{cleanup}"
+        )
+    for bad in ("0", "1.5", "nan", "half"):
+        refused = await run_async(capfd, "purge", "--database-url", db.url, "--max-share", bad)
+        assert refused.status == 2, (bad, refused.err)
+    assert await db.records("order-10") != []
+    done = await run_async(capfd, "purge", "--database-url", db.url, "--json", "--max-share", "0.5")
+    assert done.status == 0, done.err
+    assert json.loads(done.out) == {"compacted": 1, "deleted": 1}
+    assert await db.records("order-10") == []
+
+
 def test_a_dead_database_exits_3_with_our_message(capfd: pytest.CaptureFixture[str]) -> None:
     """An unreachable database makes the command exit 3 with a one-line error, not a traceback."""
     done = run(capfd, "stats", "--database-url", "postgresql+asyncpg://postgres@127.0.0.1:1/none")

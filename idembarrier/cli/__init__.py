@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
+from .._barrier import PURGE_SHARE
 from .._config import DEFAULT_TABLE
 from .._record import Status
 from . import _engine_check, _operator, _probe, _purge
@@ -112,6 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "purge":
             command.add_argument(
                 "--batch-size", type=_operator.positive, default=1000, help="records per transaction (default 1000)"
+            )
+            command.add_argument(
+                "--max-share",
+                type=_operator.share,
+                default=PURGE_SHARE,
+                help="largest share of the purge's wall-clock time its batches take: it pauses between them "
+                "(default 1: no pause)",
             )
             command.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
         if name == "list":

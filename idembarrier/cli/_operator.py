@@ -55,6 +55,17 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|[smhdw])")
 
 
+def share(text: str) -> float:
+    """argparse's type for ``--max-share``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {text}")
+    return value
+
+
 def positive(text: str) -> int:
     """argparse's type for ``--limit``: a whole number of at least 1."""
     try:

@@ -113,7 +113,7 @@ async def purge(barrier: Barrier[JSON], args: argparse.Namespace) -> int:
         return emit(args, {"dry_run": True, **due._asdict()}, text)
     progress = None if args.json else Progress(await barrier.purgeable(), batch_size=args.batch_size, stream=sys.stderr)
     try:
-        done = await barrier.purge(batch_size=args.batch_size, on_batch=progress)
+        done = await barrier.purge(batch_size=args.batch_size, max_share=args.max_share, on_batch=progress)
     finally:
         if progress is not None:
             progress.close()
