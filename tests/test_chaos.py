@@ -19,6 +19,9 @@ from tests.models import Payment
 from tests.test_kafka import broker
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Coroutine
+    from typing import Any
+
     from tests.conftest import Database
 
 __all__ = ["broker"]  # a fixture, shared with test_kafka
@@ -52,6 +55,52 @@ class Crew:
         for process in self.processes:
             process.kill()
             process.wait()
+
+
+async def publish_events(
+    barrier: idembarrier.Barrier[idembarrier.JSON],
+    topic: str,
+    events: int,
+    *,
+    every: int,
+    pause: float,
+    keyed: bool = True,
+) -> None:
+    """Publish ``event-0`` … ``event-<events - 1>``, one unit of work each (key ``order-<i>``, message key
+    ``account-<i % 16>`` unless not ``keyed``), pausing ``pause`` s after every ``every``-th so that the events
+    spread over the chaos."""
+    for i in range(events):
+        async with barrier.unit_of_work(f"order-{i}", scope="orders") as uow:
+            uow.publish(topic, f"event-{i}".encode(), key=f"account-{i % 16}".encode() if keyed else None)
+            uow.complete(None)
+        if i % every == 0:
+            await anyio.sleep(pause)
+
+
+async def kill_while(
+    produce: Callable[[], Coroutine[Any, Any, None]],
+    kill: Callable[[], Awaitable[None]],
+    rng: random.Random,
+    seconds: float,
+    *,
+    gap: tuple[float, float] = (0.4, 1.2),
+) -> None:
+    """Run ``produce`` to its end while calling ``kill`` at random intervals within ``gap`` for ``seconds``."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce)
+        with anyio.move_on_after(seconds):
+            while True:
+                await anyio.sleep(rng.uniform(*gap))  # chaos timing, not ordering
+                await kill()
+
+
+def kill_either(rng: random.Random, relays: Crew, consumers: Crew) -> Callable[[], Awaitable[None]]:
+    """A ``kill`` for `kill_while`: SIGKILL a relay or a consumer, even odds."""
+
+    async def kill() -> None:
+        (relays if rng.random() < 0.5 else consumers).kill_one(rng)
+
+    return kill
 
 
 async def effects(db: Database) -> dict[str, int]:

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,7 +20,7 @@ from idembarrier.confluent import ConfluentConsumer, ConfluentPublisher, Conflue
 from idembarrier.kafka import MESSAGE_ID_HEADER, DeadLetterTopic, Message, MessageRefusedError, OutboxRelay
 from tests.confluent_worker import consumer_config
 from tests.models import Payment
-from tests.test_chaos import Crew
+from tests.test_chaos import Crew, kill_either, kill_while, publish_events
 from tests.test_kafka import broker, record_payment
 
 if TYPE_CHECKING:
@@ -269,21 +270,8 @@ async def test_killed_relays_and_consumers_apply_every_event_exactly_once(pg_db:
     relays = Crew("relay", args, 2, module="tests.confluent_worker")
     consumers = Crew("consumer", args, 2, module="tests.confluent_worker")
     try:
-
-        async def produce() -> None:
-            for i in range(EVENTS):
-                async with barrier.unit_of_work(f"order-{i}", scope="orders") as uow:
-                    uow.publish(topic, f"event-{i}".encode(), key=f"account-{i % 16}".encode())
-                    uow.complete(None)
-                if i % 50 == 0:
-                    await anyio.sleep(0.5)  # spread the events over the chaos
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            with anyio.move_on_after(CHAOS_SECONDS):
-                while True:
-                    await anyio.sleep(rng.uniform(0.5, 1.5))  # chaos timing, not ordering
-                    (relays if rng.random() < 0.5 else consumers).kill_one(rng)
+        produce = partial(publish_events, barrier, topic, EVENTS, every=50, pause=0.5)
+        await kill_while(produce, kill_either(rng, relays, consumers), rng, CHAOS_SECONDS, gap=(0.5, 1.5))
         with anyio.fail_after(150):
             # Other processes' progress, which no event of ours reports: polled, not used to order tasks.
             while len(seen := await effects(pg_db)) < EVENTS:  # noqa: ASYNC110

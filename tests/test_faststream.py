@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -29,7 +30,7 @@ from idembarrier.kafka import MESSAGE_ID_HEADER, OutboxRelay
 from tests.faststream_worker import RABBITMQ_URL
 from tests.helpers import require
 from tests.models import Payment
-from tests.test_chaos import Crew
+from tests.test_chaos import Crew, kill_either, kill_while, publish_events
 from tests.test_kafka import broker
 from tests.test_rabbitmq import Broker, Worker, connection, pending, wait_for_effects
 
@@ -400,21 +401,8 @@ async def test_chaos_killed_relays_and_consumers_apply_every_event_exactly_once(
     consumers = Crew("consumer", args, 2, module="tests.faststream_worker")
     started = time.monotonic()
     try:
-
-        async def produce() -> None:
-            for i in range(CHAOS_EVENTS):
-                async with barrier.unit_of_work(f"order-{i}", scope="orders") as uow:
-                    uow.publish(queue.name, f"event-{i}".encode())
-                    uow.complete(None)
-                if i % 40 == 0:
-                    await anyio.sleep(0.5)  # spread the events over the chaos
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            with anyio.move_on_after(CHAOS_SECONDS):
-                while True:
-                    await anyio.sleep(rng.uniform(0.4, 1.2))  # chaos timing, not ordering
-                    (relays if rng.random() < 0.5 else consumers).kill_one(rng)
+        produce = partial(publish_events, barrier, queue.name, CHAOS_EVENTS, every=40, pause=0.5, keyed=False)
+        await kill_while(produce, kill_either(rng, relays, consumers), rng, CHAOS_SECONDS)
         seen = await wait_for_effects(pg_db, CHAOS_EVENTS)
     finally:
         relays.stop()

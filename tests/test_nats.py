@@ -35,7 +35,7 @@ from idembarrier.nats import MESSAGE_KEY_HEADER, JetStreamDelivery, JetStreamPub
 from tests.helpers import Boom, require
 from tests.models import Payment
 from tests.nats_worker import record_payment
-from tests.test_chaos import Crew
+from tests.test_chaos import Crew, kill_either, kill_while
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -562,12 +562,7 @@ async def test_chaos_killed_relays_and_consumers_apply_each_event_once(pg_db: Da
                 if i % 25 == 0:
                     await anyio.sleep(0.5)  # spread the events over the chaos
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            with anyio.move_on_after(CHAOS_SECONDS):
-                while True:
-                    await anyio.sleep(rng.uniform(0.5, 1.5))  # chaos timing, not ordering
-                    (relays if rng.random() < 0.5 else consumers).kill_one(rng)
+        await kill_while(produce, kill_either(rng, relays, consumers), rng, CHAOS_SECONDS, gap=(0.5, 1.5))
         settled = False
         with anyio.move_on_after(120):
             # Other processes' progress, which no event of ours reports: polled, not used to order tasks.

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -30,7 +31,7 @@ from idembarrier.rabbitmq import (
 from tests.helpers import require
 from tests.models import Payment
 from tests.rabbitmq_worker import RABBITMQ_URL, record_payment
-from tests.test_chaos import Crew
+from tests.test_chaos import Crew, kill_either, kill_while, publish_events
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -657,21 +658,8 @@ async def test_chaos_killed_relays_and_consumers_apply_every_event_exactly_once(
     relays = Crew("relay", args, 2, module="tests.rabbitmq_worker")
     consumers = Crew("consumer", args, 2, module="tests.rabbitmq_worker")
     try:
-
-        async def produce() -> None:
-            for i in range(CHAOS_EVENTS):
-                async with barrier.unit_of_work(f"order-{i}", scope="orders") as uow:
-                    uow.publish(queue.name, f"event-{i}".encode(), key=f"account-{i % 16}".encode())
-                    uow.complete(None)
-                if i % 40 == 0:
-                    await anyio.sleep(0.5)  # spread the events over the chaos
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            with anyio.move_on_after(CHAOS_SECONDS):
-                while True:
-                    await anyio.sleep(rng.uniform(0.4, 1.2))  # chaos timing, not ordering
-                    (relays if rng.random() < 0.5 else consumers).kill_one(rng)
+        produce = partial(publish_events, barrier, queue.name, CHAOS_EVENTS, every=40, pause=0.5)
+        await kill_while(produce, kill_either(rng, relays, consumers), rng, CHAOS_SECONDS)
         seen = await wait_for_effects(pg_db, CHAOS_EVENTS)
     finally:
         relays.stop()

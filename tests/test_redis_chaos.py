@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
 import idembarrier
-from tests.test_chaos import Crew, effects
+from tests.test_chaos import Crew, effects, kill_while, publish_events
 from tests.test_redis_streams import pending, redis, streams
 
 if TYPE_CHECKING:
@@ -59,25 +60,15 @@ async def test_chaos_killed_relays_and_consumers_of_one_group_apply_every_event_
             if name not in alive:
                 orphaned.setdefault(name, count)
 
+    async def kill() -> None:
+        if rng.random() < 0.5:
+            relays.kill_one(rng)
+        else:
+            await kill_a_consumer()
+
     try:
-
-        async def produce() -> None:
-            for i in range(EVENTS):
-                async with barrier.unit_of_work(f"order-{i}", scope="orders") as uow:
-                    uow.publish(stream, f"event-{i}".encode(), key=f"account-{i % 16}".encode())
-                    uow.complete(None)
-                if i % 15 == 0:
-                    await anyio.sleep(0.4)  # spread the events over the chaos
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            with anyio.move_on_after(CHAOS_SECONDS):
-                while True:
-                    await anyio.sleep(rng.uniform(0.4, 1.2))  # chaos timing, not ordering
-                    if rng.random() < 0.5:
-                        relays.kill_one(rng)
-                    else:
-                        await kill_a_consumer()
+        produce = partial(publish_events, barrier, stream, EVENTS, every=15, pause=0.4)
+        await kill_while(produce, kill, rng, CHAOS_SECONDS)
         with anyio.fail_after(120):
             # Other processes' progress, which no event of ours reports: polled, not used to order tasks.
             while len(seen := await effects(pg_db)) < EVENTS or await pending(redis, stream, group):  # noqa: ASYNC110
