@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from faststream import Context, FastStream
@@ -32,37 +31,14 @@ import idembarrier
 from idembarrier.faststream import SESSION, BarrierMiddleware, FastStreamPublisher
 from idembarrier.messaging import OutboxRelay
 from tests.models import Payment
+from tests.rabbitmq_worker import RABBITMQ_URL, PublishesThenHangs, hang
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from idembarrier.messaging import Message
-
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
-"""The broker of the tests (`tests.test_faststream` reads the same URL)."""
 
 SESSION_OF_THE_UNIT_OF_WORK = Context(SESSION)
 """The subscriber's session parameter: the unit of work's, from FastStream's context."""
-
-
-def hang(what: str) -> None:
-    """Say ``what`` happened, then block the whole process until it is killed."""
-    print(what, flush=True)
-    time.sleep(600)  # blocking on purpose: the event loop must not send the ack or the mark
-    sys.exit("not killed")
-
-
-class PublishesThenHangs:
-    """A publisher that dies (hangs until killed) after the broker confirmed a batch, before it is marked."""
-
-    def __init__(self, publisher: FastStreamPublisher) -> None:
-        self.publisher = publisher
-
-    async def publish(self, messages: Sequence[Message]) -> None:
-        await self.publisher.publish(messages)
-        hang("published")
 
 
 async def relay(url: str, *, dies: bool) -> None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from idembarrier.messaging import Message
+    from idembarrier.messaging import Message, Publisher
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 """The broker of the tests (`tests.test_rabbitmq` reads the same URL)."""
@@ -57,7 +57,7 @@ def hang(what: str) -> None:
 class PublishesThenHangs:
     """A publisher that dies (hangs until killed) after the broker confirmed a batch, before it is marked."""
 
-    def __init__(self, publisher: AioPikaPublisher) -> None:
+    def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
 
     async def publish(self, messages: Sequence[Message]) -> None:

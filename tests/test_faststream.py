@@ -27,9 +27,9 @@ from idembarrier.faststream import (
     FastStreamPublisher,
 )
 from idembarrier.kafka import MESSAGE_ID_HEADER, OutboxRelay
-from tests.faststream_worker import RABBITMQ_URL
 from tests.helpers import require
 from tests.models import Payment
+from tests.rabbitmq_worker import RABBITMQ_URL
 from tests.test_chaos import Crew, kill_either, kill_while, publish_events
 from tests.test_kafka import broker
 from tests.test_rabbitmq import Broker, Worker, connection, pending, wait_for_effects
