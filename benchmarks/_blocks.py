@@ -22,6 +22,7 @@ that libraries printing cannot break the protocol).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -340,6 +341,17 @@ async def measure_stream(
         p50_ms=percentile(gaps, 0.5) * 1e3,
         p99_ms=percentile(gaps, 0.99) * 1e3,
     )
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options with which the controller starts a script as one of its workers (see `Run`)."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+
+
+def serve_worker(make: Callable[[str, dict[str, Any]], Variant | Stream], args: argparse.Namespace) -> int | None:
+    """`serve` when the script was started as a worker (`add_worker_arguments`), else ``None``."""
+    return serve(make, args.worker, json.loads(args.worker_config)) if args.worker else None
 
 
 def serve(make: Callable[[str, dict[str, Any]], Variant | Stream], name: str, config: dict[str, Any]) -> int:

@@ -272,11 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=4000, help="messages published per broker (%(default)s)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: 1 round, short blocks")
     parser.add_argument("--json", type=Path, help="also write every block here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        return _blocks.serve(make, args.worker, json.loads(args.worker_config))
+    if (served := _blocks.serve_worker(make, args)) is not None:
+        return served
     if args.smoke:
         args.rounds, args.block, args.warmup, args.messages = 1, 0.3, 0.1, 400
     return asyncio.run(controller(args))

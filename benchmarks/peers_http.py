@@ -454,11 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants (default: all)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
     parser.add_argument("--json", type=Path, help="also write every block here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        return _blocks.serve(make, args.worker, json.loads(args.worker_config))
+    if (served := _blocks.serve_worker(make, args)) is not None:
+        return served
     if args.smoke:
         args.conc, args.rounds, args.block, args.warmup, args.prefill = "2", 1, 0.2, 0.05, 20
     return asyncio.run(controller(args))
