@@ -200,19 +200,25 @@ async def test_purge_refuses_a_share_outside_zero_to_one(db: Database, share: fl
     assert record.response is not None
 
 
-async def test_paced_purge_pauses_after_each_full_batch(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delay of every `anyio.sleep` from here on; each still sleeps."""
+    delays: list[float] = []
+    real_sleep = anyio.sleep
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)
+    return delays
+
+
+async def test_paced_purge_pauses_after_each_full_batch(db: Database, pauses: list[float]) -> None:
     """With max_share=0.25 a purge pauses after each full batch (and only then), and still does all its work."""
     barrier = Barrier(db.sessionmaker)
     for _ in range(7):
         assert await pay(barrier, new_key(), retention=GONE)
-    pauses: list[float] = []
-    real_sleep = anyio.sleep
-
-    async def sleep(delay: float) -> None:
-        pauses.append(delay)
-        await real_sleep(delay)
-
-    monkeypatch.setattr(anyio, "sleep", sleep)
     begun = time.perf_counter()
     done = await barrier.purge(batch_size=2, max_share=0.25)
     took = time.perf_counter() - begun
@@ -222,18 +228,10 @@ async def test_paced_purge_pauses_after_each_full_batch(db: Database, monkeypatc
     assert took >= sum(pauses)
 
 
-async def test_unpaced_purge_never_pauses(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unpaced_purge_never_pauses(db: Database, pauses: list[float]) -> None:
     """By default (max_share=1) a purge runs its batches back to back."""
     barrier = Barrier(db.sessionmaker)
     for _ in range(3):
         assert await pay(barrier, new_key(), retention=GONE)
-    pauses: list[float] = []
-    real_sleep = anyio.sleep
-
-    async def sleep(delay: float) -> None:
-        pauses.append(delay)
-        await real_sleep(delay)
-
-    monkeypatch.setattr(anyio, "sleep", sleep)
     assert (await barrier.purge(batch_size=1)).compacted == 3
     assert pauses == []
