@@ -9,11 +9,19 @@ of work's transaction, which SQLAlchemy still commits and rolls back.
 A bounded wait is the asyncpg driver's ``timeout``: the statement is cancelled on the server once it runs
 out (psycopg sends the cancel request when its task is cancelled) and `TimeoutError` is raised. The relay
 LISTENs through psycopg's ``notifies()`` on a connection of its own (see `idembarrier._listen`).
+
+The caller's cancellation is another matter. psycopg answers a task cancelled during a query by first
+cancelling the query on the server (``AsyncConnection.wait``: a cancel request of up to 5 s, then up to 5 s
+for the query to end), and only a second cancellation cuts that short. anyio's deadlines cancel again until
+they are heard; ``asyncio.timeout`` cancels once, so on a silent connection its caller would get control back
+5 to 10 s late. A connection that serves a unit of work therefore answers its task's cancellation at once
+(`_PromptCancellation`): psycopg closes it and lets the cancellation go on, exactly what it does under anyio.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncRawCursor
@@ -27,7 +35,7 @@ from ._postgres import PostgresStorage
 from ._storage import Dialect
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import AsyncIterator, Iterable, Sequence
 
     from psycopg import AsyncConnection as PsycopgConnection
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -35,6 +43,53 @@ if TYPE_CHECKING:
     from ._storage import Names
 
 __all__ = ["DIALECT", "PsycopgStorage"]
+
+
+class _PromptCancellation:
+    """A psycopg connection's ``cancel_safe``, which gives its task's pending cancellation back at once.
+
+    psycopg calls ``cancel_safe`` when the task running a query is cancelled, to cancel the query on the
+    server before the `CancelledError` goes on. Raised from here, the `CancelledError` makes psycopg close the
+    connection instead (its answer to a second cancellation), so the caller's deadline is kept. Only the
+    barrier's own wait bound (`bounded`), expired with no other cancellation pending, still goes to the server:
+    the connection then stays usable, in a failed transaction the unit of work rolls back. A call outside a
+    cancellation (the application's own ``cancel_safe()``) is psycopg's.
+    """
+
+    def __init__(self, driver: PsycopgConnection[Any]) -> None:
+        self._cancel_safe = driver.cancel_safe  # psycopg's own, bound before this one replaces it
+        self._bound: asyncio.Timeout | None = None  # the barrier's wait bound, while a statement runs under it
+        self._cancelling = 0  # the task's pending cancellations when that bound was armed
+
+    @classmethod
+    def of(cls, driver: PsycopgConnection[Any]) -> _PromptCancellation:
+        """The connection's `_PromptCancellation`, made its ``cancel_safe`` the first time."""
+        installed = vars(driver).get("cancel_safe")
+        if isinstance(installed, cls):
+            return installed
+        prompt = cls(driver)
+        driver.cancel_safe = prompt  # type: ignore[method-assign]  # an instance attribute, for this connection
+        return prompt
+
+    @asynccontextmanager
+    async def bounded(self, seconds: float) -> AsyncIterator[None]:
+        """Run the block under the barrier's own wait bound of ``seconds``, raising `TimeoutError` past it."""
+        task = asyncio.current_task()
+        async with asyncio.timeout(seconds) as self._bound:
+            self._cancelling = task.cancelling() if task is not None else 0
+            try:
+                yield
+            finally:
+                self._bound = None
+
+    async def __call__(self, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - psycopg's own signature
+        task = asyncio.current_task()
+        pending = task.cancelling() if task is not None else 0
+        # Our bound alone: it expired, and no cancellation came from outside it (each adds one to `pending`).
+        ours = self._bound is not None and self._bound.expired() and pending <= self._cancelling + 1
+        if pending and not ours:
+            raise asyncio.CancelledError  # psycopg closes the connection and re-raises the caller's cancellation
+        await self._cancel_safe(timeout=timeout)
 
 
 class _Calls:
@@ -45,6 +100,7 @@ class _Calls:
 
     def __init__(self, driver: PsycopgConnection[Any]) -> None:
         self.driver = driver
+        self._cancellation = _PromptCancellation.of(driver)
 
     async def _run(self, sql: str, args: Sequence[object], bound: float | None) -> AsyncRawCursor[dict[str, Any]]:
         cursor = AsyncRawCursor(self.driver, row_factory=dict_row)
@@ -53,7 +109,7 @@ class _Calls:
         else:
             # asyncio's own timeout, not an anyio scope: it cancels once, so psycopg's handler can await the
             # server's answer to its cancel request and leave the connection usable (in a failed transaction).
-            async with asyncio.timeout(bound):
+            async with self._cancellation.bounded(bound):
                 await cursor.execute(sql, args)
         return cursor
 

@@ -1,11 +1,11 @@
-"""Deadlines on psycopg 3: kept under anyio's cancel scopes, overrun under a single asyncio cancellation.
+"""Deadlines on psycopg 3: kept under anyio's cancel scopes and under a single asyncio cancellation alike.
 
 psycopg answers the cancellation of a task waiting on a query by cancelling that query on the server
 (`AsyncConnection.wait`: a cancel request of up to 5 s, then up to 5 s for the query to end) before the
 `CancelledError` goes on; only a second cancellation cuts that short. anyio's deadlines (`anyio.fail_after`,
-`CancelScope`) deliver the cancellation again until it is taken, so they are kept; `asyncio.timeout`
-cancels once, so on a silent connection the caller gets control back 5 to 10 s late. The asyncio case is
-pinned as a known defect (strict xfail): fixing it turns it into a failure to remove.
+`CancelScope`) deliver the cancellation again until it is taken; `asyncio.timeout` cancels once, and without
+the barrier's answer (`idembarrier._psycopg._PromptCancellation`) its caller got control back 5 to 10 s late
+on a silent connection. The barrier's own wait bound still cancels on the server and keeps the connection.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from idembarrier import JSON, Barrier
+from tests.helpers import lock_waiters
 from tests.models import Payment
 from tests.test_deadlines import DEADLINE, OVERRUN, SILENCES, backend_pid, proxied
 
@@ -47,14 +48,9 @@ DEADLINES: dict[str, Callable[[float], AbstractAsyncContextManager[object]]] = {
     "anyio.fail_after": anyio_deadline,
     "asyncio.timeout": asyncio.timeout,
 }
-ASYNCIO_OVERRUNS = pytest.mark.xfail(
-    reason="psycopg cancels the query on the server (up to 5 s + 5 s) before a single cancellation goes on",
-    raises=AssertionError,  # the overrun itself, nothing else
-    strict=True,
-)
 
 
-@pytest.mark.parametrize("deadline", ["anyio.fail_after", pytest.param("asyncio.timeout", marks=ASYNCIO_OVERRUNS)])
+@pytest.mark.parametrize("deadline", list(DEADLINES))
 @pytest.mark.parametrize("silence", list(SILENCES))
 async def test_a_deadline_around_a_body_on_a_silent_connection_is_kept(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine, silence: str, deadline: str
@@ -76,7 +72,7 @@ async def test_a_deadline_around_a_body_on_a_silent_connection_is_kept(
     assert await pg_db.payments("silent") == 0
 
 
-@pytest.mark.parametrize("deadline", ["anyio.fail_after", pytest.param("asyncio.timeout", marks=ASYNCIO_OVERRUNS)])
+@pytest.mark.parametrize("deadline", list(DEADLINES))
 async def test_a_deadline_that_expires_in_the_commit_on_a_silent_connection_is_kept(
     pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine, deadline: str
 ) -> None:
@@ -95,3 +91,36 @@ async def test_a_deadline_that_expires_in_the_commit_on_a_silent_connection_is_k
     with anyio.fail_after(10):
         assert await backend_pid(barrier, "after") != first
     assert await pg_db.payments("silent") == 0
+
+
+async def test_a_callers_deadline_inside_the_claims_own_wait_on_a_silent_connection_is_kept(
+    pg_db: Database, proxy: FaultProxy, proxied: AsyncEngine
+) -> None:
+    """A single asyncio cancellation that lands while the claim waits for a holder, under the barrier's own
+    longer bound, is the caller's: control comes back within 1 s though the connection has gone silent."""
+    holder, duplicate = Barrier(pg_db.sessionmaker), Barrier(async_sessionmaker(proxied), wait_timeout=60)
+    first = await backend_pid(duplicate, "warm")
+    deadlines: list[asyncio.Timeout] = []
+    returned = anyio.Event()
+
+    async def wait_on_the_holder() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(None) as deadline:
+                deadlines.append(deadline)
+                async with duplicate.unit_of_work("held", scope="payments"):
+                    pytest.fail("the duplicate ran its body while the holder held the key")
+        returned.set()
+
+    async with anyio.create_task_group() as tg, holder.unit_of_work("held", scope="payments") as uow:
+        tg.start_soon(wait_on_the_holder)
+        await lock_waiters(pg_db, 1)  # the duplicate's claim waits on the holder's row, under its 60 s bound
+        proxy.blackhole()
+        deadlines[0].reschedule(asyncio.get_running_loop().time() + DEADLINE)
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            await returned.wait()
+        overrun = time.monotonic() - started - DEADLINE
+        uow.complete({"paid": "held"})
+    await proxy.heal()
+    assert overrun <= OVERRUN, f"control back {overrun:.3f} s after the deadline"
+    assert await backend_pid(duplicate, "after") != first  # the silent connection never went back to the pool
