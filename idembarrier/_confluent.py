@@ -9,6 +9,7 @@ import anyio
 
 from ._consumer import run_consumer
 from ._delivery import MissingMessageId
+from ._exceptions import ConfigurationError
 from ._relay import MessageRefusedError
 
 if TYPE_CHECKING:
@@ -32,7 +33,11 @@ _REFUSED = ("MSG_SIZE_TOO_LARGE", "INVALID_MSG_SIZE", "INVALID_MSG", "TOPIC_EXCE
 
 @dataclass(frozen=True, slots=True)
 class ConfluentRecord:
-    """A consumed ``confluent_kafka.Message`` as `idembarrier.kafka.ConsumerMessage` reads one (attributes)."""
+    """A consumed ``confluent_kafka.Message`` as `idembarrier.kafka.ConsumerMessage` reads one (attributes).
+
+    A header without a value (Kafka's null) reads as empty bytes, not as no header: an id header sent empty
+    is malformed (dead-lettered), whatever the missing-id policy, rather than taken for a missing one.
+    """
 
     topic: str
     partition: int
@@ -48,7 +53,7 @@ class ConfluentRecord:
         """The record of ``message``."""
         raw = message.headers() or []
         pairs = list(raw.items()) if isinstance(raw, dict) else raw
-        headers = tuple((str(name), value) for name, value in pairs if isinstance(value, bytes))
+        headers = tuple((str(name), _bytes(value) or b"") for name, value in pairs)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         if topic is None or partition is None or offset is None:  # pragma: no cover - error events are skipped
             raise ValueError("not a record: an error event")
@@ -125,7 +130,13 @@ async def run_confluent_consumer(
 
     Returns:
         How many messages the handler applied (duplicates and dead letters not counted).
+
+    Raises:
+        ConfigurationError: An unusable option: ``run_consumer``'s, or a ``poll_timeout`` that is not positive
+            (librdkafka waits for ever on a negative one, in a thread no stop reaches, and returns at once on 0).
     """
+    if not poll_timeout > 0:
+        raise ConfigurationError(f"poll_timeout must be positive, not {poll_timeout!r}")
     return await run_consumer(
         ConfluentConsumer(consumer),
         barrier,
