@@ -7,6 +7,10 @@ Variants, each in its own worker process (see ``benchmarks/_blocks.py`` for the 
 * ``ib_session``: the same with ``session=`` the caller's session (a released savepoint; the caller commits);
 * ``ib_replay``: the same call on a recorded key, replayed by the claim (``lookup_first=False``);
 * ``ib_lookup``: the same replay with ``lookup_first=True`` (one read, no transaction);
+* ``ib_memory``: the same replay in a process that has read the key before: answered from the finished record
+  that read kept (``replay_from_memory``, the default), without the database. ``ib_replay`` and ``ib_lookup``
+  run with ``replay_from_memory=False``; ``ib_memory``'s memory lasts across its blocks, each block's warm-up
+  reading what it does not hold yet;
 * ``naive``: the anti-pattern: ``session.get(Key)``, then ``add(Key) + add(Payment)``, commit (a concurrent
   duplicate gets an IntegrityError, not the stored answer);
 * ``idemkit`` / ``idemkit_replay``: ``@idempotent(backend=PostgresBackend)`` around the same ORM transaction,
@@ -69,12 +73,15 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from idembarrier._memory import Memory
+
 VARIANTS = (
     "bare",
     "ib_own",
     "ib_session",
     "ib_replay",
     "ib_lookup",
+    "ib_memory",
     "naive",
     "idemkit",
     "idemkit_replay",
@@ -82,13 +89,14 @@ VARIANTS = (
     "dbos_replay",
 )
 NEEDS = {"idemkit": "idemkit", "idemkit_replay": "idemkit", "dbos": "dbos", "dbos_replay": "dbos"}
-REPLAYS = {"ib_replay", "ib_lookup", "idemkit_replay", "dbos_replay"}  # must add no row past their prefill
+REPLAYS = {"ib_replay", "ib_lookup", "ib_memory", "idemkit_replay", "dbos_replay"}  # must add no row past their prefill
 DESCRIPTION = {
     "bare": "bare ORM transaction",
     "ib_own": "idembarrier, own session (first execution)",
     "ib_session": "idembarrier, caller's session (`session=`)",
     "ib_replay": "idembarrier replay, by the claim",
     "ib_lookup": "idembarrier replay, `lookup_first=True`",
+    "ib_memory": "idembarrier replay from memory (a key read here before)",
     "naive": "naive SELECT-then-INSERT barrier",
     "idemkit": "idemkit 1.x `@idempotent` (PostgresBackend)",
     "idemkit_replay": "idemkit replay",
@@ -103,12 +111,15 @@ COMPARISONS = (  # idembarrier ÷ its alternative, measured in the same rounds
     ("ib_replay", "idemkit_replay"),
     ("ib_lookup", "idemkit_replay"),
     ("ib_lookup", "ib_replay"),
+    ("ib_memory", "ib_lookup"),
+    ("ib_memory", "idemkit_replay"),
     ("ib_replay", "dbos_replay"),
 )
 TARGETS = (  # issue 13's, read off this run: (what, variant, minimum ratio to bare, metric)
     ("first execution >= 0.80x bare at c=8, 32", "ib_own", 0.80, "throughput"),
     ("first execution PostgreSQL CPU <= 1.8x bare at c=8, 32", "ib_own", 1.8, "server"),
     ("replay >= 4x bare at c=8, 32 (lookup first)", "ib_lookup", 4.0, "throughput"),
+    ("replay >= 4x bare at c=8, 32 (from memory)", "ib_memory", 4.0, "throughput"),
     ("caller-session path >= 0.70x bare at c=8, 32", "ib_session", 0.70, "throughput"),
 )
 
@@ -199,14 +210,19 @@ class Bare(Core):
 
 
 class Idembarrier(Core):
-    """ib_own, ib_session, ib_replay and ib_lookup."""
+    """ib_own, ib_session, ib_replay, ib_lookup and ib_memory."""
 
     barrier: idembarrier.Barrier[idembarrier.JSON]
+    memory: Memory | None = None  # ib_memory's, kept across its blocks as a long-lived process keeps it
 
     async def open(self, conc: int) -> None:
         await super().open(conc)
         assert self.sessionmaker is not None
-        self.barrier = idembarrier.Barrier(self.sessionmaker)
+        asks_the_database = self.name in ("ib_replay", "ib_lookup")
+        self.barrier = idembarrier.Barrier(self.sessionmaker, replay_from_memory=not asks_the_database)
+        if self.name == "ib_memory":
+            self.memory = self.memory or self.barrier.runtime.memory
+            self.barrier.runtime.memory = self.memory
 
     async def setup(self) -> None:
         if self.name in REPLAYS:
@@ -258,7 +274,7 @@ class Idembarrier(Core):
         elif self.name == "ib_session":
             await self.in_session(str(uuid.uuid4()))
         else:
-            await self.replay(random.choice(self.keys), lookup_first=self.name == "ib_lookup")
+            await self.replay(random.choice(self.keys), lookup_first=self.name in ("ib_lookup", "ib_memory"))
 
 
 class Naive(Core):

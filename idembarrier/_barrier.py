@@ -75,6 +75,10 @@ class Barrier(Generic[R]):
             so a caller's own deadline is overrun by at most about this much.
         keyed_hash: Store each key as a keyed hash instead (`KeyedHash`): the key itself is never written, and
             records, errors and the outbox's headers carry the hash. Every call still takes the key itself.
+        replay_from_memory: Answer a replay of a key whose finished record was read in this process from
+            that record, without a connection, until 1 s before its response expires by the database's clock
+            (a finished record cannot change before then). Not with a caller's session, nor with
+            ``lookup_first=False``. ``False``: every replay asks the database.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class Barrier(Generic[R]):
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
         fingerprint_versions: FingerprintVersions | None = None,
         keyed_hash: KeyedHash | None = None,
+        replay_from_memory: bool = True,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.codec: Codec[R] = codec if codec is not None else JSONCodec()  # type: ignore[assignment]
@@ -109,6 +114,7 @@ class Barrier(Generic[R]):
             max_replay_window=max_replay_window,
             check_schema=check_schema,
             cleanup_timeout=cleanup_timeout,
+            replay_from_memory=replay_from_memory,
         )
         self._runtime = Runtime(sessionmaker, codec=self.codec, options=self.options, on_reclaim=on_reclaim)
         self._fingerprint_versions = fingerprint_versions
@@ -150,6 +156,7 @@ class Barrier(Generic[R]):
                 default): where claims serialize (SQLite), and for a key that finished in this process lately
                 (a retry landing where its first request ran). Only the order of statements changes: the
                 lookup replays what the database says is finished; everything else goes on to the claim.
+                ``False`` also skips the barrier's memory of finished records (``replay_from_memory``).
 
         Raises:
             InvalidKeyError: The key or scope is unusable; raised here, before any SQL.

@@ -112,6 +112,8 @@ class Options:
         check_schema: Verify on first use that the table is at the migrations' head.
         cleanup_timeout: Longest wait, in seconds, for the rollback after a failure or a cancellation; a
             connection that does not answer within it is invalidated (closed, never pooled again).
+        replay_from_memory: Answer a replay from the finished record a lookup read in this process, while
+            its response lasts, without the database (`idembarrier._memory`).
     """
 
     table: str = DEFAULT_TABLE
@@ -124,6 +126,7 @@ class Options:
     max_replay_window: timedelta | None = None
     check_schema: bool = True
     cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT
+    replay_from_memory: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_conflict", OnConflict(self.on_conflict))

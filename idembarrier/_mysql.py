@@ -73,6 +73,7 @@ def _record(row: Mapping[str, Any], *, stale: bool = False) -> Record:
         expires_at=_utc(row["expires_at"]),
         locked_until=_utc(row.get("locked_until")),
         response_expires_at=_utc(row.get("response_expires_at")),
+        response_expires_in=None if (left := row.get("response_expires_in")) is None else float(left),
         checkpoint=row.get("checkpoint_name"),
         checkpoint_data=row.get("checkpoint_data"),
         stale=stale and status is Status.IN_PROGRESS,

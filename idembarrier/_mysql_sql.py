@@ -26,6 +26,7 @@ _NOW = "UTC_TIMESTAMP(6)"
 _STALE = f"(locked_until IS NULL OR locked_until <= {_NOW})"
 _LATER = f"{_NOW} + INTERVAL %s MICROSECOND"
 _HELD = "scope = %s AND `key` = %s AND token = %s AND status = 'IN_PROGRESS'"
+_EXPIRES_IN = f"TIMESTAMPDIFF(MICROSECOND, {_NOW}, response_expires_at) / 1e6 AS response_expires_in"
 OUTBOX_COLUMNS = ("message_id", "topic", "key", "value", "headers", "scope", "record_key", "position")
 
 
@@ -79,7 +80,8 @@ def statements(names: Names) -> Statements:
     parked_one = "message_id = %s AND parked_at IS NOT NULL AND sent_at IS NULL"
     return Statements(
         # A consistent read: it waits for nobody, and sees what committed before its snapshot.
-        lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = %s AND `key` = %s",
+        # What the response has left, on the database's clock: a replay may be answered from memory that long.
+        lookup=f"SELECT {_COLUMNS}, {_EXPIRES_IN} FROM {table} WHERE scope = %s AND `key` = %s",
         # The atomic claim: the primary key takes the key or refuses it, with no window between check and
         # insert. On a concurrent uncommitted insert of the same key, InnoDB makes this one wait (bounded by
         # `_bounded`), then inserts (the holder rolled back) or raises 1062 (it committed).

@@ -43,6 +43,7 @@ _HORIZON_COLUMNS = f"{_LEASE_COLUMNS}, response_expires_at"  # what an operator 
 # session was committed from inside its body can leave one behind.
 _STALE = "coalesce(locked_until, '-infinity') <= clock_timestamp()"
 _HELD = "scope = $1 AND key = $2 AND token = $3 AND status = 'IN_PROGRESS'"
+_EXPIRES_IN = "extract(epoch FROM response_expires_at - clock_timestamp())::float8 AS response_expires_in"
 _OUTBOX_COLUMNS = ("message_id", "topic", "key", "value", "headers", "scope", "record_key", "position")
 
 
@@ -62,6 +63,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         expires_at=row["expires_at"],
         locked_until=row.get("locked_until"),
         response_expires_at=row.get("response_expires_at"),
+        response_expires_in=row.get("response_expires_in"),
         checkpoint=row.get("checkpoint_name"),
         checkpoint_data=row.get("checkpoint_data"),
         stale=stale and status is Status.IN_PROGRESS,  # a lease's word: a finished record has none
@@ -162,7 +164,8 @@ def _statements(names: Names) -> _Statements:
     return _Statements(
         # Read committed: each statement sees what committed before it started, so this sees a record
         # committed while our claim waited for it.
-        lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = $1 AND key = $2",
+        # What the response has left, on the database's clock: a replay may be answered from memory that long.
+        lookup=f"SELECT {_COLUMNS}, {_EXPIRES_IN} FROM {table} WHERE scope = $1 AND key = $2",
         # The atomic claim. ON CONFLICT DO NOTHING takes the key or does nothing, with no window between
         # check and insert: if another transaction inserted the key and has not committed, this INSERT
         # waits for it, then inserts (it rolled back) or does nothing (it committed). The wait is bounded

@@ -69,6 +69,8 @@ class Record:
         checkpoint: Name of the last checkpoint a lease holder recorded, if any.
         checkpoint_data: The codec's bytes recorded with that checkpoint.
         stale: Whether, when it was read, its lease had run out by the database's clock (IN_PROGRESS only).
+        response_expires_in: Seconds its response had left before ``response_expires_at``, by the database's
+            clock, when a lookup read it (negative once past; ``None`` elsewhere and for records without one).
     """
 
     scope: str
@@ -87,6 +89,7 @@ class Record:
     checkpoint_data: bytes | None = None
     stale: bool = False
     fingerprint_version: int | None = None
+    response_expires_in: float | None = None
 
     @property
     def compact(self) -> bool:

@@ -7,7 +7,7 @@ They call down into it, never back into the barrier: the barrier is a façade ov
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Generic
 
@@ -15,6 +15,7 @@ from typing_extensions import TypeVar
 
 from ._codec import JSON
 from ._errors import checkout, connection_lost, translating
+from ._memory import Memory
 from ._metrics import Outcome, outcome_of
 from ._migrate import check_schema_on
 from ._observe import decisions, log_decision, observe
@@ -30,10 +31,7 @@ if TYPE_CHECKING:
     from ._observe import Observation, Phases, Work
     from ._record import Record, Status
 
-__all__ = ["FINISHED_KEYS", "Runtime"]
-
-FINISHED_KEYS = 4096
-"""How many keys that finished here a runtime remembers (least recently finished forgotten first): ~0.5 MB."""
+__all__ = ["Runtime"]
 
 _log = logging.getLogger("idembarrier")
 
@@ -53,13 +51,13 @@ class Runtime(Generic[R]):
 
     __slots__ = (
         "_connection_checked",
-        "_finished",
         "_observers",
         "_on_reclaim",
         "_outcomes",
         "_schema_checked",
         "_watchers",
         "codec",
+        "memory",
         "options",
         "sessionmaker",
         "table",
@@ -83,16 +81,18 @@ class Runtime(Generic[R]):
         self._outcomes: Counter[Outcome] = Counter()
         self._observers: list[Callable[[Outcome, str], object]] = []
         self._watchers: list[Callable[[Observation], object]] = []
-        self._finished: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.memory = Memory()  # of keys that finished here, and of finished records read here (`_memory`)
 
     # -- keys that finished in this process ----------------------------------------------------------------
 
-    def finished(self, scope: str, key: str) -> None:
-        """Note that ``key`` finished (or replayed) here: a retry of it is likely a replay (`finished_here`)."""
-        self._finished[(scope, key)] = None
-        self._finished.move_to_end((scope, key))
-        if len(self._finished) > FINISHED_KEYS:
-            self._finished.popitem(last=False)
+    def finished(self, scope: str, key: str, *, executed: bool) -> None:
+        """Note that ``key`` finished here: a retry of it is likely a replay (`finished_here`).
+
+        An execution makes whatever record of the key was remembered a thing of the past.
+        """
+        self.memory.note(scope, key)
+        if executed:
+            self.memory.forget(scope, key)
 
     def finished_here(self, scope: str, key: str) -> bool:
         """Whether ``key`` finished in this process lately: its next unit of work reads before it claims.
@@ -100,7 +100,7 @@ class Runtime(Generic[R]):
         Only a hint for the order of two statements, never a decision: the lookup replays only what the
         database says is finished, and anything else goes on to the claim.
         """
-        return (scope, key) in self._finished
+        return self.memory.seen(scope, key)
 
     # -- storage ----------------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ _NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 _LATER = "strftime('%Y-%m-%d %H:%M:%f', 'now', ?)"
 _STALE = f"coalesce(locked_until, '') <= {_NOW}"  # no end at all counts as stale, as on PostgreSQL
 _HELD = "scope = ? AND key = ? AND token = ? AND status = 'IN_PROGRESS'"
+_EXPIRES_IN = "(julianday(response_expires_at) - julianday('now')) * 86400.0 AS response_expires_in"
 _OUTBOX_COLUMNS = ("message_id", "topic", "key", "value", "headers", "scope", "record_key", "position")
 
 
@@ -65,6 +66,7 @@ def _record(row: Any, *, stale: bool = False) -> Record:
         expires_at=_timestamp(columns["expires_at"]),
         locked_until=_timestamp(columns.get("locked_until")),
         response_expires_at=_timestamp(columns.get("response_expires_at")),
+        response_expires_in=columns.get("response_expires_in"),
         checkpoint=columns.get("checkpoint_name"),
         checkpoint_data=columns.get("checkpoint_data"),
         stale=stale and status is Status.IN_PROGRESS,  # a lease's word: a finished record has none
@@ -126,7 +128,8 @@ def _statements(names: Names) -> _Statements:
     table, outbox = names.records, names.outbox
     parked_one = "message_id = ? AND parked_at IS NOT NULL AND sent_at IS NULL"
     return _Statements(
-        lookup=f"SELECT {_COLUMNS} FROM {table} WHERE scope = ? AND key = ?",
+        # What the response has left, on the database's clock: a replay may be answered from memory that long.
+        lookup=f"SELECT {_COLUMNS}, {_EXPIRES_IN} FROM {table} WHERE scope = ? AND key = ?",
         # Under the write lock no other claim can interleave: a conflict is a committed record.
         claim=f"""
             INSERT INTO {table} (scope, key, fingerprint, status, token, fingerprint_version)

@@ -334,6 +334,13 @@ class UnitOfWork(Generic[R]):
             return self
 
     async def _replay_or_claim(self, session: AsyncSession) -> None:
+        # A finished record read in this process answers its replay without a connection while its response
+        # lasts: nothing can change it before then, and it gets the decision the database's copy would get.
+        memory = self._runtime.memory if self._runtime.options.replay_from_memory else None
+        if memory is not None and self._owned and not self._fenced and self._lookup_first is not False:
+            remembered = memory.recall(self._scope, self._key)
+            if remembered is not None and self._adopt(remembered):
+                return
         try:
             conn = await checkout(session, "connecting to claim the key", replace=self._owned)
         except InvalidRequestError as exc:
@@ -354,8 +361,11 @@ class UnitOfWork(Generic[R]):
         if lookup is None:
             lookup = storage.lookup_first or self._runtime.finished_here(self._scope, self._key)
         if self._owned and lookup:
+            read_at = self._runtime.memory.clock()  # before the statement: the time left is counted from here
             record = await storage.lookup(self._scope, self._key)
             if record is not None and self._adopt(record):
+                if memory is not None:
+                    memory.remember(record, read_at=read_at)
                 return
         waits = self._on_conflict is OnConflict.WAIT
         wait = self._wait_timeout if waits else None
@@ -474,7 +484,7 @@ class UnitOfWork(Generic[R]):
                 raise race from err
             raise  # already ours where it is the database's doing; see _commit
         if self._owned:  # committed (or replayed): a retry of this key in this process looks it up first
-            self._runtime.finished(self._scope, self._key)
+            self._runtime.finished(self._scope, self._key, executed=self._record is None)
         self._report_end(None)
 
     async def rollback(self, cause: BaseException) -> None:

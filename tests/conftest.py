@@ -109,7 +109,15 @@ class Database:
 
 PSYCOPG_MODULES = frozenset(
     f"tests.{name}"
-    for name in ("test_unit_of_work", "test_concurrency", "test_lease", "test_retention", "test_outbox", "test_crash")
+    for name in (
+        "test_unit_of_work",
+        "test_concurrency",
+        "test_lease",
+        "test_retention",
+        "test_outbox",
+        "test_crash",
+        "test_replay_memory",
+    )
 )
 """The core behavioural modules: their PostgreSQL tests run through psycopg 3 as well as asyncpg."""
 
@@ -117,7 +125,7 @@ MARIADB_MODULES = PSYCOPG_MODULES
 """The modules whose `db` tests run on MariaDB too (through asyncmy); a test that cannot apply there says why
 with `tests.helpers.not_on_mariadb`."""
 
-AIOMYSQL_MODULES = frozenset(f"tests.{name}" for name in ("test_unit_of_work", "test_outbox"))
+AIOMYSQL_MODULES = frozenset(f"tests.{name}" for name in ("test_unit_of_work", "test_outbox", "test_replay_memory"))
 """Of those, the modules that run on MariaDB through aiomysql as well."""
 
 

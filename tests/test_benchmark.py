@@ -49,7 +49,7 @@ async def test_peers_core_smoke_prints_its_tables(pg_db: Database) -> None:
     """benchmarks/peers_core.py --smoke runs every variant (a peer not installed as such) and checks its writes."""
     out = await _smoke("peers_core.py", "--database-url", pg_db.url)
     assert "### Ratios to bare" in out
-    for variant in ("bare", "ib_own", "ib_session", "ib_replay", "ib_lookup", "naive", "idemkit", "dbos"):
+    for variant in ("bare", "ib_own", "ib_session", "ib_replay", "ib_lookup", "ib_memory", "naive", "idemkit", "dbos"):
         assert f"| {variant} (" in out
     assert "CORRECTNESS: OK" in out
 

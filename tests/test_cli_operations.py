@@ -37,8 +37,9 @@ SHORT = timedelta(milliseconds=300)
 
 async def until_stale(db: Database, key: str) -> None:
     """Return once the key's lease has run out by the database's clock."""
-    now = "now()" if db.dialect == "postgresql" else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-    sql = text(f"SELECT count(*) FROM idempotency_keys WHERE key = :key AND locked_until <= {now}")
+    now = {"postgresql": "now()", "mysql": "UTC_TIMESTAMP(6)"}.get(db.dialect, "strftime('%Y-%m-%d %H:%M:%f', 'now')")
+    key_column = "`key`" if db.dialect == "mysql" else "key"  # a reserved word on MariaDB
+    sql = text(f"SELECT count(*) FROM idempotency_keys WHERE {key_column} = :key AND locked_until <= {now}")
     with anyio.fail_after(10):
         while True:
             async with db.engine.connect() as conn:

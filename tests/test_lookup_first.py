@@ -22,7 +22,7 @@ from idembarrier import (
     ReconciliationRequiredError,
     ResponseExpiredError,
 )
-from idembarrier._runtime import FINISHED_KEYS
+from idembarrier._memory import FINISHED_KEYS
 from tests.helpers import new_key
 from tests.test_cli_operations import SCOPE, stale_lease, unknown
 from tests.test_retention import GONE
@@ -173,7 +173,7 @@ async def test_the_memory_of_finished_keys_is_bounded(sqlite_db: Database) -> No
     """Past FINISHED_KEYS the least recently finished key is forgotten first."""
     runtime = Barrier(sqlite_db.sessionmaker).runtime
     for i in range(FINISHED_KEYS + 1):
-        runtime.finished("s", f"k{i}")
+        runtime.finished("s", f"k{i}", executed=True)
     assert not runtime.finished_here("s", "k0")
     assert runtime.finished_here("s", "k1")
     assert runtime.finished_here("s", f"k{FINISHED_KEYS}")
