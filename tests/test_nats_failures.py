@@ -224,6 +224,27 @@ async def test_a_handlers_exception_propagates_unchanged_when_the_client_is_gone
     assert await effects(pg_db) == {"o-1": 1, "o-2": 1, "o-3": 1}
 
 
+async def test_a_handler_failure_past_max_retries_propagates_and_hands_the_batch_back(
+    pg_db: Database, client: Client, stream: Stream
+) -> None:
+    """max_retries=0: the first handler failure (a Retry) propagates its cause; the failing message is naked
+    and the rest of the batch handed back, so both come again at once and are applied once each."""
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    await relayed(barrier, client, stream, "o-1", "o-2")
+    durable = await stream.consumer(ack_wait=60.0)  # a message left unacked would stall the second run
+
+    async def fails(session: AsyncSession, delivery: JetStreamDelivery) -> idembarrier.JSON:
+        raise Boom
+
+    with anyio.fail_after(15), pytest.raises(Boom):
+        await run_jetstream_consumer(
+            (stream.js, stream.name, durable), barrier, fails, group=durable, batch=2, max_retries=0,
+            backoff=(0.01, 0.05),
+        )  # fmt: skip
+    assert await consume_all(stream, durable, barrier, record_payment, expect=2) == 2  # within 15 s << ack_wait
+    assert await effects(pg_db) == {"o-1": 1, "o-2": 1}
+
+
 # -- fetches and settings that fail ---------------------------------------------------------------------
 
 
@@ -337,6 +358,19 @@ async def test_settings_that_cannot_be_read_are_retried_and_past_max_retries_pro
             group=durable, max_retries=2, backoff=(0.01, 0.05),
         )  # fmt: skip
     assert retried.count == 2
+
+
+async def test_a_client_closed_before_the_loop_starts_is_refused_at_once(pg_db: Database, stream: Stream) -> None:
+    """A subscription whose client is already closed: reading the consumer's settings raises
+    ConnectionClosedError, which propagates instead of being retried."""
+    durable = await stream.consumer()
+    own = await own_client()
+    sub = await own.jetstream().pull_subscribe_bind(durable, stream.name)
+    await own.close()
+    retried = LogEvent("retrying")
+    with watch(retried), anyio.fail_after(10), pytest.raises(ConnectionClosedError):
+        await run_jetstream_consumer(sub, idembarrier.Barrier(pg_db.sessionmaker), record_payment, group=durable)
+    assert retried.count == 0
 
 
 # -- the publisher ---------------------------------------------------------------------------------------
