@@ -6,6 +6,7 @@ Fixtures live in `tests.conftest`; what is here is ordinary functions and classe
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -75,24 +76,48 @@ LOCK_WAITERS = text(
     "WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() ORDER BY pid"
 )
 
-MARIADB_LOCK_WAITERS = text(
-    "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX AS t "
-    "JOIN information_schema.PROCESSLIST AS p ON p.ID = t.trx_mysql_thread_id "
-    "WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE() AND p.ID <> CONNECTION_ID() ORDER BY p.ID"
+MARIADB_CONNECTIONS = text(
+    "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()"
 )
-"""The same on MariaDB: the connections of this database whose transaction waits on a row lock."""
+"""The other connections to this MariaDB database (PROCESSLIST is read live, at each query)."""
+
+INNODB_STATUS = "SET STATEMENT character_set_results = binary FOR SHOW ENGINE INNODB STATUS"
+"""InnoDB's monitor as bytes: it prints locked records' raw bytes, which need not decode (a fingerprint)."""
+
+MARIADB_THREAD = re.compile(r"^(?:MariaDB|MySQL) thread id (\d+),", re.MULTILINE)
+
+
+def innodb_lock_waiters(status: str) -> set[int]:
+    """The connection ids that ``status``, the text of ``SHOW ENGINE INNODB STATUS``, shows waiting on a lock.
+
+    Not information_schema.INNODB_TRX: InnoDB refills that view's cache only after 100 ms without a read
+    (``CACHE_MIN_IDLE_TIME_NS`` in trx0i_s.cc), so a poll faster than that, or any other reader on the
+    server, keeps showing the snapshot of its first read, taken before the waits began. The monitor's list of
+    transactions is printed under the lock system's latch at each call.
+    """
+    waiting = set()
+    for block in status.split("\n---TRANSACTION ")[1:]:  # one per transaction; the last runs on to FILE I/O
+        if "\n------- TRX HAS BEEN WAITING " in block and (thread := MARIADB_THREAD.search(block)):
+            waiting.add(int(thread[1]))
+    return waiting
 
 
 async def lock_waiters(db: Database, n: int = 1) -> list[int]:
-    """Return the pids of ``db``'s PostgreSQL backends waiting on a lock, once there are ``n`` or more.
+    """Return the pids of ``db``'s backends waiting on a lock, once there are ``n`` or more.
 
-    Raises TimeoutError when fewer than ``n`` wait after 20 s; a caller wanting less wraps it in `fail_after`.
+    On PostgreSQL the backends' pids, from pg_stat_activity; on MariaDB the connection ids of this database
+    whose InnoDB transaction waits on a lock (`innodb_lock_waiters`). Raises TimeoutError when fewer than ``n``
+    wait after 20 s; a caller wanting less wraps it in `fail_after`.
     """
     with anyio.fail_after(20):
         while True:
             async with db.engine.connect() as conn:
-                query = MARIADB_LOCK_WAITERS if db.dialect == "mysql" else LOCK_WAITERS
-                pids = [int(pid) for pid in (await conn.execute(query)).scalars()]
+                if db.dialect == "mysql":
+                    status = (await conn.exec_driver_sql(INNODB_STATUS)).scalars(2).one().decode(errors="replace")
+                    ours = {int(pid) for pid in (await conn.execute(MARIADB_CONNECTIONS)).scalars()}
+                    pids = sorted(ours & innodb_lock_waiters(status))
+                else:
+                    pids = [int(pid) for pid in (await conn.execute(LOCK_WAITERS)).scalars()]
             if len(pids) >= n:
                 return pids
             await anyio.sleep(0.005)  # the wait happens inside the server, which no event reaches: poll it

@@ -2,8 +2,8 @@
 
 A winner claims the key and holds it, uncommitted, inside its body until the test releases it. Duplicates
 are lined up with events, and shown to be waiting on the claim before the winner is released: PostgreSQL
-reports the lock wait itself; SQLite, which has no such view, is watched for the ``BEGIN IMMEDIATE`` that
-its write lock holds up.
+reports the lock wait itself, MariaDB in ``SHOW ENGINE INNODB STATUS``; SQLite, which has no such view, is
+watched for the ``BEGIN IMMEDIATE`` that its write lock holds up.
 """
 
 from __future__ import annotations
@@ -74,10 +74,6 @@ class Waiters:
             self._seen.set()
 
     async def __aenter__(self) -> Self:
-        if self._db.dialect == "mysql":
-            # InnoDB's information_schema lists a lock wait late or not at all under load (3 of these tests
-            # timed out in a full run on two cores, each passing alone): no line-up to trust, so no test.
-            pytest.skip("MariaDB: lock waits cannot be lined up reliably through information_schema")
         if self._db.dialect == "sqlite":
             event.listen(self._db.engine.sync_engine, "before_cursor_execute", self._count)
         return self
@@ -91,7 +87,7 @@ class Waiters:
     async def until(self, waiting: int) -> None:
         """Return once ``waiting`` duplicates wait on the claim while the holder is inside its body."""
         with anyio.fail_after(20):
-            if self._db.dialect in ("postgresql", "mysql"):  # MariaDB: InnoDB's waiting transactions
+            if self._db.dialect in ("postgresql", "mysql"):  # MariaDB: InnoDB's monitor lists the waits
                 await lock_waiters(self._db, waiting)
             else:
                 while self._begun < waiting + 1:  # the holder's BEGIN IMMEDIATE, then one per duplicate
