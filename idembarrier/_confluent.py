@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -13,7 +14,7 @@ from ._exceptions import ConfigurationError
 from ._relay import MessageRefusedError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
     import confluent_kafka
     from confluent_kafka.aio import AIOConsumer
@@ -60,6 +61,19 @@ class ConfluentRecord:
         return cls(topic, partition, offset, _bytes(message.key()), _bytes(message.value()), headers, message)
 
 
+@contextmanager
+def _closing() -> Iterator[None]:
+    """A closed consumer's ``RuntimeError`` as ``anyio.ClosedResourceError``, which `run_consumer` does not retry.
+
+    confluent-kafka raises ``RuntimeError`` for a call on a closed consumer (``AIOConsumer`` and the C client
+    both) and ``KafkaException`` for everything the broker or librdkafka reports.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        raise anyio.ClosedResourceError from exc
+
+
 def _bytes(value: object) -> bytes | None:
     return value if isinstance(value, bytes) else None if value is None else str(value).encode()
 
@@ -78,10 +92,11 @@ class ConfluentConsumer:
     async def getmany(
         self, *, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[tuple[str, int], Sequence[ConfluentRecord]]:
-        """Up to ``max_records`` records by partition; a consumer error is raised as ``KafkaException``."""
+        """Up to ``max_records`` records by partition; a consumer error is raised as ``KafkaException``, a
+        closed consumer as ``anyio.ClosedResourceError``."""
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-        with anyio.CancelScope(shield=True):  # see the module: a fetch in a thread is never abandoned
+        with anyio.CancelScope(shield=True), _closing():  # see the module: a fetch in a thread is never abandoned
             for (topic, partition), offset in list(self._seeks.items()):
                 await self.consumer.seek(TopicPartition(topic, partition, offset))
                 del self._seeks[topic, partition]
@@ -101,7 +116,8 @@ class ConfluentConsumer:
         from confluent_kafka import TopicPartition
 
         partitions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
-        await self.consumer.commit(offsets=partitions, asynchronous=False)
+        with _closing():
+            await self.consumer.commit(offsets=partitions, asynchronous=False)
 
     def seek(self, partition: tuple[str, int], offset: int) -> None:
         """Make the next fetch of ``partition`` start at ``offset``."""

@@ -15,6 +15,7 @@ are duplicates.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -56,6 +57,18 @@ _log = logging.getLogger("idembarrier.consumer")
 
 _IDLE_REPORT = 10.0
 """Seconds without an assigned partition after which the loop says so in the log."""
+
+
+def _closed(exc: Exception) -> bool:
+    """Whether ``exc`` says the consumer itself is closed, which no retry reopens: the caller made it.
+
+    ``anyio.ClosedResourceError`` from an adapter (`idembarrier.confluent`'s), or aiokafka's
+    ``ConsumerStoppedError``, looked up where it is loaded: an aiokafka error means aiokafka is imported.
+    """
+    if isinstance(exc, anyio.ClosedResourceError):
+        return True
+    aiokafka_errors = sys.modules.get("aiokafka.errors")
+    return aiokafka_errors is not None and isinstance(exc, aiokafka_errors.ConsumerStoppedError)
 
 
 class ConsumerMessage(Protocol):
@@ -228,6 +241,11 @@ async def run_consumer(
 
     Returns:
         How many messages the handler applied (duplicates and dead letters not counted).
+
+    Raises:
+        anyio.ClosedResourceError: The consumer was closed under the loop (an adapter's; aiokafka's own
+            ``ConsumerStoppedError`` propagates as it is): a fetch or a commit cannot succeed again, so it is
+            not retried. The messages applied before are committed in the database; their offsets are not.
     """
     if max_records < 1:
         raise ConfigurationError(f"max_records must be at least 1, not {max_records!r}")
@@ -341,6 +359,8 @@ class _Loop(Generic[P, M, R]):
                     failed = exc
                 tg.cancel_scope.cancel()
             if failed is not None:
+                if _closed(failed):
+                    raise failed
                 await self.retries.after(failed, "fetching from the broker")
                 continue
             self._say_what_we_wait_for(fetched)
@@ -382,6 +402,8 @@ class _Loop(Generic[P, M, R]):
             if quietly:
                 _log.info("idembarrier: committing offsets %s failed (%r); they come again as duplicates", moved, exc)
                 return
+            if _closed(exc):
+                raise
             raise _Retry(exc, "committing the offsets") from exc
         committed.update(moved)
 

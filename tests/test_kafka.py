@@ -382,6 +382,51 @@ async def test_run_consumer_through_tansu_has_one_effect_per_message(
     assert await pg_db.payments() == 3
 
 
+async def test_a_consumer_stopped_under_the_loop_ends_it(
+    pg_db: Database, broker: str, publisher: AIOKafkaPublisher
+) -> None:
+    """The aiokafka consumer stopped by its owner while the loop fetches, after the loop committed what it
+    applied: the loop ends with the client's ConsumerStoppedError (no retry restarts a consumer the caller
+    owns) instead of retrying it for ever."""
+    from aiokafka.errors import ConsumerStoppedError
+
+    topic, group = f"orders-{uuid.uuid4().hex[:8]}", f"billing-{uuid.uuid4().hex[:8]}"
+    await publisher.producer.send_and_wait(topic, b"o-1", key=b"k", headers=[(MESSAGE_ID_HEADER, b"m-1")])
+    consumer = make_consumer(broker, topic, group)
+    await consumer.start()
+    observed = CommitsObserved(consumer)
+
+    async def stop_after_the_commit() -> None:
+        await observed.committed.wait()
+        await consumer.stop()  # the loop is in, or enters, its next fetch
+
+    barrier = idembarrier.Barrier(pg_db.sessionmaker)
+    with anyio.fail_after(20), pytest.raises(ExceptionGroup) as raised:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_after_the_commit)
+            await run_consumer(observed, barrier, record_payment, group=group, poll_timeout=0.2, backoff=(0.01, 0.05))
+    assert raised.group_contains(ConsumerStoppedError, depth=1)
+    assert await pg_db.payments() == 1
+
+
+class CommitsObserved:
+    """An aiokafka consumer as `run_consumer` drives it, with an event set once a commit went through."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.committed = anyio.Event()
+
+    async def getmany(self, *, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        return await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        await self.consumer.commit(offsets)
+        self.committed.set()
+
+    def seek(self, partition: Any, offset: int) -> None:
+        self.consumer.seek(partition, offset)
+
+
 class Log:
     """A consumer over an in-memory log of one partition that honours `seek`, as a broker's client does."""
 
