@@ -349,6 +349,17 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
 
 
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, rounds: int, block: float = 1.0, per: str | None = "concurrency"
+) -> None:
+    """The options every paired-rounds script shares: ``--rounds``, ``--block``, ``--warmup`` and ``--json``."""
+    what = "rounds" if per is None else f"rounds per {per}"
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"{what} (default: %(default)s)")
+    parser.add_argument("--block", type=float, default=block, help="measured seconds per block (default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write every block here")
+
+
 def serve_worker(make: Callable[[str, dict[str, Any]], Variant | Stream], args: argparse.Namespace) -> int | None:
     """`serve` when the script was started as a worker (`add_worker_arguments`), else ``None``."""
     return serve(make, args.worker, json.loads(args.worker_config)) if args.worker else None
@@ -486,6 +497,38 @@ def run_rounds(
         print(f"  repeat {repeat + 1} c={conc} round {r + 1}/{rounds} done", flush=True)
 
 
+def run_workers(
+    workers: dict[str, Worker],
+    run: Run,
+    concs: Sequence[int],
+    rounds: int,
+    warmup: float,
+    block: float,
+    *,
+    repeat: int = 0,
+    stream: bool = False,
+    label: str = "workers",
+) -> dict[str, Any]:
+    """Start ``workers``, set them up in their order, run `run_rounds` at each of ``concs``; stop them all.
+
+    Returns each variant's counts, read before the workers stop.
+    """
+    try:
+        started = time.perf_counter()
+        for w in workers.values():
+            w.ready()
+        ready = time.perf_counter()
+        for w in workers.values():
+            w.ask(op="setup")
+        print(f"{label} started in {ready - started:.1f} s, set up in {time.perf_counter() - ready:.1f} s", flush=True)
+        for c in concs:
+            run_rounds(workers, run, repeat, c, rounds, warmup, block, stream=stream)
+        return {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.stop()
+
+
 def _value(b: dict[str, Any], metric: str) -> float:
     if metric == "throughput":
         return float(b["requests"]) / b["seconds"] if b["seconds"] else math.nan
@@ -552,6 +595,58 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def verdict(run: Run, concs: Sequence[int], metric: str, variant: str, bound: float) -> str:
+    """Issue 13's reading of a target at c = 8 and 32: ``variant`` ÷ bare at least ``bound`` (at most, for the
+    server's CPU), as ``MET (c=8 0.81, c=32 0.84)``, ``MISSED (...)``, or ``not measured``."""
+    at = [c for c in concs if c in (8, 32)]
+    if not at:
+        return "not measured"
+    got = {c: ratio(run, c, metric, variant, "bare").median for c in at}
+    met = all((x <= bound) if metric == "server" else (x >= bound) for x in got.values())
+    numbers = ", ".join(f"c={c} {x:.2f}" for c, x in got.items())
+    return f"{'MET' if met else 'MISSED'} ({numbers})"
+
+
+def conclude(
+    args: argparse.Namespace, problems: Sequence[str], blocks: object, errors: dict[str, int] | None = None
+) -> int:
+    """Print the correctness verdict (with the measured blocks' errors, where counted) and each problem, and
+    write ``blocks`` to ``--json`` when it is given; return the exit status, 1 when a problem was found."""
+    line = f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}"
+    print(line if errors is None else f"{line}; errors in measured blocks: {errors or 0}")
+    for p in problems:
+        print(f"  {p}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": blocks}, indent=1))
+    return 1 if problems else 0
+
+
+def ratio_row(run: Run, concs: Sequence[int], label: str, variant: str) -> list[str]:
+    """``label``, then ``variant`` ÷ bare in throughput, client CPU and PostgreSQL CPU at each of ``concs``."""
+    return [
+        label,
+        *(ratio(run, c, m, variant, "bare").cell() for m in ("throughput", "client", "server") for c in concs),
+    ]
+
+
+def per_request_table(run: Run, concs: Sequence[int], names: Sequence[str]) -> str:
+    """Per variant and concurrency: requests/s, client and PostgreSQL CPU µs, p50 and p99 (medians over rounds)."""
+    header = ["variant"]
+    for c in concs:
+        header += [f"c={c} req/s", f"c={c} client / PG µs", f"c={c} p50 / p99 ms"]
+    rows = []
+    for v in names:
+        row = [v]
+        for c in concs:
+            row.append(number(median_value(run, c, "throughput", v)))
+            client, server = (median_value(run, c, m, v) for m in ("client", "server"))
+            row.append(f"{number(client)} / {number(server)}")
+            p50, p99 = (median_field(run, c, f, v) for f in ("p50_ms", "p99_ms"))
+            row.append(f"{number(p50, 2)} / {number(p99, 1)}")
+        rows.append(row)
+    return table(header, rows)
 
 
 def number(x: float, digits: int = 0) -> str:

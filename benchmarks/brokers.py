@@ -266,12 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
     parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds (default: %(default)s)")
-    parser.add_argument("--block", type=float, default=1.5, help="measured seconds per block (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
     parser.add_argument("--messages", type=int, default=4000, help="messages published per broker (%(default)s)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: 1 round, short blocks")
-    parser.add_argument("--json", type=Path, help="also write every block here")
+    _blocks.add_run_arguments(parser, rounds=4, block=1.5, per=None)
     _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if (served := _blocks.serve_worker(make, args)) is not None:
@@ -330,25 +327,11 @@ async def controller(args: argparse.Namespace) -> int:
             v: _blocks.Worker(Path(__file__), v, config | {"broker_pid": pids.get(v.partition("_")[0])}) for v in names
         }
         run = _blocks.Run()
-        try:
-            for w in workers.values():
-                w.ready()
-            for w in workers.values():
-                w.ask(op="setup")
-            _blocks.run_rounds(workers, run, 0, 1, args.rounds, args.warmup, args.block, stream=True)
-            counts = {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
-        finally:
-            for w in workers.values():
-                w.stop()
+        counts = _blocks.run_workers(workers, run, [1], args.rounds, args.warmup, args.block, stream=True)
     problems = check(counts, await payments_by_variant(url, "peers_broker_payments"))
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, names, absent)
-    print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}")
-    for p in problems:
-        print(f"  {p}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": run.blocks}, indent=1))
-    return 1 if problems else 0
+    return _blocks.conclude(args, problems, run.blocks)
 
 
 if __name__ == "__main__":

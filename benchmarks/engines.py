@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import platform
 import sys
 import time
@@ -216,20 +215,8 @@ def measure_engine(engine: Engine, concs: list[int], args: argparse.Namespace) -
     """Every round of every variant on ``engine``; the run and the workers' counts."""
     run = _blocks.Run()
     workers = {v: _blocks.Worker(Path(__file__), v, engine.config(args.prefill)) for v in VARIANTS}
-    try:
-        for w in workers.values():
-            w.ready()
-        t0 = time.perf_counter()
-        for w in workers.values():
-            w.ask(op="setup")
-        print(f"{engine.name}: workers set up in {time.perf_counter() - t0:.1f} s", flush=True)
-        for c in concs:
-            _blocks.run_rounds(workers, run, 0, c, args.rounds, args.warmup, args.block)
-        counts = {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
-    finally:
-        for w in workers.values():
-            w.stop()
-    return run, counts
+    label = f"{engine.name}: workers"
+    return run, _blocks.run_workers(workers, run, concs, args.rounds, args.warmup, args.block, label=label)
 
 
 def report(results: dict[str, tuple[Engine, _blocks.Run]], concs: list[int]) -> None:
@@ -296,13 +283,8 @@ async def controller(args: argparse.Namespace) -> int:
         results[name] = (engine, run)
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(results, concs)
-    print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}; errors in measured blocks: {errors or 0}")
-    for p in problems:
-        print(f"  {p}")
-    if args.json is not None:
-        blocks = {name: run.blocks for name, (_, run) in results.items()}
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": blocks}, indent=1))
-    return 1 if problems else 0
+    blocks = {name: run.blocks for name, (_, run) in results.items()}
+    return _blocks.conclude(args, problems, blocks, errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,12 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mariadb-url", default=DEFAULT_MARIADB_URL, help="MariaDB (default: %(default)s)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="which engines (default: %(default)s)")
     parser.add_argument("--conc", default="1,8", help="comma-separated concurrencies (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per concurrency (default: %(default)s)")
-    parser.add_argument("--block", type=float, default=1.0, help="measured seconds per block (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
     parser.add_argument("--prefill", type=int, default=2000, help="keys recorded per replay variant (%(default)s)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
-    parser.add_argument("--json", type=Path, help="also write every block here")
+    _blocks.add_run_arguments(parser, rounds=5)
     _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if (served := _blocks.serve_worker(make, args)) is not None:

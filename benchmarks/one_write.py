@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import sys
 import time
@@ -195,42 +194,18 @@ def report(run: _blocks.Run, concs: list[int], names: list[str]) -> list[str]:
     header = ["variant"]
     for what in ("throughput", "client CPU", "PostgreSQL CPU"):
         header += [f"{what} c={c}" for c in concs]
-    rows = []
-    for v in names:
-        row = [f"{v} ({DESCRIPTION[v]})"]
-        for metric in ("throughput", "client", "server"):
-            row += [_blocks.ratio(run, c, metric, v, "bare").cell() for c in concs]
-        rows.append(row)
+    rows = [_blocks.ratio_row(run, concs, f"{v} ({DESCRIPTION[v]})", v) for v in names]
     print("\n### Ratios to bare (median of per-round ratios [IQR, or the range under 4 rounds])\n")
     print(_blocks.table(header, rows))
 
-    header = ["variant"]
-    for c in concs:
-        header += [f"c={c} req/s", f"c={c} client / PG µs", f"c={c} p50 / p99 ms"]
-    rows = []
-    for v in names:
-        row = [v]
-        for c in concs:
-            row.append(_blocks.number(_blocks.median_value(run, c, "throughput", v)))
-            client, server = (_blocks.median_value(run, c, m, v) for m in ("client", "server"))
-            row.append(f"{_blocks.number(client)} / {_blocks.number(server)}")
-            p50, p99 = (_blocks.median_field(run, c, f, v) for f in ("p50_ms", "p99_ms"))
-            row.append(f"{_blocks.number(p50, 2)} / {_blocks.number(p99, 1)}")
-        rows.append(row)
     print("\n### Per request (medians over rounds)\n")
-    print(_blocks.table(header, rows))
+    print(_blocks.per_request_table(run, concs, names))
 
-    verdicts = []
-    at = [c for c in concs if c in (8, 32)]
-    for what, bound, metric in TARGETS:
-        for v in names[1:]:
-            if not at:
-                verdicts.append(f"{v}: {what}: not measured")
-                continue
-            got = {c: _blocks.ratio(run, c, metric, v, "bare").median for c in at}
-            met = all((x <= bound) if metric == "server" else (x >= bound) for x in got.values())
-            numbers = ", ".join(f"c={c} {x:.2f}" for c, x in got.items())
-            verdicts.append(f"{v}: {what}: {'MET' if met else 'MISSED'} ({numbers})")
+    verdicts = [
+        f"{v}: {what}: {_blocks.verdict(run, concs, metric, v, bound)}"
+        for what, bound, metric in TARGETS
+        for v in names[1:]
+    ]
     print("\nTARGETS (issue 13)")
     for line in verdicts:
         print(f"  {line}")
@@ -256,39 +231,20 @@ async def controller(args: argparse.Namespace) -> int:
     config["prefill"] = 0
     workers = {v: _blocks.Worker(Path(__file__), v, config) for v in names}
     run = _blocks.Run()
-    try:
-        for w in workers.values():
-            w.ready()
-        for w in workers.values():
-            w.ask(op="setup")
-        for c in concs:
-            _blocks.run_rounds(workers, run, 0, c, args.rounds, args.warmup, args.block)
-        counts = {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
-    finally:
-        for w in workers.values():
-            w.stop()
+    counts = _blocks.run_workers(workers, run, concs, args.rounds, args.warmup, args.block)
     payments = await payments_by_variant(url, peers_core.Payment.__tablename__)
     problems = check(counts, payments, await records_by_scope(url))
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, concs, names)
-    errors = _blocks.errors_of(run)
-    print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}; errors in measured blocks: {errors or 0}")
-    for p in problems:
-        print(f"  {p}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": run.blocks}, indent=1))
-    return 1 if problems else 0
+    return _blocks.conclude(args, problems, run.blocks, _blocks.errors_of(run))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
     parser.add_argument("--conc", default="1,8,32", help="comma-separated concurrencies (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per concurrency (default: %(default)s)")
-    parser.add_argument("--block", type=float, default=1.0, help="measured seconds per block (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
-    parser.add_argument("--json", type=Path, help="also write every block here")
+    _blocks.add_run_arguments(parser, rounds=5)
     _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if (served := _blocks.serve_worker(make, args)) is not None:

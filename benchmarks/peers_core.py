@@ -489,10 +489,7 @@ def report(run: _blocks.Run, concs: list[int], names: list[str], missing: list[s
         if v in missing:
             rows.append([f"{v} ({DESCRIPTION[v]})", *["not installed"] * (3 * len(concs))])
             continue
-        row = [f"{v} ({DESCRIPTION[v]})"]
-        for metric in ("throughput", "client", "server"):
-            row += [_blocks.ratio(run, c, metric, v, "bare").cell() for c in concs]
-        rows.append(row)
+        rows.append(_blocks.ratio_row(run, concs, f"{v} ({DESCRIPTION[v]})", v))
     print("\n### Ratios to bare (median of per-round ratios [IQR, or the range under 4 rounds])\n")
     print(_blocks.table(header, rows))
 
@@ -508,32 +505,13 @@ def report(run: _blocks.Run, concs: list[int], names: list[str], missing: list[s
     print("\n### idembarrier ÷ each alternative\n")
     print(_blocks.table(header, rows))
 
-    header = ["variant"]
-    for c in concs:
-        header += [f"c={c} req/s", f"c={c} client / PG µs", f"c={c} p50 / p99 ms"]
-    rows = []
-    for v in names:
-        row = [v]
-        for c in concs:
-            row.append(_blocks.number(_blocks.median_value(run, c, "throughput", v)))
-            client, server = (_blocks.median_value(run, c, m, v) for m in ("client", "server"))
-            row.append(f"{_blocks.number(client)} / {_blocks.number(server)}")
-            p50, p99 = (_blocks.median_field(run, c, f, v) for f in ("p50_ms", "p99_ms"))
-            row.append(f"{_blocks.number(p50, 2)} / {_blocks.number(p99, 1)}")
-        rows.append(row)
     print("\n### Per request (medians over rounds)\n")
-    print(_blocks.table(header, rows))
+    print(_blocks.per_request_table(run, concs, names))
 
-    verdicts = []
-    for what, variant, bound, metric in TARGETS:
-        at = [c for c in concs if c in (8, 32)]
-        if variant not in names or not at:
-            verdicts.append(f"{what}: not measured")
-            continue
-        got = {c: _blocks.ratio(run, c, metric, variant, "bare").median for c in at}
-        met = all((x <= bound) if metric == "server" else (x >= bound) for x in got.values())
-        numbers = ", ".join(f"c={c} {x:.2f}" for c, x in got.items())
-        verdicts.append(f"{what}: {'MET' if met else 'MISSED'} ({numbers})")
+    verdicts = [
+        f"{what}: {_blocks.verdict(run, concs, metric, variant, bound) if variant in names else 'not measured'}"
+        for what, variant, bound, metric in TARGETS
+    ]
     print("\nTARGETS (issue 13)")
     for line in verdicts:
         print(f"  {line}")
@@ -544,14 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
     parser.add_argument("--conc", default="1,8,32", help="comma-separated concurrencies (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per concurrency (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="repeats, each on fresh tables (default: %(default)s)")
-    parser.add_argument("--block", type=float, default=1.0, help="measured seconds per block (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
     parser.add_argument("--prefill", type=int, default=2000, help="keys recorded per replay variant (%(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants (default: all)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
-    parser.add_argument("--json", type=Path, help="also write every block here")
+    _blocks.add_run_arguments(parser, rounds=4)
     _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if (served := _blocks.serve_worker(make, args)) is not None:
@@ -597,31 +572,12 @@ async def controller(args: argparse.Namespace) -> int:
             },
         }
         workers = {v: _blocks.Worker(Path(__file__), v, config) for v in names}
-        try:
-            t0 = time.perf_counter()
-            for w in workers.values():
-                w.ready()
-            t1 = time.perf_counter()
-            for w in workers.values():
-                w.ask(op="setup")
-            print(f"workers started in {t1 - t0:.1f} s, set up in {time.perf_counter() - t1:.1f} s", flush=True)
-            for c in concs:
-                _blocks.run_rounds(workers, run, repeat, c, args.rounds, args.warmup, args.block)
-            counts = {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
-        finally:
-            for w in workers.values():
-                w.stop()
+        counts = _blocks.run_workers(workers, run, concs, args.rounds, args.warmup, args.block, repeat=repeat)
         problems += check(counts, await payments_by_variant(url, "peers_payments"))
     await drop_databases(url, dbos_databases)
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, concs, names, missing)
-    errors = _blocks.errors_of(run)
-    print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}; errors in measured blocks: {errors or 0}")
-    for p in problems:
-        print(f"  {p}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": run.blocks}, indent=1))
-    return 1 if problems else 0
+    return _blocks.conclude(args, problems, run.blocks, _blocks.errors_of(run))
 
 
 if __name__ == "__main__":

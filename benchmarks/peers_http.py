@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import random
 import sys
@@ -451,13 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="Redis for the peers (default: %(default)s)")
     parser.add_argument("--conc", default="1,8,32", help="comma-separated concurrencies (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per concurrency (default: %(default)s)")
-    parser.add_argument("--block", type=float, default=1.0, help="measured seconds per block (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=0.4, help="warm-up seconds per block (default: %(default)s)")
     parser.add_argument("--prefill", type=int, default=2000, help="keys recorded per replay variant (%(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants (default: all)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
-    parser.add_argument("--json", type=Path, help="also write every block here")
+    _blocks.add_run_arguments(parser, rounds=4)
     _blocks.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if (served := _blocks.serve_worker(make, args)) is not None:
@@ -518,27 +514,12 @@ async def controller(args: argparse.Namespace) -> int:
     }
     workers = {v: _blocks.Worker(Path(__file__), v, config) for v in names}
     run = _blocks.Run()
-    try:
-        for w in workers.values():
-            w.ready()
-        for w in workers.values():  # in order: h_ib_replay records the keys h_ib_replay_cold replays
-            w.ask(op="setup")
-        for c in concs:
-            _blocks.run_rounds(workers, run, 0, c, args.rounds, args.warmup, args.block)
-        counts = {v: w.ask(op="counts")["counts"] for v, w in workers.items()}
-    finally:
-        for w in workers.values():
-            w.stop()
+    # Set up in order: h_ib_replay records the keys h_ib_replay_cold replays.
+    counts = _blocks.run_workers(workers, run, concs, args.rounds, args.warmup, args.block)
     problems = check(counts, await payments_by_variant(url, "peers_http_payments"))
     print(f"\nruntime {time.perf_counter() - started:.0f} s | {_blocks.machine_line()}")
     report(run, concs, names, missing)
-    errors = _blocks.errors_of(run)
-    print(f"\nCORRECTNESS: {'OK' if not problems else 'MISMATCH'}; errors in measured blocks: {errors or 0}")
-    for p in problems:
-        print(f"  {p}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "blocks": run.blocks}, indent=1))
-    return 1 if problems else 0
+    return _blocks.conclude(args, problems, run.blocks, _blocks.errors_of(run))
 
 
 if __name__ == "__main__":
