@@ -530,6 +530,10 @@ def run_workers(
 
 
 def _value(b: dict[str, Any], metric: str) -> float:
+    """A block's ``throughput`` (requests/s), ``client``/``server``/``broker`` CPU µs per request, or a field
+    of its own such as ``p50_ms``."""
+    if metric.endswith("_ms"):
+        return float(b[metric])
     if metric == "throughput":
         return float(b["requests"]) / b["seconds"] if b["seconds"] else math.nan
     requests = b["requests"]
