@@ -124,6 +124,8 @@ async def filled(url: URL, scope: str) -> int:
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
+            if (await conn.execute(text("SELECT to_regclass(:t)"), {"t": RECORDS})).scalar_one() is None:
+                return 0  # a database made just now
             query = text(f"SELECT count(*) FROM {RECORDS} WHERE scope = :scope")
             return int((await conn.execute(query, {"scope": scope})).scalar_one())
     finally:
