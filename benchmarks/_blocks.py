@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 DASH = "\u2013"  # the en dash of a range, as the README writes them
@@ -341,6 +341,34 @@ async def measure_stream(
         p50_ms=percentile(gaps, 0.5) * 1e3,
         p99_ms=percentile(gaps, 0.99) * 1e3,
     )
+
+
+def script_parser(
+    doc: str | None, default_url: str, *, smoke: str, url_help: str = "postgresql+asyncpg URL"
+) -> argparse.ArgumentParser:
+    """A paired-rounds script's parser: its docstring's first paragraph, ``--database-url`` and ``--smoke``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    parser.add_argument("--database-url", default=default_url, help=f"{url_help} (default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    return parser
+
+
+def run_script(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    make: Callable[[str, dict[str, Any]], Variant | Stream],
+    controller: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+    smoke: Mapping[str, Any],
+) -> int:
+    """A paired-rounds script's main: serve as a worker when started as one (`add_worker_arguments`), else run
+    ``controller`` on the parsed options, with ``smoke``'s values over them under ``--smoke``."""
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    if (served := serve_worker(make, args)) is not None:
+        return served
+    if args.smoke:
+        vars(args).update(smoke)
+    return asyncio.run(controller(args))
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib
@@ -56,6 +55,7 @@ from benchmarks._database import DEFAULT_URL, create_databases, fresh_tables, pa
 from idembarrier._outbox import MESSAGE_ID_HEADER  # noqa: E402
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterator, Sequence
 
 
@@ -263,19 +263,13 @@ def report(run: _blocks.Run, names: list[str], absent: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
+    parser = _blocks.script_parser(__doc__, DEFAULT_URL, smoke="a seconds-long run: 1 round, short blocks")
     parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--messages", type=int, default=4000, help="messages published per broker (%(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: 1 round, short blocks")
     _blocks.add_run_arguments(parser, rounds=4, block=1.5, per=None)
-    _blocks.add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    if (served := _blocks.serve_worker(make, args)) is not None:
-        return served
-    if args.smoke:
-        args.rounds, args.block, args.warmup, args.messages = 1, 0.3, 0.1, 400
-    return asyncio.run(controller(args))
+    return _blocks.run_script(
+        parser, argv, make, controller, {"rounds": 1, "block": 0.3, "warmup": 0.1, "messages": 400}
+    )
 
 
 async def controller(args: argparse.Namespace) -> int:

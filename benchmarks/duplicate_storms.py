@@ -26,7 +26,6 @@ do not add up).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import platform
 import random
@@ -48,6 +47,7 @@ from benchmarks import _blocks, peers_core  # noqa: E402
 from benchmarks._database import installed, payments_by_variant  # noqa: E402
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Awaitable, Callable
 
 DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_storms"
@@ -197,20 +197,14 @@ async def controller(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
+    parser = _blocks.script_parser(__doc__, DEFAULT_URL, smoke="a seconds-long run: small storms, 1 round")
     parser.add_argument("--one", type=int, default=500, help="copies of the one key (default: %(default)s)")
     parser.add_argument("--keys", type=int, default=50, help="keys of the other storm (default: %(default)s)")
     parser.add_argument("--copies", type=int, default=20, help="copies of each of them (default: %(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: small storms, 1 round")
     _blocks.add_run_arguments(parser, rounds=5, block=3.0, per=None)
-    _blocks.add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    if (served := _blocks.serve_worker(make, args)) is not None:
-        return served
-    if args.smoke:
-        args.one, args.keys, args.copies, args.rounds, args.block, args.warmup = 20, 5, 4, 1, 0.2, 0.05
-    return asyncio.run(controller(args))
+    return _blocks.run_script(
+        parser, argv, make, controller, {"one": 20, "keys": 5, "copies": 4, "rounds": 1, "block": 0.2, "warmup": 0.05}
+    )
 
 
 if __name__ == "__main__":

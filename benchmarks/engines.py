@@ -33,7 +33,6 @@ Each engine starts from fresh tables (idembarrier's migrated, the payments). Thi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import platform
@@ -57,6 +56,7 @@ from benchmarks import _blocks, peers_core  # noqa: E402
 from benchmarks._database import create_databases, fresh_tables, payments_by_variant  # noqa: E402
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import AsyncIterator
 
 ENGINES = ("asyncpg", "psycopg", "pgbouncer", "asyncmy", "aiomysql", "galera")
@@ -288,21 +288,17 @@ async def controller(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="PostgreSQL (default: %(default)s)")
+    parser = _blocks.script_parser(
+        __doc__, DEFAULT_URL, smoke="a seconds-long run: c=2, 1 round, short blocks", url_help="PostgreSQL"
+    )
     parser.add_argument("--mariadb-url", default=DEFAULT_MARIADB_URL, help="MariaDB (default: %(default)s)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="which engines (default: %(default)s)")
     parser.add_argument("--conc", default="1,8", help="comma-separated concurrencies (default: %(default)s)")
     parser.add_argument("--prefill", type=int, default=2000, help="keys recorded per replay variant (%(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
     _blocks.add_run_arguments(parser, rounds=5)
-    _blocks.add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    if (served := _blocks.serve_worker(make, args)) is not None:
-        return served
-    if args.smoke:
-        args.conc, args.rounds, args.block, args.warmup, args.prefill = "2", 1, 0.2, 0.05, 20
-    return asyncio.run(controller(args))
+    return _blocks.run_script(
+        parser, argv, make, controller, {"conc": "2", "rounds": 1, "block": 0.2, "warmup": 0.05, "prefill": 20}
+    )
 
 
 if __name__ == "__main__":

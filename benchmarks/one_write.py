@@ -31,8 +31,6 @@ do not add up: one payment and one COMPLETED record per execution).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import platform
 import sys
 import time
@@ -57,6 +55,8 @@ from idembarrier._postgres import _statements  # noqa: E402
 from idembarrier._storage import Names, pool_connection  # noqa: E402
 
 if TYPE_CHECKING:
+    import argparse
+
     from sqlalchemy.engine import URL
 
 DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_one_write"
@@ -240,18 +240,10 @@ async def controller(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
+    parser = _blocks.script_parser(__doc__, DEFAULT_URL, smoke="a seconds-long run: c=2, 1 round, short blocks")
     parser.add_argument("--conc", default="1,8,32", help="comma-separated concurrencies (default: %(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
     _blocks.add_run_arguments(parser, rounds=5)
-    _blocks.add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    if (served := _blocks.serve_worker(make, args)) is not None:
-        return served
-    if args.smoke:
-        args.conc, args.rounds, args.block, args.warmup = "2", 1, 0.2, 0.05
-    return asyncio.run(controller(args))
+    return _blocks.run_script(parser, argv, make, controller, {"conc": "2", "rounds": 1, "block": 0.2, "warmup": 0.05})
 
 
 if __name__ == "__main__":

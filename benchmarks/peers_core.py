@@ -32,7 +32,6 @@ variant's writes do not add up).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib
 import importlib.util
@@ -68,6 +67,7 @@ from benchmarks._database import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import URL
@@ -519,21 +519,19 @@ def report(run: _blocks.Run, concs: list[int], names: list[str], missing: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
+    parser = _blocks.script_parser(__doc__, DEFAULT_URL, smoke="a seconds-long run: c=2, 1 round, short blocks")
     parser.add_argument("--conc", default="1,8,32", help="comma-separated concurrencies (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="repeats, each on fresh tables (default: %(default)s)")
     parser.add_argument("--prefill", type=int, default=2000, help="keys recorded per replay variant (%(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants (default: all)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: c=2, 1 round, short blocks")
     _blocks.add_run_arguments(parser, rounds=4)
-    _blocks.add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    if (served := _blocks.serve_worker(make, args)) is not None:
-        return served
-    if args.smoke:
-        args.conc, args.rounds, args.repeats, args.block, args.warmup, args.prefill = "2", 1, 1, 0.2, 0.05, 20
-    return asyncio.run(controller(args))
+    return _blocks.run_script(
+        parser,
+        argv,
+        make,
+        controller,
+        {"conc": "2", "rounds": 1, "repeats": 1, "block": 0.2, "warmup": 0.05, "prefill": 20},
+    )
 
 
 async def controller(args: argparse.Namespace) -> int:

@@ -28,8 +28,6 @@ measurement: it exits 0 whatever the ratios (non-zero only when it cannot run or
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import hashlib
 import math
 import platform
@@ -55,6 +53,8 @@ from benchmarks._database import RECORDS, create_databases, fresh_tables, paymen
 from idembarrier._keys import fingerprint_digest  # noqa: E402
 
 if TYPE_CHECKING:
+    import argparse
+
     from sqlalchemy.engine import URL
 
 DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/idembarrier_scale"
@@ -252,21 +252,15 @@ async def controller(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="postgresql+asyncpg URL (default: %(default)s)")
+    parser = _blocks.script_parser(__doc__, DEFAULT_URL, smoke="a seconds-long run: 10^3 and 2x10^4, c=2, 1 round")
     parser.add_argument("--sizes", default="10000,10000000", help="records per table (default: %(default)s)")
     parser.add_argument("--conc", default="1,8", help="comma-separated concurrencies (default: %(default)s)")
     parser.add_argument("--reuse", action="store_true", help="keep a size's records when they are all there")
     parser.add_argument("--keep", action="store_true", help="leave the databases behind (for --reuse)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run: 10^3 and 2x10^4, c=2, 1 round")
     _blocks.add_run_arguments(parser, rounds=5)
-    _blocks.add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    if (served := _blocks.serve_worker(make, args)) is not None:
-        return served
-    if args.smoke:
-        args.sizes, args.conc, args.rounds, args.block, args.warmup = "1000,20000", "2", 1, 0.2, 0.05
-    return asyncio.run(controller(args))
+    return _blocks.run_script(
+        parser, argv, make, controller, {"sizes": "1000,20000", "conc": "2", "rounds": 1, "block": 0.2, "warmup": 0.05}
+    )
 
 
 if __name__ == "__main__":
