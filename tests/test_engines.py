@@ -96,6 +96,19 @@ async def test_a_unit_of_work_refuses_an_unsupported_driver(tmp_path: Path) -> N
         await engine.dispose()
 
 
+async def test_a_refused_driver_is_refused_at_every_unit_of_work(tmp_path: Path) -> None:
+    """The refusal is not remembered as a resolution: a second unit of work on the engine is refused too."""
+    engine = create_async_engine(f"sqlite+forked_aiosqlite:///{tmp_path / 'app.db'}")
+    barrier = Barrier(async_sessionmaker(engine), check_schema=False)
+    try:
+        for _ in range(2):
+            with pytest.raises(ConfigurationError, match="forked_aiosqlite"):
+                async with barrier.unit_of_work("k", scope="s"):
+                    pass  # pragma: no cover - never entered
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("url", "named"),
     [

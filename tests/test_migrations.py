@@ -298,6 +298,30 @@ async def test_barrier_runs_on_custom_table_and_schema(empty_pg: Empty) -> None:
     assert rows == [("payments", "order-1", "COMPLETED")]
 
 
+async def test_barriers_of_two_records_tables_on_one_engine_each_write_their_own(empty_pg: Empty) -> None:
+    """Units of work of a barrier on the default table and of one on a custom table and schema, taken in turns
+    on one engine (so on the same pooled connections), each record their keys in their own table only."""
+    await idembarrier.upgrade(empty_pg.engine)
+    await idembarrier.upgrade(empty_pg.engine, table=CUSTOM_TABLE, schema=CUSTOM_SCHEMA)
+    sessionmaker = async_sessionmaker(empty_pg.engine)
+    default = idembarrier.Barrier(sessionmaker)
+    custom = idembarrier.Barrier(sessionmaker, table=CUSTOM_TABLE, schema=CUSTOM_SCHEMA)
+
+    async def handler(session: AsyncSession) -> idembarrier.JSON:
+        return None
+
+    for i in range(3):
+        await default.execute(f"default-{i}", handler, scope="s")
+        await custom.execute(f"custom-{i}", handler, scope="s")
+    async with empty_pg.engine.connect() as conn:
+        tables = {"default": "idempotency_keys", "custom": f'"{CUSTOM_SCHEMA}"."{CUSTOM_TABLE}"'}
+        keys = {
+            which: sorted((await conn.exec_driver_sql(f"SELECT key FROM {table}")).scalars())
+            for which, table in tables.items()
+        }
+    assert keys == {which: [f"{which}-{i}" for i in range(3)] for which in tables}
+
+
 def test_scripts_have_one_head_equal_to_head_constant() -> None:
     """The migration scripts have exactly one head, and it is `HEAD`."""
     config = Config()
