@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from benchmarks import duplicate_storms, records_scale
 
@@ -44,6 +46,10 @@ async def test_records_scale_smoke_compares_each_size_with_the_smallest(pg_db: D
     assert set(table_after(out, "### Per request")) == {
         f"{k}_{s}" for k in records_scale.KINDS for s in ("1e3", "20000")
     }
+    async with pg_db.engine.connect() as conn:
+        query = text("SELECT datname FROM pg_database WHERE starts_with(datname, :prefix)")
+        left = (await conn.execute(query, {"prefix": f"{make_url(pg_db.url).database}_"})).scalars().all()
+    assert left == []
 
 
 async def test_records_scale_workers_compute_the_keys_the_fill_writes(pg_db: Database) -> None:
