@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import random
 import resource
 import statistics
@@ -38,6 +39,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+
+import sqlalchemy
+
+import idembarrier
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -683,6 +688,21 @@ def per_request_table(run: Run, concs: Sequence[int], names: Sequence[str]) -> s
 
 def number(x: float, digits: int = 0) -> str:
     return DASH if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def versions_line() -> str:
+    """What a run's first line says: the versions measured and the machine they ran on."""
+    return (
+        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
+        f"{platform.python_version()} | {machine_line()}"
+    )
+
+
+def print_lines(heading: str, lines: Sequence[str]) -> None:
+    """``heading`` after a blank line, then each of ``lines`` indented: how a run prints its verdicts."""
+    print(f"\n{heading}")
+    for line in lines:
+        print(f"  {line}")
 
 
 def machine_line() -> str:

@@ -32,7 +32,6 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import platform
 import socket
 import subprocess
 import sys
@@ -45,10 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy.engine import make_url  # noqa: E402
 
-import idembarrier  # noqa: E402
 from benchmarks import _blocks  # noqa: E402
 from benchmarks._broker_consumers import Base, make  # noqa: E402
 from benchmarks._database import DEFAULT_URL, create_databases, fresh_tables, payments_by_variant  # noqa: E402
@@ -276,10 +273,7 @@ async def controller(args: argparse.Namespace) -> int:
     url = make_url(args.database_url)
     wanted = [b for b in args.brokers.split(",") if b]
     absent = {b: why for b in wanted if (why := adapter_missing(b)) is not None}
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     started = time.perf_counter()
     await create_databases(url)
     await fresh_tables(url, Base.metadata)

@@ -27,7 +27,6 @@ do not add up).
 from __future__ import annotations
 
 import asyncio
-import platform
 import random
 import sys
 import time
@@ -39,10 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy.engine import make_url  # noqa: E402
 
-import idembarrier  # noqa: E402
 from benchmarks import _blocks, peers_core  # noqa: E402
 from benchmarks._database import installed, payments_by_variant  # noqa: E402
 
@@ -154,9 +151,7 @@ def report(run: _blocks.Run, names: list[str], missing: list[str]) -> list[str]:
         for v in names
         if v.startswith("ib_")
     ]
-    print("\nREADING (issue 13, no regression for duplicates)")
-    for line in lines:
-        print(f"  {line}")
+    _blocks.print_lines("READING (issue 13, no regression for duplicates)", lines)
     return lines
 
 
@@ -165,10 +160,7 @@ async def controller(args: argparse.Namespace) -> int:
     names = [v for v in VARIANTS if installed(NEEDS, v)]
     missing = [v for v in VARIANTS if not installed(NEEDS, v)]
     shapes = {"one": (1, args.one), "fifty": (args.keys, args.copies)}
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     print(
         f"storms: one key x {args.one}, {args.keys} keys x {args.copies} | pool {POOL} | {args.rounds} rounds x "
         f"{len(names)} variants, blocks of {args.warmup}+{args.block} s | "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,12 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py, the servers tests/_*.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine  # noqa: E402
 
-import idembarrier  # noqa: E402
 from benchmarks import _blocks, peers_core  # noqa: E402
 from benchmarks._database import create_databases, fresh_tables, payments_by_variant  # noqa: E402
 
@@ -260,10 +257,7 @@ async def controller(args: argparse.Namespace) -> int:
     pg, mariadb = make_url(args.database_url), make_url(args.mariadb_url)
     concs = [int(c) for c in args.conc.split(",")]
     names = [n for n in args.engines.split(",") if n]
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     print(
         f"engines {names} | conc {concs} | {args.rounds} rounds x {len(VARIANTS)} variants, blocks of "
         f"{args.warmup}+{args.block} s | {args.prefill} keys recorded per replay variant",

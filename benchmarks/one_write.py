@@ -31,7 +31,6 @@ do not add up: one payment and one COMPLETED record per execution).
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 import uuid
@@ -42,7 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine  # noqa: E402
@@ -206,9 +204,7 @@ def report(run: _blocks.Run, concs: list[int], names: list[str]) -> list[str]:
         for what, bound, metric in TARGETS
         for v in names[1:]
     ]
-    print("\nTARGETS (issue 13)")
-    for line in verdicts:
-        print(f"  {line}")
+    _blocks.print_lines("TARGETS (issue 13)", verdicts)
     return verdicts
 
 
@@ -216,10 +212,7 @@ async def controller(args: argparse.Namespace) -> int:
     url = make_url(args.database_url)
     concs = [int(c) for c in args.conc.split(",")]
     names = list(VARIANTS)
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     print(
         f"conc {concs} | {args.rounds} rounds x {len(names)} variants, blocks of {args.warmup}+{args.block} s",
         flush=True,

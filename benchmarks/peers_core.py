@@ -36,7 +36,6 @@ import asyncio
 import importlib
 import importlib.util
 import json
-import platform
 import random
 import sys
 import time
@@ -49,7 +48,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy import Integer, MetaData, String, Text, Uuid  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
@@ -512,9 +510,7 @@ def report(run: _blocks.Run, concs: list[int], names: list[str], missing: list[s
         f"{what}: {_blocks.verdict(run, concs, metric, variant, bound) if variant in names else 'not measured'}"
         for what, variant, bound, metric in TARGETS
     ]
-    print("\nTARGETS (issue 13)")
-    for line in verdicts:
-        print(f"  {line}")
+    _blocks.print_lines("TARGETS (issue 13)", verdicts)
     return verdicts
 
 
@@ -542,10 +538,7 @@ async def controller(args: argparse.Namespace) -> int:
         wanted.insert(0, "bare")
     names = [v for v in wanted if installed(NEEDS, v)]
     missing = [v for v in wanted if not installed(NEEDS, v)]
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     print(
         f"conc {concs} | {args.repeats} repeat(s) x {args.rounds} rounds x {len(names)} variants, blocks of "
         f"{args.warmup}+{args.block} s | not installed: {', '.join(missing) or 'none'}",

@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import platform
 import random
 import sys
 import time
@@ -44,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from fastapi import Depends, FastAPI, Request  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from sqlalchemy import Integer, MetaData, String, Uuid  # noqa: E402
@@ -484,10 +482,7 @@ async def controller(args: argparse.Namespace) -> int:
         print(f"Redis does not answer at {args.redis_url}: the Redis-backed peers are left out")
         missing += [v for v in names if v in NEEDS]
         names = [v for v in names if v not in NEEDS]
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     print(
         f"in-process ASGI (no server, no sockets) | conc {concs} | {args.rounds} rounds x {len(names)} variants, "
         f"blocks of {args.warmup}+{args.block} s | pool = c | not installed: {', '.join(missing) or 'none'}",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import platform
 import random
 import sys
 import time
@@ -42,7 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the harness is benchmarks/_blocks.py
     sys.path.insert(0, str(ROOT))
 
-import sqlalchemy  # noqa: E402 - after the path set-up above
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
@@ -204,9 +202,7 @@ def report(run: _blocks.Run, concs: list[int], sizes: list[int]) -> list[str]:
                 for c in concs
             )
             lines.append(f"{kind} p50 {label(size)} ÷ {small}: {got} (the issue's claim p50: {ISSUE_P50_RATIO:.2f})")
-    print("\nREADING (issue 13, no regression at scale)")
-    for line in lines:
-        print(f"  {line}")
+    _blocks.print_lines("READING (issue 13, no regression at scale)", lines)
     return lines
 
 
@@ -216,10 +212,7 @@ async def controller(args: argparse.Namespace) -> int:
     concs = [int(c) for c in args.conc.split(",")]
     urls = {label(s): url.set(database=f"{url.database}_{label(s)}") for s in sizes}
     names = [f"{kind}_{label(s)}" for s in sizes for kind in KINDS]
-    print(
-        f"idembarrier {idembarrier.__version__} | SQLAlchemy {sqlalchemy.__version__} | Python "
-        f"{platform.python_version()} | {_blocks.machine_line()}"
-    )
+    print(_blocks.versions_line())
     print(
         f"sizes {sizes} | conc {concs} | {args.rounds} rounds x {len(names)} variants, blocks of "
         f"{args.warmup}+{args.block} s",
